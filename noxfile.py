@@ -1,0 +1,225 @@
+"""Developer and CI sessions for the tq monorepo.
+
+    nox                  # tests + lint (what CI runs)
+    nox -s tests -- -k packing -m "not slow"
+    nox -s typecheck build demo
+    nox -s gpu gpu-bench # on a CUDA machine, with the current Python and what it has installed
+
+Sessions build their virtualenvs with the standard `venv` module and install with pip, not uv: pip
+honours the machine's pip configuration, which is where a local torch wheel is found.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2024.3.2"
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["tests", "lint"]
+
+ROOT = Path(__file__).parent
+PACKAGES = ("tq-core", "tq-kernels", "tq-hf", "tq-vllm")  # in dependency order
+IMPORT_NAMES = {name: name.replace("-", "_") for name in PACKAGES}
+PYTHON = "3.11"
+# Installed on its own, first, so that no other requirement picks a different (CUDA, multi-GB) build.
+TORCH = "torch==2.13.0"
+TEST_TOOLS = ("pytest>=8", "pytest-benchmark>=4", "hypothesis>=6")
+RUFF = "ruff~=0.17.0"  # rules and formatting change between minor releases
+MYPY = "mypy~=2.4"
+# pytest's exit code when it collected no tests: a package without tests yet is not a failure.
+NO_TESTS_COLLECTED = 5
+
+
+def _editable_requirements(extras: dict[str, str] | None = None) -> list[str]:
+    """`-e ./packages/<pkg>[extra]` for every package, for one pip call that resolves them together."""
+    extras = extras or {}
+    args: list[str] = []
+    for name in PACKAGES:
+        suffix = f"[{extras[name]}]" if name in extras else ""
+        args += ["-e", f"./packages/{name}{suffix}"]
+    return args
+
+
+def _packages_with(subdir: str, pattern: str) -> list[Path]:
+    """Package directories whose `subdir` holds at least one file matching `pattern`."""
+    return [
+        ROOT / "packages" / name
+        for name in PACKAGES
+        if any((ROOT / "packages" / name / subdir).rglob(pattern))
+    ]
+
+
+def _python(session: nox.Session) -> str:
+    """The session's interpreter: its virtualenv's, or the one running nox where there is none."""
+    return sys.executable if session.venv_backend == "none" else "python"
+
+
+def _run_pytest(session: nox.Session, targets: list[Path], *args: str, **kwargs: object) -> None:
+    """One pytest process per target, so each package's own pytest config and conftest apply."""
+    if not targets:
+        session.warn("nothing to run: no test files found")
+    for target in targets:
+        session.run(
+            _python(session),
+            "-m",
+            "pytest",
+            str(target),
+            *args,
+            *session.posargs,
+            success_codes=[0, NO_TESTS_COLLECTED],
+            **kwargs,
+        )
+
+
+def _source_tree_pythonpath() -> str:
+    """PYTHONPATH that puts every package's src/ first, for sessions that install nothing."""
+    paths = [str(ROOT / "packages" / name / "src") for name in PACKAGES]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    return os.pathsep.join(paths)
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """CPU test suite of every package; Triton kernels run under the interpreter."""
+    session.install(TORCH)
+    session.install(*_editable_requirements({"tq-core": "eval"}), *TEST_TOOLS)
+    _run_pytest(session, _packages_with("tests", "test_*.py"), env={"TRITON_INTERPRET": "1"})
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff lint and format check over the whole repository."""
+    session.install(RUFF)
+    session.run("ruff", "check", ".", *session.posargs)
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """mypy over packages/*/src (configured in the root pyproject.toml)."""
+    session.install(TORCH)
+    session.install(*_editable_requirements({"tq-core": "eval"}), MYPY)
+    session.run("mypy", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """The quick start: install tq-core[eval] and run `turboquant eval`."""
+    session.install(TORCH)
+    session.install("-e", "./packages/tq-core[eval]")
+    session.run("turboquant", "eval", *session.posargs)
+
+
+_CHECK_INSTALLED = """
+import importlib
+import importlib.metadata as md
+import sys
+
+expected_entry_points = {
+    "tq-core": [("console_scripts", "turboquant")],
+    "tq-vllm": [("vllm.general_plugins", "tq_vllm")],
+}
+problems = []
+for dist_name, import_name in zip(sys.argv[1::2], sys.argv[2::2], strict=True):
+    module = importlib.import_module(import_name)
+    dist = md.distribution(dist_name)
+    meta = dist.metadata
+    where = str(dist.locate_file(""))
+    if "site-packages" not in where:
+        problems.append(f"{dist_name}: installed from {where}, not from a wheel")
+    for field in ("Summary", "License-Expression", "Requires-Python"):
+        if not meta.get(field):
+            problems.append(f"{dist_name}: metadata field {field} is missing")
+    if not meta.get_all("Classifier"):
+        problems.append(f"{dist_name}: no classifiers")
+    urls = {url.split(",")[0] for url in meta.get_all("Project-URL") or []}
+    for label in ("Homepage", "Documentation", "Repository", "Issues"):
+        if label not in urls:
+            problems.append(f"{dist_name}: Project-URL {label} is missing")
+    files = {str(f) for f in dist.files or []}
+    if f"{import_name}/py.typed" not in files:
+        problems.append(f"{dist_name}: {import_name}/py.typed is not in the wheel")
+    if not any(f.endswith("licenses/LICENSE") for f in files):
+        problems.append(f"{dist_name}: LICENSE is not in the wheel")
+    for group, name in expected_entry_points.get(dist_name, ()):
+        found = [ep for ep in dist.entry_points if ep.group == group and ep.name == name]
+        if not found:
+            problems.append(f"{dist_name}: entry point {group}:{name} is missing")
+            continue
+        try:
+            if not callable(found[0].load()):
+                problems.append(f"{dist_name}: entry point {group}:{name} is not callable")
+        except Exception as exc:  # report every broken entry point, not only the first
+            problems.append(f"{dist_name}: entry point {group}:{name} fails to load: {exc!r}")
+    print(f"{dist_name} {dist.version} ({module.__name__}): metadata checked")
+if problems:
+    sys.exit("built wheels are incomplete:\\n  " + "\\n  ".join(problems))
+"""
+
+
+@nox.session(python=PYTHON)
+def build(session: nox.Session) -> None:
+    """Build each package with hatch into dist/<pkg>/, then install the wheels alone and check them."""
+    session.install("hatch")
+    dist = ROOT / "dist"
+    for name in PACKAGES:
+        out = dist / name
+        shutil.rmtree(out, ignore_errors=True)
+        with session.chdir(ROOT / "packages" / name):
+            session.run("hatch", "build", str(out))
+
+    # A fresh virtualenv outside the repository that sees only the built wheels: no editable installs,
+    # no source tree on the path, so the published metadata and the sibling ranges must resolve.
+    wheels = [str(next((dist / name).glob("*.whl"))) for name in PACKAGES]
+    find_links = [arg for name in PACKAGES for arg in ("--find-links", str(dist / name))]
+    with tempfile.TemporaryDirectory(prefix="tq-wheels-") as tmp:
+        venv = Path(tmp) / "venv"
+        session.run("python", "-m", "venv", str(venv))
+        python = str(venv / "bin" / "python")
+        session.run(python, "-m", "pip", "install", "--quiet", TORCH, external=True)
+        session.run(python, "-m", "pip", "install", "--quiet", *find_links, *wheels, external=True)
+        pairs = [arg for name in PACKAGES for arg in (name, IMPORT_NAMES[name])]
+        # Run from the temp dir so that the repository's packages/ cannot shadow the installed ones.
+        with session.chdir(tmp):
+            session.run(python, "-c", _CHECK_INSTALLED, *pairs, external=True)
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """Hardware-marked tests on a CUDA machine, with the current interpreter (no installs: no registry there).
+
+    The working tree's src/ directories go first on PYTHONPATH, so the code under test is this checkout;
+    the interpreter must already have torch, triton and the packages' dependencies.
+    """
+    _run_pytest(
+        session,
+        _packages_with("tests", "test_*.py"),
+        "-m",
+        "gpu or hopper or multi_gpu",
+        env={"PYTHONPATH": _source_tree_pythonpath()},
+    )
+
+
+@nox.session(name="gpu-bench", venv_backend="none")
+def gpu_bench(session: nox.Session) -> None:
+    """Every packages/*/benchmarks suite with pytest-benchmark; JSON results land in .benchmarks/."""
+    packages = _packages_with("benchmarks", "bench_*.py")
+    if not packages:
+        session.warn("nothing to run: no benchmarks found")
+    out = ROOT / ".benchmarks"
+    out.mkdir(exist_ok=True)
+    for package in packages:
+        _run_pytest(
+            session,
+            [package / "benchmarks"],
+            "--benchmark-only",
+            f"--benchmark-json={out / f'{package.name}.json'}",
+            env={"PYTHONPATH": _source_tree_pythonpath()},
+        )

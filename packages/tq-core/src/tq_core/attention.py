@@ -1,0 +1,202 @@
+"""Reference attention (float32 torch) over plain tensors and over a compressed paged cache.
+
+The one definition of the attention math every kernel is compared with: grouped-query heads, causal
+masks with an offset, sliding windows, logit soft-capping and attention sinks.
+
+Conventions (as in vLLM): a query at absolute position ``p`` sees key ``j`` iff ``j <= p`` (causal) and
+``p - j < sliding_window`` (when set); ``softcap`` maps a score ``s`` to ``softcap * tanh(s / softcap)``;
+``sinks`` `[num_heads]` are extra logits that join each softmax denominator but carry no value.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tq_core._validate import check_float_tensor
+from tq_core.formats import KVFormat
+
+__all__ = ["attention_ref", "paged_decode_attention_ref", "paged_extend_attention_ref"]
+
+
+def _check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            f"q, k, v must be [tokens, heads, head_dim]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head_dim differ: {q.shape[-1]} vs {k.shape[-1]}")
+    h, hkv = q.shape[1], k.shape[1]
+    if h % hkv:
+        raise ValueError(f"num_heads ({h}) must be a multiple of num_kv_heads ({hkv})")
+    return h // hkv
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    q_offset: int | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of one sequence in float32.
+
+    Args:
+        q: `[num_q, num_heads, d]`.
+        k, v: `[num_k, num_kv_heads, d]`; ``num_heads % num_kv_heads == 0`` (GQA).
+        scale: score scale, default ``d ** -0.5``.
+        causal: mask keys after the query's position.
+        q_offset: absolute position of ``q[0]``; default ``num_k - num_q`` (queries are the last tokens).
+        sliding_window: keys with ``p - j >= sliding_window`` are masked.
+        softcap: tanh soft-capping of scores.
+        sinks: `[num_heads]` sink logits.
+
+    Returns:
+        float32 `[num_q, num_heads, d]`.
+
+    Example:
+        >>> q, k = torch.randn(3, 4, 16), torch.randn(10, 2, 16)
+        >>> attention_ref(q, k, k).shape
+        torch.Size([3, 4, 16])
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(t, name)
+    group = _check_heads(q, k, v)
+    nq, h, d = q.shape
+    nk = k.shape[0]
+    scale = d**-0.5 if scale is None else scale
+    q32 = q.to(torch.float32)
+    k32 = k.to(torch.float32).repeat_interleave(group, dim=1)
+    v32 = v.to(torch.float32).repeat_interleave(group, dim=1)
+    s = torch.einsum("qhd,khd->hqk", q32, k32) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    off = nk - nq if q_offset is None else q_offset
+    pos = off + torch.arange(nq, device=q.device)[:, None]
+    j = torch.arange(nk, device=q.device)[None, :]
+    mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
+    if causal:
+        mask &= j <= pos
+    if sliding_window is not None:
+        if sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+        mask &= (pos - j) < sliding_window
+    s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        if sinks.shape != (h,):
+            raise ValueError(f"sinks must be [num_heads={h}], got {tuple(sinks.shape)}")
+        sink_col = sinks.to(torch.float32).to(q.device)[:, None, None].expand(h, nq, 1)
+        p = torch.softmax(torch.cat([s, sink_col], dim=-1), dim=-1)[..., :nk]
+    else:
+        p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # a query with no visible key (window past all keys) outputs 0
+    return torch.einsum("hqk,khd->qhd", p, v32)
+
+
+def _check_paged_args(cache: torch.Tensor, block_table: torch.Tensor, lens: torch.Tensor, batch: int) -> None:
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"block_table must be [batch={batch}, max_blocks], got {tuple(block_table.shape)}")
+    if lens.dim() != 1 or lens.shape[0] != batch:
+        raise ValueError(f"sequence lengths must be [batch={batch}], got {tuple(lens.shape)}")
+    if bool((lens < 0).any()) or bool((lens > block_table.shape[1] * cache.shape[1]).any()):
+        raise ValueError("sequence lengths must be in 0..max_blocks*block_size")
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    fmt: KVFormat,
+    *,
+    layer: int = 0,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decode step over a compressed paged cache.
+
+    Args:
+        q: `[batch, num_heads, d]`, the query of each sequence's last token (already in the cache).
+        cache: uint8 `[num_blocks, block_size, num_kv_heads, slot_bytes]`.
+        block_table: int `[batch, max_blocks]`.
+        seq_lens: int `[batch]`, tokens in each sequence including the current one.
+        fmt: the cache's :class:`~tq_core.formats.KVFormat`.
+
+    Returns:
+        float32 `[batch, num_heads, d]`.
+    """
+    check_float_tensor(q, "q")
+    if q.dim() != 3:
+        raise ValueError(f"q must be [batch, num_heads, head_dim], got {tuple(q.shape)}")
+    _check_paged_args(cache, block_table, seq_lens, q.shape[0])
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for b in range(q.shape[0]):
+        n = int(seq_lens[b])
+        if n == 0:
+            continue
+        k, v = fmt.gather_paged(cache, block_table[b], n, layer=layer)
+        out[b] = attention_ref(q[b : b + 1], k, v, scale=scale, causal=True, sliding_window=sliding_window,
+                               softcap=softcap, sinks=sinks)[0]
+    return out
+
+
+def paged_extend_attention_ref(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    fmt: KVFormat,
+    *,
+    layer: int = 0,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of new chunks over their compressed prefix plus their own exact K/V.
+
+    Sequence ``b`` owns queries ``query_start_loc[b]:query_start_loc[b+1]`` at absolute positions
+    ``prefix_lens[b] + i``; its first ``prefix_lens[b]`` tokens are read from the cache, the chunk's
+    keys and values come from ``k_new``/``v_new`` unquantized.
+
+    Args:
+        q: `[total_q, num_heads, d]`.
+        k_new, v_new: `[total_q, num_kv_heads, d]`.
+        cache, block_table, fmt, layer: as for :func:`paged_decode_attention_ref`.
+        prefix_lens: int `[batch]`.
+        query_start_loc: int `[batch + 1]`, cumulative chunk lengths starting at 0.
+
+    Returns:
+        float32 `[total_q, num_heads, d]`.
+    """
+    check_float_tensor(q, "q")
+    _check_heads(q, k_new, v_new)
+    if k_new.shape[0] != q.shape[0]:
+        raise ValueError("k_new/v_new must have one row per query token")
+    batch = prefix_lens.shape[0]
+    if query_start_loc.shape != (batch + 1,) or int(query_start_loc[-1]) != q.shape[0]:
+        raise ValueError(f"query_start_loc must be [batch+1] cumulative lengths ending at {q.shape[0]}")
+    _check_paged_args(cache, block_table, prefix_lens, batch)
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for b in range(batch):
+        s, e = int(query_start_loc[b]), int(query_start_loc[b + 1])
+        n = int(prefix_lens[b])
+        if e == s:
+            continue
+        kp, vp = fmt.gather_paged(cache, block_table[b], n, layer=layer)
+        k = torch.cat([kp, k_new[s:e].to(torch.float32)])
+        v = torch.cat([vp, v_new[s:e].to(torch.float32)])
+        out[s:e] = attention_ref(q[s:e], k, v, scale=scale, causal=True, q_offset=n,
+                                 sliding_window=sliding_window, softcap=softcap, sinks=sinks)
+    return out

@@ -1,0 +1,407 @@
+"""KV-cache formats: what one token-head slot holds, where, and the reference paged encode/decode.
+
+A slot stores the key and the value of one token for one KV head::
+
+    offset 0                      key codes     ceil((d*bk + hk) / 8) bytes (bk-bit, first hk coords bk+1)
+    key_code_bytes                value codes   ceil((d*bv + hv) / 8) bytes
+    key_norm_offset (aligned)     key gamma     float16 / bfloat16 / float32
+    value_norm_offset (aligned)   value gamma   float16 / bfloat16 / float32
+    ...                           zero padding up to slot_bytes
+
+A paged cache is a uint8 tensor `[num_blocks, block_size, num_kv_heads, slot_bytes]`; token ``t`` of a
+sequence lives at slot ``block_table[t // block_size] * block_size + t % block_size``.
+
+Both K and V of layer ``l`` are rotated by ``make_rotation(d, fmt.rotation, layer_seed(fmt.seed, l))``.
+Attention never needs to un-rotate keys: ``<q, k_hat> = gamma_k <R q, c[codes_k]>``, and the output is
+rotated back once, ``o = R^T sum_j p_j gamma_vj c[codes_vj]``.
+
+Named formats have the bytes per token-head of vLLM's TurboQuant presets (see :data:`VLLM_PRESETS`), with
+the layout inside the budget chosen by measurement (``turboquant eval``; experiments/results/).
+Budgets for other head dims follow vLLM's rule: packed code bytes scale with ``d``, metadata does not.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from tq_core._validate import check_bits, check_float_tensor, check_head_dim, check_last_dim
+from tq_core.packing import pack_bits, packed_bytes, unpack_bits
+from tq_core.quantizers import MSECodes, NonFinite, TurboQuantMSE
+from tq_core.rotations import RotationKind, layer_seed, make_rotation
+
+__all__ = [
+    "ComponentFormat",
+    "KVFormat",
+    "NormDtype",
+    "VLLM_PRESETS",
+    "budget_bytes",
+    "named_format",
+    "format_names",
+]
+
+NormDtype = Literal["float16", "bfloat16", "float32"]
+_NORM_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_FP16_MAX = 65504.0
+
+# vLLM's TurboQuant presets at head_dim d: (key bits, value bits, metadata bytes per token-head).
+# vLLM stores keys as Hadamard-rotated Lloyd-Max codes (k8v4: raw fp8) + a float16 norm, and values with
+# per-token uniform min/max codes + float16 scale and zero point; the slot is rounded up to even bytes.
+VLLM_PRESETS: dict[str, tuple[int, int, int]] = {
+    "turboquant_k8v4": (8, 4, 4),
+    "turboquant_4bit_nc": (4, 4, 6),
+    "turboquant_k3v4_nc": (3, 4, 6),
+    "turboquant_3bit_nc": (3, 3, 6),
+}
+
+
+def budget_bytes(preset: str, head_dim: int) -> int:
+    """Bytes per token-head that vLLM's preset ``preset`` takes at ``head_dim`` (196/134/118/102 at 128)."""
+    if preset not in VLLM_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(VLLM_PRESETS)}")
+    check_head_dim(head_dim, "head_dim")
+    kb, vb, meta = VLLM_PRESETS[preset]
+    total = packed_bytes(head_dim, kb) + packed_bytes(head_dim, vb) + meta
+    return total + (total & 1)  # vLLM rounds the slot up to an even size
+
+
+@dataclass(frozen=True)
+class ComponentFormat:
+    """How the key (or the value) of one token-head is stored.
+
+    Attributes:
+        bits: bits per rotated coordinate, 1..8.
+        hi_bits_coords: the first ``hi_bits_coords`` rotated coordinates get ``bits + 1`` bits; a multiple
+            of 8 so both segments start on a byte.
+        norm_dtype: dtype of the stored scale ``gamma``; float16 saturates at 65504.
+        norm_correction: store ``||x|| / ||c[codes]||`` so decoded vectors keep their norm.
+    """
+
+    bits: int
+    hi_bits_coords: int = 0
+    norm_dtype: NormDtype = "float16"
+    norm_correction: bool = True
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        if self.hi_bits_coords < 0 or self.hi_bits_coords % 8:
+            raise ValueError(f"hi_bits_coords must be a non-negative multiple of 8, got {self.hi_bits_coords}")
+        if self.hi_bits_coords and self.bits == 8:
+            raise ValueError("hi_bits_coords needs bits < 8")
+        if self.norm_dtype not in _NORM_TORCH:
+            raise ValueError(f"norm_dtype must be one of {list(_NORM_TORCH)}, got {self.norm_dtype!r}")
+
+    def code_bytes(self, d: int) -> int:
+        if self.hi_bits_coords > d:
+            raise ValueError(f"hi_bits_coords={self.hi_bits_coords} exceeds head_dim {d}")
+        return (d * self.bits + self.hi_bits_coords + 7) // 8
+
+    @property
+    def norm_bytes(self) -> int:
+        return _NORM_TORCH[self.norm_dtype].itemsize
+
+    @property
+    def torch_norm_dtype(self) -> torch.dtype:
+        return _NORM_TORCH[self.norm_dtype]
+
+    def describe(self, d: int) -> str:
+        extra = f"+{self.hi_bits_coords}" if self.hi_bits_coords else ""
+        nc = "" if self.norm_correction else ",raw-norm"
+        return f"{self.bits}b{extra}({self.bits + self.hi_bits_coords / d:.3g}){nc}"
+
+
+def _align(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """A TurboQuant KV slot layout for one head_dim.
+
+    Args:
+        head_dim: ``d``.
+        key, value: :class:`ComponentFormat` of K and V.
+        slot_bytes: bytes per token-head including padding; 0 means exactly the used bytes.
+        name: a label.
+        rotation: rotation kind shared by K and V.
+        seed: base seed; layer ``l`` uses ``layer_seed(seed, l)``.
+
+    Example:
+        >>> fmt = named_format("turboquant_4bit_nc", 128)
+        >>> fmt.slot_bytes
+        134
+        >>> k, v = torch.randn(5, 8, 128), torch.randn(5, 8, 128)
+        >>> k2, v2 = fmt.decode(fmt.encode(k, v))
+        >>> k2.shape
+        torch.Size([5, 8, 128])
+    """
+
+    head_dim: int
+    key: ComponentFormat
+    value: ComponentFormat
+    slot_bytes: int = 0
+    name: str = ""
+    rotation: RotationKind = "hadamard"
+    seed: int = 0
+    key_norm_offset: int = field(init=False)
+    value_norm_offset: int = field(init=False)
+    used_bytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        check_head_dim(self.head_dim, "head_dim")
+        if self.rotation not in ("hadamard", "haar"):
+            raise ValueError(f"rotation must be 'hadamard' or 'haar', got {self.rotation!r}")
+        kc, vc = self.key.code_bytes(self.head_dim), self.value.code_bytes(self.head_dim)
+        kn = _align(kc + vc, self.key.norm_bytes)
+        vn = _align(kn + self.key.norm_bytes, self.value.norm_bytes)
+        used = vn + self.value.norm_bytes
+        object.__setattr__(self, "key_norm_offset", kn)
+        object.__setattr__(self, "value_norm_offset", vn)
+        object.__setattr__(self, "used_bytes", used)
+        if self.slot_bytes == 0:
+            object.__setattr__(self, "slot_bytes", used)
+        elif self.slot_bytes < used:
+            raise ValueError(
+                f"format {self.name or '(unnamed)'} needs {used} bytes per token-head at head_dim "
+                f"{self.head_dim} (K {self.key.describe(self.head_dim)}, V {self.value.describe(self.head_dim)})"
+                f" but its budget is {self.slot_bytes}; lower the bits or raise the budget"
+            )
+
+    # -- layout ---------------------------------------------------------------------------------
+    @property
+    def key_code_offset(self) -> int:
+        return 0
+
+    @property
+    def value_code_offset(self) -> int:
+        return self.key.code_bytes(self.head_dim)
+
+    @property
+    def bits_per_value(self) -> float:
+        """Average stored bits per K/V element, metadata and padding included."""
+        return self.slot_bytes * 8 / (2 * self.head_dim)
+
+    def describe(self) -> str:
+        return (
+            f"{self.name or 'KVFormat'}: d={self.head_dim}, K {self.key.describe(self.head_dim)}, "
+            f"V {self.value.describe(self.head_dim)}, {self.slot_bytes} B/token-head"
+        )
+
+    def cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int) -> tuple[int, int, int, int]:
+        for n, v in (("num_blocks", num_blocks), ("block_size", block_size), ("num_kv_heads", num_kv_heads)):
+            if v < 1:
+                raise ValueError(f"{n} must be >= 1, got {v}")
+        return (num_blocks, block_size, num_kv_heads, self.slot_bytes)
+
+    def allocate_cache(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """A zeroed paged cache `[num_blocks, block_size, num_kv_heads, slot_bytes]` (uint8)."""
+        return torch.zeros(self.cache_shape(num_blocks, block_size, num_kv_heads), dtype=torch.uint8,
+                           device=device)
+
+    # -- quantizers -----------------------------------------------------------------------------
+    def quantizers(self, layer: int = 0) -> tuple[TurboQuantMSE, TurboQuantMSE]:
+        """The reference (key, value) quantizers of ``layer``."""
+        return _quantizers(self, int(layer))
+
+    def rotation_matrix(self, layer: int = 0) -> torch.Tensor:
+        """float32 `[d, d]` rotation of ``layer`` (``y = x @ R.T``), shared by K and V."""
+        return make_rotation(self.head_dim, self.rotation, layer_seed(self.seed, layer)).matrix
+
+    # -- encode / decode ------------------------------------------------------------------------
+    def encode(
+        self, k: torch.Tensor, v: torch.Tensor, *, layer: int = 0, nonfinite: NonFinite = "raise"
+    ) -> torch.Tensor:
+        """Encode K and V `[..., d]` (same shape) into slots uint8 `[..., slot_bytes]`."""
+        check_float_tensor(k, "k")
+        check_float_tensor(v, "v")
+        check_last_dim(k, self.head_dim, "k")
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        qk, qv = self.quantizers(layer)
+        out = torch.zeros(*k.shape[:-1], self.slot_bytes, dtype=torch.uint8, device=k.device)
+        for comp, q, x, code_off, norm_off in (
+            (self.key, qk, k, self.key_code_offset, self.key_norm_offset),
+            (self.value, qv, v, self.value_code_offset, self.value_norm_offset),
+        ):
+            codes = q.quantize(x, nonfinite=nonfinite)
+            packed = _pack_codes(codes.idx, comp, self.head_dim)
+            out[..., code_off : code_off + packed.shape[-1]] = packed
+            out[..., norm_off : norm_off + comp.norm_bytes] = _norm_to_bytes(codes.gamma, comp)
+        return out
+
+    def decode_codes(self, slots: torch.Tensor) -> tuple[MSECodes, MSECodes]:
+        """Unpack slots `[..., slot_bytes]` into (key, value) codes without dequantizing."""
+        self._check_slots(slots)
+        res = []
+        for comp, code_off, norm_off in (
+            (self.key, self.key_code_offset, self.key_norm_offset),
+            (self.value, self.value_code_offset, self.value_norm_offset),
+        ):
+            nb = comp.code_bytes(self.head_dim)
+            idx = _unpack_codes(slots[..., code_off : code_off + nb], comp, self.head_dim)
+            gamma = _bytes_to_norm(slots[..., norm_off : norm_off + comp.norm_bytes], comp)
+            res.append(MSECodes(idx=idx, gamma=gamma))
+        return res[0], res[1]
+
+    def decode(self, slots: torch.Tensor, *, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode slots `[..., slot_bytes]` into float32 (K, V) `[..., d]`."""
+        kc, vc = self.decode_codes(slots)
+        qk, qv = self.quantizers(layer)
+        return qk.dequantize(kc), qv.dequantize(vc)
+
+    def _check_slots(self, slots: torch.Tensor) -> None:
+        if not isinstance(slots, torch.Tensor) or slots.dtype != torch.uint8:
+            raise ValueError("slots must be a uint8 tensor")
+        if slots.shape[-1] != self.slot_bytes:
+            raise ValueError(f"slots must have last dimension {self.slot_bytes}, got {tuple(slots.shape)}")
+
+    # -- paged cache ----------------------------------------------------------------------------
+    def _check_cache(self, cache: torch.Tensor) -> None:
+        if not isinstance(cache, torch.Tensor) or cache.dtype != torch.uint8 or cache.dim() != 4:
+            raise ValueError("cache must be a uint8 tensor [num_blocks, block_size, num_kv_heads, slot_bytes]")
+        if cache.shape[-1] != self.slot_bytes:
+            raise ValueError(
+                f"cache slot size {cache.shape[-1]} does not match format {self.name!r} ({self.slot_bytes} B)"
+            )
+
+    def store_paged(
+        self,
+        cache: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        *,
+        layer: int = 0,
+        nonfinite: NonFinite = "propagate",
+    ) -> None:
+        """Reference store: write K, V `[num_tokens, num_kv_heads, d]` at ``slot_mapping`` (-1 = skip).
+
+        Non-finite vectors are stored with a NaN norm (``"propagate"``, the kernels' behaviour) and touch
+        no other slot.
+        """
+        self._check_cache(cache)
+        nb, bs, hkv, _ = cache.shape
+        if k.dim() != 3 or k.shape[1] != hkv:
+            raise ValueError(f"k must be [num_tokens, {hkv}, {self.head_dim}], got {tuple(k.shape)}")
+        if slot_mapping.dim() != 1 or slot_mapping.shape[0] != k.shape[0]:
+            raise ValueError(f"slot_mapping must be [num_tokens={k.shape[0]}], got {tuple(slot_mapping.shape)}")
+        if slot_mapping.dtype.is_floating_point:
+            raise ValueError("slot_mapping must be an integer tensor")
+        sm = slot_mapping.to(torch.int64)
+        if bool((sm >= nb * bs).any()) or bool((sm < -1).any()):
+            raise ValueError(f"slot_mapping entries must be -1 or in 0..{nb * bs - 1}")
+        keep = sm >= 0
+        slots = self.encode(k[keep], v[keep], layer=layer, nonfinite=nonfinite)
+        cache.view(nb * bs, hkv, self.slot_bytes)[sm[keep]] = slots
+
+    def gather_paged(
+        self, cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, *, layer: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference read: decoded (K, V) float32 `[seq_len, num_kv_heads, d]` of one sequence.
+
+        Args:
+            cache: the paged cache.
+            block_table: int `[max_blocks]` block ids of this sequence.
+            seq_len: tokens to read.
+        """
+        self._check_cache(cache)
+        bs = cache.shape[1]
+        if seq_len > block_table.shape[0] * bs:
+            raise ValueError(f"seq_len {seq_len} exceeds the {block_table.shape[0]} blocks of block_table")
+        pos = torch.arange(seq_len, device=cache.device)
+        blocks = block_table.to(torch.int64).to(cache.device)[pos // bs]
+        slots = cache[blocks, pos % bs]  # [seq_len, num_kv_heads, slot_bytes]
+        return self.decode(slots, layer=layer)
+
+
+@functools.lru_cache(maxsize=1024)
+def _quantizers(fmt: KVFormat, layer: int) -> tuple[TurboQuantMSE, TurboQuantMSE]:
+    rot = make_rotation(fmt.head_dim, fmt.rotation, layer_seed(fmt.seed, layer))
+    return tuple(  # type: ignore[return-value]
+        TurboQuantMSE(fmt.head_dim, c.bits, rotation=rot, hi_bits_coords=c.hi_bits_coords,
+                      norm_correction=c.norm_correction)
+        for c in (fmt.key, fmt.value)
+    )
+
+
+def _pack_codes(idx: torch.Tensor, comp: ComponentFormat, d: int) -> torch.Tensor:
+    h = comp.hi_bits_coords
+    if not h:
+        return pack_bits(idx, comp.bits)
+    return torch.cat([pack_bits(idx[..., :h], comp.bits + 1), pack_bits(idx[..., h:], comp.bits)], dim=-1)
+
+
+def _unpack_codes(packed: torch.Tensor, comp: ComponentFormat, d: int) -> torch.Tensor:
+    h = comp.hi_bits_coords
+    if not h:
+        return unpack_bits(packed.contiguous(), comp.bits, d)
+    nh = packed_bytes(h, comp.bits + 1)
+    return torch.cat(
+        [unpack_bits(packed[..., :nh].contiguous(), comp.bits + 1, h),
+         unpack_bits(packed[..., nh:].contiguous(), comp.bits, d - h)],
+        dim=-1,
+    )
+
+
+def _norm_to_bytes(gamma: torch.Tensor, comp: ComponentFormat) -> torch.Tensor:
+    g = gamma.to(torch.float32)
+    if comp.norm_dtype == "float16":
+        g = g.clamp(-_FP16_MAX, _FP16_MAX)  # saturate instead of overflowing to inf (NaN stays NaN)
+    g = g.to(comp.torch_norm_dtype).contiguous()
+    return g.view(torch.uint8).reshape(*gamma.shape, comp.norm_bytes)
+
+
+def _bytes_to_norm(raw: torch.Tensor, comp: ComponentFormat) -> torch.Tensor:
+    return raw.contiguous().view(comp.torch_norm_dtype).squeeze(-1).to(torch.float32)
+
+
+# -- named formats ------------------------------------------------------------------------------
+# The layout inside each budget, chosen by `turboquant eval --sweep` on real activations
+# (experiments/results/format_sweep.json).  Values are (key, value) component specs at head_dim 128;
+# ``hi`` coordinates scale with head_dim and are dropped where the budget has no room.
+_NAMED_LAYOUTS: dict[str, tuple[ComponentFormat, ComponentFormat]] = {
+    "turboquant_k8v4": (ComponentFormat(6), ComponentFormat(6)),
+    "turboquant_4bit_nc": (ComponentFormat(4, 16), ComponentFormat(4)),
+    "turboquant_k3v4_nc": (ComponentFormat(4), ComponentFormat(3, 16)),
+    "turboquant_3bit_nc": (ComponentFormat(3, 16), ComponentFormat(3)),
+}
+
+
+def format_names() -> list[str]:
+    """Names accepted by :func:`named_format`."""
+    return list(_NAMED_LAYOUTS)
+
+
+def _fit_component(comp: ComponentFormat, d: int) -> ComponentFormat:
+    hi = min(comp.hi_bits_coords * d // 128 // 8 * 8, d // 8 * 8)
+    return ComponentFormat(comp.bits, hi, comp.norm_dtype, comp.norm_correction)
+
+
+@functools.lru_cache(maxsize=256)
+def named_format(name: str, head_dim: int = 128, *, seed: int = 0, rotation: RotationKind = "hadamard") -> KVFormat:
+    """Our format in the byte budget of vLLM's preset ``name`` at ``head_dim``.
+
+    The slot is padded to exactly the preset's bytes so the page (and KV capacity) matches vLLM's.
+    """
+    if name not in _NAMED_LAYOUTS:
+        raise ValueError(f"unknown format {name!r}; known: {', '.join(_NAMED_LAYOUTS)}")
+    check_head_dim(head_dim, "head_dim")
+    budget = budget_bytes(name, head_dim)
+    key, value = (_fit_component(c, head_dim) for c in _NAMED_LAYOUTS[name])
+    # Spend no more than the budget: drop extra-bit coordinates first if the scaled layout overflows.
+    for _ in range(2 * head_dim):
+        probe = KVFormat(head_dim, key, value, 0)
+        if probe.used_bytes <= budget:
+            break
+        if key.hi_bits_coords >= value.hi_bits_coords and key.hi_bits_coords:
+            key = ComponentFormat(key.bits, key.hi_bits_coords - 8, key.norm_dtype, key.norm_correction)
+        elif value.hi_bits_coords:
+            value = ComponentFormat(value.bits, value.hi_bits_coords - 8, value.norm_dtype, value.norm_correction)
+        else:
+            break
+    return KVFormat(head_dim, key, value, budget, name=name, rotation=rotation, seed=seed)

@@ -1,0 +1,94 @@
+"""Dense b-bit packing of quantization indices (3 bits really take 3 bits).
+
+Bit order: element ``j`` of a row occupies bits ``[j*b, (j+1)*b)`` of the row's little-endian bit
+stream, i.e. byte ``(j*b) // 8`` from bit ``(j*b) % 8`` upwards, spilling into the next byte when it
+crosses a byte boundary.  A row of ``n`` indices takes ``ceil(n*b / 8)`` bytes.  Kernels decode an
+element with two byte loads, a shift and a mask: ``((B[o >> 3] | B[(o >> 3) + 1] << 8) >> (o & 7)) & m``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tq_core._validate import check_bits
+
+__all__ = ["packed_bytes", "pack_bits", "unpack_bits"]
+
+
+def packed_bytes(n: int, bits: int) -> int:
+    """Bytes that ``n`` indices of ``bits`` bits take when packed."""
+    check_bits(bits)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return (n * bits + 7) // 8
+
+
+def pack_bits(idx: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack the last dimension of ``idx`` (integers in ``[0, 2**bits)``) into bytes.
+
+    Args:
+        idx: integer tensor `[..., n]`.
+        bits: 1..8.
+
+    Returns:
+        uint8 tensor `[..., ceil(n*bits/8)]`.
+
+    Example:
+        >>> pack_bits(torch.tensor([1, 2, 3, 4, 5, 6, 7, 0]), 3).tolist()
+        [209, 88, 31]
+    """
+    check_bits(bits)
+    if idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        raise ValueError(f"idx must be an integer tensor, got {idx.dtype}")
+    n = idx.shape[-1]
+    lead = idx.shape[:-1]
+    if bits == 8:
+        return idx.to(torch.uint8).clone()
+    if 8 % bits == 0 and n % (8 // bits) == 0:  # 1, 2, 4 bits: whole bytes, no int64 words needed
+        per = 8 // bits
+        v8 = idx.to(torch.uint8).reshape(*lead, n // per, per)
+        out8 = v8[..., 0].clone()
+        for i in range(1, per):
+            out8 |= v8[..., i] << (i * bits)
+        return out8
+    nbytes = packed_bytes(n, bits)
+    pad = (-n) % 8
+    v = idx.to(torch.int64)
+    if pad:
+        v = torch.nn.functional.pad(v, (0, pad))
+    # 8 indices of b bits make exactly b bytes: assemble them in one int64 word, then split it.
+    groups = v.reshape(*lead, -1, 8)
+    shifts = torch.arange(8, device=idx.device, dtype=torch.int64) * bits
+    words = (groups << shifts).sum(-1)  # bit fields do not overlap, so sum == OR
+    byte_shifts = torch.arange(bits, device=idx.device, dtype=torch.int64) * 8
+    out = ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).reshape(*lead, -1)
+    return out[..., :nbytes].to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 `[..., ceil(n*bits/8)]` -> uint8 `[..., n]`."""
+    check_bits(bits)
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed must be uint8, got {packed.dtype}")
+    if packed.shape[-1] != packed_bytes(n, bits):
+        raise ValueError(
+            f"packed has {packed.shape[-1]} bytes in its last dimension; {n} indices of {bits} bits need "
+            f"{packed_bytes(n, bits)}"
+        )
+    if bits == 8:
+        return packed.clone()
+    lead = packed.shape[:-1]
+    if 8 % bits == 0 and n % (8 // bits) == 0:
+        per, mask = 8 // bits, (1 << bits) - 1
+        parts = [(packed >> (i * bits)) & mask for i in range(per)]
+        return torch.stack(parts, dim=-1).reshape(*lead, n)
+    ngroups = (n + 7) // 8
+    v = packed.to(torch.int64)
+    need = ngroups * bits
+    if v.shape[-1] < need:
+        v = torch.nn.functional.pad(v, (0, need - v.shape[-1]))
+    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
+    words = (v.reshape(*lead, ngroups, bits) << byte_shifts).sum(-1)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    idx = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return idx.reshape(*lead, ngroups * 8)[..., :n].to(torch.uint8)

@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from tq_core import attention_ref, named_format, paged_decode_attention_ref, paged_extend_attention_ref
+
+
+def _sdpa(q, k, v, mask, scale=None):
+    # independent formula: torch's SDPA on [heads, tokens, d]
+    group = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1), attn_mask=mask, scale=scale)
+    return o.transpose(0, 1)
+
+
+@pytest.mark.parametrize(("nq", "nk", "h", "hkv"), [(1, 1, 2, 2), (5, 17, 8, 2), (17, 17, 4, 1)])
+def test_matches_sdpa_causal_gqa(nq, nk, h, hkv):
+    q, k, v = torch.randn(nq, h, 32), torch.randn(nk, hkv, 32), torch.randn(nk, hkv, 32)
+    pos = torch.arange(nk - nq, nk)[:, None]
+    mask = torch.arange(nk)[None, :] <= pos
+    torch.testing.assert_close(attention_ref(q, k, v), _sdpa(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_softcap_and_sinks():
+    q, k, v = torch.randn(6, 4, 16), torch.randn(20, 2, 16), torch.randn(20, 2, 16)
+    pos = torch.arange(14, 20)[:, None]
+    j = torch.arange(20)[None, :]
+    mask = (j <= pos) & (pos - j < 5)
+    torch.testing.assert_close(attention_ref(q, k, v, sliding_window=5), _sdpa(q, k, v, mask), atol=1e-5,
+                               rtol=1e-5)
+    # soft-capping with a huge cap is the identity
+    torch.testing.assert_close(attention_ref(q, k, v, softcap=1e6), attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
+    # a sink of -inf changes nothing; a finite sink scales the output by 1 - p_sink
+    assert torch.allclose(attention_ref(q, k, v, sinks=torch.full((4,), -1e30)), attention_ref(q, k, v))
+    s = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    scores = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(2, 1)) * 16**-0.5
+    scores = scores.masked_fill(~(j <= pos), float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    p_keep = torch.sigmoid(lse - s[:, None]).T  # [q, h]
+    torch.testing.assert_close(attention_ref(q, k, v, sinks=s), attention_ref(q, k, v) * p_keep[..., None],
+                               atol=1e-5, rtol=1e-5)
+
+
+def _paged_setup(fmt, lens, hkv, bs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = max((n + bs - 1) // bs for n in lens)
+    nblocks = len(lens) * max_blocks + 3
+    perm = torch.randperm(nblocks, generator=g)
+    table = perm[: len(lens) * max_blocks].view(len(lens), max_blocks)
+    cache = fmt.allocate_cache(nblocks, bs, hkv)
+    ks, vs = [], []
+    for b, n in enumerate(lens):
+        k, v = torch.randn(n, hkv, fmt.head_dim, generator=g), torch.randn(n, hkv, fmt.head_dim, generator=g)
+        pos = torch.arange(n)
+        fmt.store_paged(cache, k, v, table[b][pos // bs] * bs + pos % bs)
+        ks.append(k)
+        vs.append(v)
+    return cache, table, ks, vs
+
+
+def test_paged_decode_reference_equals_attention_on_decoded_cache():
+    fmt = named_format("turboquant_4bit_nc", 64)
+    lens = [1, 13, 40]
+    cache, table, ks, vs = _paged_setup(fmt, lens, hkv=2, bs=8)
+    q = torch.randn(3, 4, 64)
+    out = paged_decode_attention_ref(q, cache, table, torch.tensor(lens), fmt, softcap=30.0)
+    for b, n in enumerate(lens):
+        kd, vd = fmt.decode(fmt.encode(ks[b], vs[b]))
+        exp = attention_ref(q[b : b + 1], kd, vd, softcap=30.0)[0]
+        torch.testing.assert_close(out[b], exp, atol=1e-5, rtol=1e-5)
+    # and it is close to exact attention: 4-bit keys and values
+    exact = attention_ref(q[2:3], ks[2], vs[2])[0]
+    assert ((out[2] - exact).norm() / exact.norm()).item() < 0.2
+
+
+def test_extend_reference_is_causal_over_prefix_and_chunk():
+    fmt = named_format("turboquant_k8v4", 64)
+    prefix = [0, 9]
+    chunk = [4, 3]
+    cache, table, ks, vs = _paged_setup(fmt, [p + c for p, c in zip(prefix, chunk)], hkv=1, bs=4)
+    qsl = torch.tensor([0, 4, 7])
+    q = torch.randn(7, 2, 64)
+    k_new = torch.cat([ks[0][:4], ks[1][9:]])
+    v_new = torch.cat([vs[0][:4], vs[1][9:]])
+    out = paged_extend_attention_ref(q, k_new, v_new, cache, table, torch.tensor(prefix), qsl, fmt)
+    kd, vd = fmt.decode(fmt.encode(ks[1][:9], vs[1][:9]))
+    k_all, v_all = torch.cat([kd, ks[1][9:]]), torch.cat([vd, vs[1][9:]])
+    torch.testing.assert_close(out[4:], attention_ref(q[4:], k_all, v_all), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:4], attention_ref(q[:4], ks[0], vs[0]), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        attention_ref(torch.randn(1, 3, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8))
+    with pytest.raises(ValueError, match="sinks must be"):
+        attention_ref(torch.randn(1, 2, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8), sinks=torch.zeros(3))
+    fmt = named_format("turboquant_4bit_nc", 64)
+    with pytest.raises(ValueError, match="block_table must be"):
+        paged_decode_attention_ref(torch.randn(2, 2, 64), fmt.allocate_cache(2, 4, 1), torch.zeros(1, 2),
+                                   torch.tensor([1, 1]), fmt)

@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from tq_core import ComponentFormat, KVFormat, budget_bytes, format_names, named_format
+
+BUDGETS_128 = {"turboquant_k8v4": 196, "turboquant_4bit_nc": 134, "turboquant_k3v4_nc": 118,
+               "turboquant_3bit_nc": 102}
+
+
+@pytest.mark.parametrize(("name", "budget"), BUDGETS_128.items())
+def test_vllm_budgets_at_128(name, budget):
+    assert budget_bytes(name, 128) == budget
+    fmt = named_format(name, 128)
+    assert fmt.slot_bytes == budget
+    assert fmt.used_bytes <= budget
+
+
+@pytest.mark.parametrize("name", format_names())
+@pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
+def test_named_formats_fit_every_head_dim(name, d):
+    fmt = named_format(name, d)
+    assert fmt.used_bytes <= fmt.slot_bytes == budget_bytes(name, d)
+    assert fmt.key_norm_offset % fmt.key.norm_bytes == 0
+    assert fmt.value_norm_offset % fmt.value.norm_bytes == 0
+    assert fmt.value_code_offset == fmt.key.code_bytes(d)
+
+
+@pytest.mark.parametrize("name", format_names())
+def test_encode_decode_matches_quantizers(name):
+    fmt = named_format(name, 128)
+    k, v = torch.randn(9, 4, 128) * 3, torch.randn(9, 4, 128)
+    slots = fmt.encode(k, v, layer=2)
+    assert slots.shape == (9, 4, fmt.slot_bytes) and slots.dtype == torch.uint8
+    assert bool((slots[..., fmt.used_bytes:] == 0).all())  # padding stays zero
+    kd, vd = fmt.decode(slots, layer=2)
+    qk, qv = fmt.quantizers(2)
+    # exact up to the norm's storage dtype
+    torch.testing.assert_close(kd, qk.dequantize(qk.quantize(k)), rtol=2e-3, atol=1e-3)
+    torch.testing.assert_close(vd, qv.dequantize(qv.quantize(v)), rtol=2e-3, atol=1e-3)
+    kc, _ = fmt.decode_codes(slots)
+    assert torch.equal(kc.idx, qk.quantize(k).idx)
+
+
+def test_layers_use_different_rotations():
+    fmt = named_format("turboquant_4bit_nc", 128)
+    assert not torch.equal(fmt.rotation_matrix(0), fmt.rotation_matrix(1))
+    k = torch.randn(3, 1, 128)
+    assert not torch.equal(fmt.encode(k, k, layer=0), fmt.encode(k, k, layer=1))
+
+
+def test_store_and_gather_paged_with_skips():
+    fmt = named_format("turboquant_3bit_nc", 128)
+    cache = fmt.allocate_cache(6, 4, 2)
+    k, v = torch.randn(5, 2, 128), torch.randn(5, 2, 128)
+    slots = torch.tensor([3, -1, 9, 10, 20])
+    fmt.store_paged(cache, k, v, slots)
+    flat = cache.view(-1, 2, fmt.slot_bytes)
+    written = torch.zeros(24, dtype=torch.bool)
+    written[[3, 9, 10, 20]] = True
+    assert bool((flat[~written] == 0).all())
+    k2, v2 = fmt.gather_paged(cache, torch.tensor([0, 2, 5]), 12)  # tokens 0..11 -> slots 0..3, 8..11, 20..23
+    exp_k, _ = fmt.decode(fmt.encode(k, v))
+    torch.testing.assert_close(k2[3], exp_k[0])
+    torch.testing.assert_close(k2[5], exp_k[2])
+    torch.testing.assert_close(k2[8], exp_k[4])
+
+
+def test_nonfinite_vector_only_poisons_its_own_slot():
+    fmt = named_format("turboquant_4bit_nc", 64)
+    cache = fmt.allocate_cache(2, 4, 1)
+    k, v = torch.randn(3, 1, 64), torch.randn(3, 1, 64)
+    k[1, 0, 3] = float("nan")
+    fmt.store_paged(cache, k, v, torch.tensor([0, 1, 2]))
+    kd, vd = fmt.gather_paged(cache, torch.tensor([0]), 3)
+    assert bool(kd[1].isnan().all())
+    assert bool(torch.isfinite(kd[[0, 2]]).all()) and bool(torch.isfinite(vd).all())
+
+
+def test_fp16_norm_saturates_instead_of_inf():
+    fmt = KVFormat(64, ComponentFormat(4), ComponentFormat(4))
+    k = torch.full((1, 64), 1e5)
+    kd, _ = fmt.decode(fmt.encode(k, k))
+    assert bool(torch.isfinite(kd).all())
+
+
+def test_budget_overflow_is_rejected():
+    with pytest.raises(ValueError, match="needs 196 bytes .* budget is 134"):
+        KVFormat(128, ComponentFormat(6), ComponentFormat(6), slot_bytes=134, name="too-big")
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: named_format("turboquant_9bit"), "unknown format"),
+        (lambda: budget_bytes("fp8", 128), "unknown preset"),
+        (lambda: ComponentFormat(4, hi_bits_coords=12), "multiple of 8"),
+        (lambda: ComponentFormat(4, norm_dtype="int8"), "norm_dtype"),  # type: ignore[arg-type]
+        (lambda: named_format("turboquant_4bit_nc").encode(torch.randn(2, 128), torch.randn(3, 128)),
+         "same shape"),
+        (lambda: named_format("turboquant_4bit_nc").decode(torch.zeros(2, 100, dtype=torch.uint8)),
+         "last dimension 134"),
+        (lambda: named_format("turboquant_4bit_nc").store_paged(
+            torch.zeros(2, 4, 1, 134, dtype=torch.uint8), torch.randn(1, 1, 128), torch.randn(1, 1, 128),
+            torch.tensor([8])), "slot_mapping entries"),
+    ],
+)
+def test_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from tq_core import pack_bits, packed_bytes, unpack_bits
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [1, 3, 7, 8, 9, 63, 80, 128, 256])
+def test_round_trip(bits, n):
+    gen = torch.Generator().manual_seed(bits * 1000 + n)
+    idx = torch.randint(0, 2**bits, (4, 5, n), generator=gen)
+    packed = pack_bits(idx, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (4, 5, (n * bits + 7) // 8)  # 3 bits really take 3 bits
+    assert torch.equal(unpack_bits(packed, bits, n), idx.to(torch.uint8))
+
+
+def test_bit_order_is_little_endian_stream():
+    # element j occupies bits [3j, 3j+3) of the byte stream
+    assert pack_bits(torch.tensor([1, 2, 3, 4, 5, 6, 7, 0]), 3).tolist() == [209, 88, 31]
+    assert pack_bits(torch.tensor([0xA, 0x5]), 4).tolist() == [0x5A]
+    assert pack_bits(torch.tensor([1, 0, 0, 0, 0, 0, 0, 1, 1]), 1).tolist() == [0x81, 0x01]
+
+
+def test_sizes():
+    assert packed_bytes(128, 3) == 48
+    assert packed_bytes(80, 3) == 30
+    assert packed_bytes(128, 5) == 80
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="integer tensor"):
+        pack_bits(torch.zeros(8), 2)
+    with pytest.raises(ValueError, match="bits must be"):
+        pack_bits(torch.zeros(8, dtype=torch.int64), 9)
+    with pytest.raises(ValueError, match="need 48"):
+        unpack_bits(torch.zeros(47, dtype=torch.uint8), 3, 128)
+    with pytest.raises(ValueError, match="uint8"):
+        unpack_bits(torch.zeros(48, dtype=torch.int32), 3, 128)
