@@ -30,6 +30,11 @@ PYTHON = "3.11"
 # Installed on its own, first, so that no other requirement picks a different (CUDA, multi-GB) build.
 TORCH = "torch==2.13.0"
 TEST_TOOLS = ("pytest>=8", "pytest-benchmark>=4", "hypothesis>=6")
+# The CPU suite runs Triton kernels in Triton's interpreter.  Triton 3.6 (what the GPU machine runs) is
+# the version we test; its interpreter turns one-element arrays into ints with int(), which NumPy 2.4
+# turned from a deprecation into an error ("only 0-dimensional arrays can be converted"), so NumPy stays
+# below 2.4 for the interpreter.  Lift both pins together once a Triton release handles NumPy 2.4.
+INTERPRETER_PINS = ("triton==3.6.0", "numpy<2.4")
 RUFF = "ruff~=0.17.0"  # rules and formatting change between minor releases
 MYPY = "mypy~=2.4"
 # pytest's exit code when it collected no tests: a package without tests yet is not a failure.
@@ -89,7 +94,7 @@ def _source_tree_pythonpath() -> str:
 def tests(session: nox.Session) -> None:
     """CPU test suite of every package; Triton kernels run under the interpreter."""
     session.install(TORCH)
-    session.install(*_editable_requirements({"tq-core": "eval"}), *TEST_TOOLS)
+    session.install(*_editable_requirements({"tq-core": "eval"}), *TEST_TOOLS, *INTERPRETER_PINS)
     _run_pytest(session, _packages_with("tests", "test_*.py"), env={"TRITON_INTERPRET": "1"})
 
 

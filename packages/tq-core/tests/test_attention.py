@@ -9,7 +9,8 @@ def _sdpa(q, k, v, mask, scale=None):
     group = q.shape[1] // k.shape[1]
     kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     o = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1), attn_mask=mask, scale=scale)
+        q.transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1), attn_mask=mask, scale=scale
+    )
     return o.transpose(0, 1)
 
 
@@ -26,10 +27,13 @@ def test_sliding_window_softcap_and_sinks():
     pos = torch.arange(14, 20)[:, None]
     j = torch.arange(20)[None, :]
     mask = (j <= pos) & (pos - j < 5)
-    torch.testing.assert_close(attention_ref(q, k, v, sliding_window=5), _sdpa(q, k, v, mask), atol=1e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(
+        attention_ref(q, k, v, sliding_window=5), _sdpa(q, k, v, mask), atol=1e-5, rtol=1e-5
+    )
     # soft-capping with a huge cap is the identity
-    torch.testing.assert_close(attention_ref(q, k, v, softcap=1e6), attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        attention_ref(q, k, v, softcap=1e6), attention_ref(q, k, v), atol=1e-5, rtol=1e-5
+    )
     # a sink of -inf changes nothing; a finite sink scales the output by 1 - p_sink
     assert torch.allclose(attention_ref(q, k, v, sinks=torch.full((4,), -1e30)), attention_ref(q, k, v))
     s = torch.tensor([0.5, -1.0, 2.0, 0.0])
@@ -37,8 +41,9 @@ def test_sliding_window_softcap_and_sinks():
     scores = scores.masked_fill(~(j <= pos), float("-inf"))
     lse = torch.logsumexp(scores, -1)
     p_keep = torch.sigmoid(lse - s[:, None]).T  # [q, h]
-    torch.testing.assert_close(attention_ref(q, k, v, sinks=s), attention_ref(q, k, v) * p_keep[..., None],
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        attention_ref(q, k, v, sinks=s), attention_ref(q, k, v) * p_keep[..., None], atol=1e-5, rtol=1e-5
+    )
 
 
 def _paged_setup(fmt, lens, hkv, bs, seed=0):
@@ -64,7 +69,7 @@ def test_paged_decode_reference_equals_attention_on_decoded_cache():
     cache, table, ks, vs = _paged_setup(fmt, lens, hkv=2, bs=8)
     q = torch.randn(3, 4, 64)
     out = paged_decode_attention_ref(q, cache, table, torch.tensor(lens), fmt, softcap=30.0)
-    for b, n in enumerate(lens):
+    for b in range(len(lens)):
         kd, vd = fmt.decode(fmt.encode(ks[b], vs[b]))
         exp = attention_ref(q[b : b + 1], kd, vd, softcap=30.0)[0]
         torch.testing.assert_close(out[b], exp, atol=1e-5, rtol=1e-5)
@@ -77,7 +82,7 @@ def test_extend_reference_is_causal_over_prefix_and_chunk():
     fmt = named_format("turboquant_k8v4", 64)
     prefix = [0, 9]
     chunk = [4, 3]
-    cache, table, ks, vs = _paged_setup(fmt, [p + c for p, c in zip(prefix, chunk)], hkv=1, bs=4)
+    cache, table, ks, vs = _paged_setup(fmt, [p + c for p, c in zip(prefix, chunk, strict=True)], hkv=1, bs=4)
     qsl = torch.tensor([0, 4, 7])
     q = torch.randn(7, 2, 64)
     k_new = torch.cat([ks[0][:4], ks[1][9:]])
@@ -96,5 +101,6 @@ def test_bad_input():
         attention_ref(torch.randn(1, 2, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8), sinks=torch.zeros(3))
     fmt = named_format("turboquant_4bit_nc", 64)
     with pytest.raises(ValueError, match="block_table must be"):
-        paged_decode_attention_ref(torch.randn(2, 2, 64), fmt.allocate_cache(2, 4, 1), torch.zeros(1, 2),
-                                   torch.tensor([1, 1]), fmt)
+        paged_decode_attention_ref(
+            torch.randn(2, 2, 64), fmt.allocate_cache(2, 4, 1), torch.zeros(1, 2), torch.tensor([1, 1]), fmt
+        )

@@ -14,7 +14,9 @@ def test_reproduces_paper_mse_at_d128(bits):
     cb = lloyd_max_codebook(128, bits)
     assert cb.mse_per_vector == pytest.approx(PAPER_MSE[bits], rel=0.02)
     # The paper's numbers are the d -> infinity (Gaussian) limit, which we match to rounding.
-    assert lloyd_max_codebook(128, bits, "gaussian").mse_per_vector == pytest.approx(PAPER_MSE[bits], rel=0.005)
+    assert lloyd_max_codebook(128, bits, "gaussian").mse_per_vector == pytest.approx(
+        PAPER_MSE[bits], rel=0.005
+    )
 
 
 def test_one_bit_matches_closed_form():
@@ -88,7 +90,7 @@ def test_monte_carlo_matches_predicted_mse(bits):
 
 @pytest.mark.parametrize("bad", [0, 9, -1, 2.0, True, "4"])
 def test_bad_bits(bad):
-    with pytest.raises(ValueError, match="bits must be an integer in 1..8"):
+    with pytest.raises(ValueError, match=r"bits must be an integer in 1\.\.8"):
         lloyd_max_codebook(128, bad)
 
 

@@ -3,8 +3,12 @@ import torch
 
 from tq_core import ComponentFormat, KVFormat, budget_bytes, format_names, named_format
 
-BUDGETS_128 = {"turboquant_k8v4": 196, "turboquant_4bit_nc": 134, "turboquant_k3v4_nc": 118,
-               "turboquant_3bit_nc": 102}
+BUDGETS_128 = {
+    "turboquant_k8v4": 196,
+    "turboquant_4bit_nc": 134,
+    "turboquant_k3v4_nc": 118,
+    "turboquant_3bit_nc": 102,
+}
 
 
 @pytest.mark.parametrize(("name", "budget"), BUDGETS_128.items())
@@ -31,7 +35,7 @@ def test_encode_decode_matches_quantizers(name):
     k, v = torch.randn(9, 4, 128) * 3, torch.randn(9, 4, 128)
     slots = fmt.encode(k, v, layer=2)
     assert slots.shape == (9, 4, fmt.slot_bytes) and slots.dtype == torch.uint8
-    assert bool((slots[..., fmt.used_bytes:] == 0).all())  # padding stays zero
+    assert bool((slots[..., fmt.used_bytes :] == 0).all())  # padding stays zero
     kd, vd = fmt.decode(slots, layer=2)
     qk, qv = fmt.quantizers(2)
     # exact up to the norm's storage dtype
@@ -58,7 +62,7 @@ def test_store_and_gather_paged_with_skips():
     written = torch.zeros(24, dtype=torch.bool)
     written[[3, 9, 10, 20]] = True
     assert bool((flat[~written] == 0).all())
-    k2, v2 = fmt.gather_paged(cache, torch.tensor([0, 2, 5]), 12)  # tokens 0..11 -> slots 0..3, 8..11, 20..23
+    k2, _ = fmt.gather_paged(cache, torch.tensor([0, 2, 5]), 12)  # tokens 0..11 -> slots 0..3, 8..11, 20..23
     exp_k, _ = fmt.decode(fmt.encode(k, v))
     torch.testing.assert_close(k2[3], exp_k[0])
     torch.testing.assert_close(k2[5], exp_k[2])
@@ -84,7 +88,7 @@ def test_fp16_norm_saturates_instead_of_inf():
 
 
 def test_budget_overflow_is_rejected():
-    with pytest.raises(ValueError, match="needs 196 bytes .* budget is 134"):
+    with pytest.raises(ValueError, match=r"needs 196 bytes .* budget is 134"):
         KVFormat(128, ComponentFormat(6), ComponentFormat(6), slot_bytes=134, name="too-big")
 
 
@@ -95,13 +99,23 @@ def test_budget_overflow_is_rejected():
         (lambda: budget_bytes("fp8", 128), "unknown preset"),
         (lambda: ComponentFormat(4, hi_bits_coords=12), "multiple of 8"),
         (lambda: ComponentFormat(4, norm_dtype="int8"), "norm_dtype"),  # type: ignore[arg-type]
-        (lambda: named_format("turboquant_4bit_nc").encode(torch.randn(2, 128), torch.randn(3, 128)),
-         "same shape"),
-        (lambda: named_format("turboquant_4bit_nc").decode(torch.zeros(2, 100, dtype=torch.uint8)),
-         "last dimension 134"),
-        (lambda: named_format("turboquant_4bit_nc").store_paged(
-            torch.zeros(2, 4, 1, 134, dtype=torch.uint8), torch.randn(1, 1, 128), torch.randn(1, 1, 128),
-            torch.tensor([8])), "slot_mapping entries"),
+        (
+            lambda: named_format("turboquant_4bit_nc").encode(torch.randn(2, 128), torch.randn(3, 128)),
+            "same shape",
+        ),
+        (
+            lambda: named_format("turboquant_4bit_nc").decode(torch.zeros(2, 100, dtype=torch.uint8)),
+            "last dimension 134",
+        ),
+        (
+            lambda: named_format("turboquant_4bit_nc").store_paged(
+                torch.zeros(2, 4, 1, 134, dtype=torch.uint8),
+                torch.randn(1, 1, 128),
+                torch.randn(1, 1, 128),
+                torch.tensor([8]),
+            ),
+            "slot_mapping entries",
+        ),
     ],
 )
 def test_bad_input(call, match):

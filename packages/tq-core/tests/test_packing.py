@@ -37,3 +37,11 @@ def test_bad_input():
         unpack_bits(torch.zeros(47, dtype=torch.uint8), 3, 128)
     with pytest.raises(ValueError, match="uint8"):
         unpack_bits(torch.zeros(48, dtype=torch.int32), 3, 128)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_empty_leading_dims(bits):
+    idx = torch.zeros(0, 2, 128, dtype=torch.int64)
+    packed = pack_bits(idx, bits)
+    assert packed.shape == (0, 2, packed_bytes(128, bits))
+    assert unpack_bits(packed, bits, 128).shape == (0, 2, 128)

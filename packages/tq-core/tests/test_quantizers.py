@@ -46,8 +46,10 @@ def test_norm_correction_keeps_norm_exactly():
 
 def test_extra_bit_coordinates_lower_the_error():
     x = _unit(5000, 128, seed=2)
-    errs = [mse_distortion(x, (q := TurboQuantMSE(128, 3, hi_bits_coords=h)).dequantize(q.quantize(x)))
-            for h in (0, 32, 64, 128)]
+    errs = [
+        mse_distortion(x, (q := TurboQuantMSE(128, 3, hi_bits_coords=h)).dequantize(q.quantize(x)))
+        for h in (0, 32, 64, 128)
+    ]
     assert errs[0] > errs[1] > errs[2] > errs[3]
     assert errs[3] == pytest.approx(lloyd_max_codebook(128, 4).mse_per_vector, rel=0.06)
     assert TurboQuantMSE(128, 3, hi_bits_coords=64).bits_per_coordinate == 3.5
@@ -120,8 +122,13 @@ def test_zero_vector_decodes_to_zero():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"bits": 0}, "bits must be"), ({"bits": 9}, "bits must be"), ({"d": 1}, "d must be"),
-     ({"hi_bits_coords": 200}, "hi_bits_coords"), ({"bits": 8, "hi_bits_coords": 8}, "bits < 8")],
+    [
+        ({"bits": 0}, "bits must be"),
+        ({"bits": 9}, "bits must be"),
+        ({"d": 1}, "d must be"),
+        ({"hi_bits_coords": 200}, "hi_bits_coords"),
+        ({"bits": 8, "hi_bits_coords": 8}, "bits < 8"),
+    ],
 )
 def test_bad_construction(kwargs, match):
     args = {"d": 128, "bits": 4} | kwargs

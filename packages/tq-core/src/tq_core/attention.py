@@ -143,8 +143,16 @@ def paged_decode_attention_ref(
         if n == 0:
             continue
         k, v = fmt.gather_paged(cache, block_table[b], n, layer=layer)
-        out[b] = attention_ref(q[b : b + 1], k, v, scale=scale, causal=True, sliding_window=sliding_window,
-                               softcap=softcap, sinks=sinks)[0]
+        out[b] = attention_ref(
+            q[b : b + 1],
+            k,
+            v,
+            scale=scale,
+            causal=True,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            sinks=sinks,
+        )[0]
     return out
 
 
@@ -197,6 +205,15 @@ def paged_extend_attention_ref(
         kp, vp = fmt.gather_paged(cache, block_table[b], n, layer=layer)
         k = torch.cat([kp, k_new[s:e].to(torch.float32)])
         v = torch.cat([vp, v_new[s:e].to(torch.float32)])
-        out[s:e] = attention_ref(q[s:e], k, v, scale=scale, causal=True, q_offset=n,
-                                 sliding_window=sliding_window, softcap=softcap, sinks=sinks)
+        out[s:e] = attention_ref(
+            q[s:e],
+            k,
+            v,
+            scale=scale,
+            causal=True,
+            q_offset=n,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            sinks=sinks,
+        )
     return out

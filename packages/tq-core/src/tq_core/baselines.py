@@ -4,7 +4,7 @@ Keys are quantized per channel over groups of ``group_tokens`` consecutive token
 zero point per channel per group), values per token (a float16 scale and zero point per token), both
 asymmetric min-max round-to-nearest.  Bytes per token-head::
 
-    ceil(d * key_bits / 8) + 4 * d / group_tokens  +  ceil(d * value_bits / 8) + 4
+    ceil(d * key_bits / 8) + 4 * d / group_tokens + ceil(d * value_bits / 8) + 4
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ class UniformKVBaseline:
     @property
     def bytes_per_token_head(self) -> float:
         d = self.head_dim
-        return packed_bytes(d, self.key_bits) + 4 * d / self.group_tokens + packed_bytes(d, self.value_bits) + 4
+        return (
+            packed_bytes(d, self.key_bits) + 4 * d / self.group_tokens + packed_bytes(d, self.value_bits) + 4
+        )
 
     def describe(self) -> str:
         return f"RTN K{self.key_bits}/ch(g{self.group_tokens}) V{self.value_bits}/tok"
@@ -66,13 +68,17 @@ class UniformKVBaseline:
         check_float_tensor(k, "k")
         check_float_tensor(v, "v")
         if k.shape != v.shape or k.shape[-1] != self.head_dim or k.dim() < 2:
-            raise ValueError(f"k and v must both be [..., seq_len, {self.head_dim}], got {tuple(k.shape)}, "
-                             f"{tuple(v.shape)}")
+            raise ValueError(
+                f"k and v must both be [..., seq_len, {self.head_dim}], got {tuple(k.shape)}, "
+                f"{tuple(v.shape)}"
+            )
         k32, v32 = k.to(torch.float32), v.to(torch.float32)
         kq = torch.empty_like(k32)
         t = k32.shape[-2]
         for s in range(0, t, self.group_tokens):
-            kq[..., s : s + self.group_tokens, :] = _rtn(k32[..., s : s + self.group_tokens, :], self.key_bits, -2)
+            kq[..., s : s + self.group_tokens, :] = _rtn(
+                k32[..., s : s + self.group_tokens, :], self.key_bits, -2
+            )
         return kq, _rtn(v32, self.value_bits, -1)
 
 
@@ -96,4 +102,6 @@ def uniform_candidates(budget: float, head_dim: int) -> list[UniformKVBaseline]:
 
 def uniform_baseline_for_budget(budget: float, head_dim: int) -> UniformKVBaseline:
     """The most balanced KIVI-style split of ``budget`` (max of min(key bits, value bits), then keys)."""
-    return max(uniform_candidates(budget, head_dim), key=lambda c: (min(c.key_bits, c.value_bits), c.key_bits))
+    return max(
+        uniform_candidates(budget, head_dim), key=lambda c: (min(c.key_bits, c.value_bits), c.key_bits)
+    )

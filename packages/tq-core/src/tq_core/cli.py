@@ -1,7 +1,7 @@
 """The ``turboquant`` command.
 
-    turboquant eval [--json] [--plot PATH | --no-plot] [--max-tokens N] [--seed S] [--sweep]
-    turboquant formats [--head-dim D]
+turboquant eval [--json] [--plot PATH | --no-plot] [--max-tokens N] [--seed S] [--sweep]
+turboquant formats [--head-dim D]
 """
 
 from __future__ import annotations
@@ -34,20 +34,43 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def _render(result: dict[str, Any]) -> str:
     out = ["TurboQuant distortion per unit vector (d = 128)", ""]
-    out.append(_table(
-        [[r["bits"], f"{r['mse']:.5f}", f"{r['mse_measured']:.5f}", f"{r['mse_gaussian_limit']:.5f}",
-          "-" if r["paper"] is None else f"{r['paper']:.4f}",
-          "-" if r["paper"] is None else f"{100 * (r['mse'] / r['paper'] - 1):+.1f}%",
-          f"{r['lower_bound']:.5f}"] for r in result["distortion"]],
-        ["bits", "exact", "measured", "d->inf", "paper", "vs paper", "4^-b bound"],
-    ))
+    out.append(
+        _table(
+            [
+                [
+                    r["bits"],
+                    f"{r['mse']:.5f}",
+                    f"{r['mse_measured']:.5f}",
+                    f"{r['mse_gaussian_limit']:.5f}",
+                    "-" if r["paper"] is None else f"{r['paper']:.4f}",
+                    "-" if r["paper"] is None else f"{100 * (r['mse'] / r['paper'] - 1):+.1f}%",
+                    f"{r['lower_bound']:.5f}",
+                ]
+                for r in result["distortion"]
+            ],
+            ["bits", "exact", "measured", "d->inf", "paper", "vs paper", "4^-b bound"],
+        )
+    )
     out += ["", "Attention-output relative error at equal bytes per token-head (lower is better)", ""]
-    out.append(_table(
-        [[r["name"], r["data"], r["head_dim"], r["bytes_per_token_head"], f"{r['attn_rel_err']:.4f}",
-          f"{r['baseline_rel_err']:.4f}", f"{r['baseline_rel_err'] / max(r['attn_rel_err'], 1e-12):.2f}x",
-          r["layout"].split(": ", 1)[-1], r["baseline"]] for r in result["formats"]],
-        ["budget", "data", "d", "bytes", "turboquant", "uniform", "gain", "our layout", "uniform layout"],
-    ))
+    out.append(
+        _table(
+            [
+                [
+                    r["name"],
+                    r["data"],
+                    r["head_dim"],
+                    r["bytes_per_token_head"],
+                    f"{r['attn_rel_err']:.4f}",
+                    f"{r['baseline_rel_err']:.4f}",
+                    f"{r['baseline_rel_err'] / max(r['attn_rel_err'], 1e-12):.2f}x",
+                    r["layout"].split(": ", 1)[-1],
+                    r["baseline"],
+                ]
+                for r in result["formats"]
+            ],
+            ["budget", "data", "d", "bytes", "turboquant", "uniform", "gain", "our layout", "uniform layout"],
+        )
+    )
     return "\n".join(out)
 
 
@@ -87,8 +110,9 @@ def _plot(result: dict[str, Any], path: str) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from tq_core.eval.runner import run_eval
 
-    result = run_eval(max_tokens=args.max_tokens, seed=args.seed, sweep=args.sweep,
-                      progress=_progress(not args.no_progress))
+    result = run_eval(
+        max_tokens=args.max_tokens, seed=args.seed, sweep=args.sweep, progress=_progress(not args.no_progress)
+    )
     if args.plot and not args.no_plot:
         _plot(result, args.plot)
         result["plot"] = args.plot

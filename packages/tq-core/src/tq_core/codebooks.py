@@ -75,7 +75,7 @@ def _log_norm_const(d: float) -> float:
     return math.lgamma(d / 2) - 0.5 * math.log(math.pi) - math.lgamma((d - 1) / 2)
 
 
-def coordinate_density(t: torch.Tensor, d: int) -> torch.Tensor:
+def coordinate_density(t: torch.Tensor, d: float) -> torch.Tensor:
     """Density ``f_d(t)`` of one coordinate of a uniform unit vector in ``R^d`` (zero outside [-1, 1])."""
     check_head_dim(d)
     t = t.to(torch.float64)
@@ -91,7 +91,7 @@ def mse_lower_bound(bits: int) -> float:
     return 4.0 ** (-bits)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gauss_legendre(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     # Golub-Welsch: eigenvalues of the Jacobi matrix of Legendre polynomials.
     k = torch.arange(1, n, dtype=torch.float64)
@@ -128,9 +128,11 @@ class _Sphere:
         # int_a^b t f(t) dt = G(b) - G(a), G(t) = -C (1 - t^2)^((d-1)/2) / (d-1)
         def g(t: torch.Tensor) -> torch.Tensor:
             one_minus = (1 - t * t).clamp_min(0)
-            return -torch.exp(self.log_c + 0.5 * (self.d - 1) * torch.log(one_minus.clamp_min(1e-300))) / (
-                self.d - 1
-            ) * (one_minus > 0)
+            return (
+                -torch.exp(self.log_c + 0.5 * (self.d - 1) * torch.log(one_minus.clamp_min(1e-300)))
+                / (self.d - 1)
+                * (one_minus > 0)
+            )
 
         return g(b) - g(a)
 
@@ -193,7 +195,7 @@ def _density_at(law: _Sphere | _Gaussian, t: torch.Tensor) -> torch.Tensor:
     return torch.exp(-0.5 * (t / law.sigma) ** 2) / (law.sigma * math.sqrt(2 * math.pi))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _solve(d: int, bits: int, distribution: str) -> Codebook:
     law: _Sphere | _Gaussian = _Sphere(d) if distribution == "sphere" else _Gaussian(d)
     lo, hi = law.support
@@ -235,8 +237,14 @@ def _solve(d: int, bits: int, distribution: str) -> Codebook:
     mass = law.mass(a, b)
     # At the Lloyd fixed point, E[(t - Q(t))^2] = E[t^2] - sum_i p_i c_i^2 with E[t^2] = 1/d.
     mse = 1.0 / d - float((mass * c * c).sum())
-    return Codebook(d=d, bits=bits, distribution=distribution, centroids=c, boundaries=0.5 * (c[1:] + c[:-1]),
-                    mse_per_coordinate=mse)
+    return Codebook(
+        d=d,
+        bits=bits,
+        distribution=distribution,
+        centroids=c,
+        boundaries=0.5 * (c[1:] + c[:-1]),
+        mse_per_coordinate=mse,
+    )
 
 
 def lloyd_max_codebook(d: int, bits: int, distribution: Distribution = "sphere") -> Codebook:

@@ -88,7 +88,9 @@ class ComponentFormat:
     def __post_init__(self) -> None:
         check_bits(self.bits)
         if self.hi_bits_coords < 0 or self.hi_bits_coords % 8:
-            raise ValueError(f"hi_bits_coords must be a non-negative multiple of 8, got {self.hi_bits_coords}")
+            raise ValueError(
+                f"hi_bits_coords must be a non-negative multiple of 8, got {self.hi_bits_coords}"
+            )
         if self.hi_bits_coords and self.bits == 8:
             raise ValueError("hi_bits_coords needs bits < 8")
         if self.norm_dtype not in _NORM_TORCH:
@@ -200,8 +202,9 @@ class KVFormat:
         self, num_blocks: int, block_size: int, num_kv_heads: int, device: torch.device | str = "cpu"
     ) -> torch.Tensor:
         """A zeroed paged cache `[num_blocks, block_size, num_kv_heads, slot_bytes]` (uint8)."""
-        return torch.zeros(self.cache_shape(num_blocks, block_size, num_kv_heads), dtype=torch.uint8,
-                           device=device)
+        return torch.zeros(
+            self.cache_shape(num_blocks, block_size, num_kv_heads), dtype=torch.uint8, device=device
+        )
 
     # -- quantizers -----------------------------------------------------------------------------
     def quantizers(self, layer: int = 0) -> tuple[TurboQuantMSE, TurboQuantMSE]:
@@ -254,16 +257,18 @@ class KVFormat:
         qk, qv = self.quantizers(layer)
         return qk.dequantize(kc), qv.dequantize(vc)
 
-    def _check_slots(self, slots: torch.Tensor) -> None:
+    def _check_slots(self, slots: object) -> None:
         if not isinstance(slots, torch.Tensor) or slots.dtype != torch.uint8:
             raise ValueError("slots must be a uint8 tensor")
         if slots.shape[-1] != self.slot_bytes:
             raise ValueError(f"slots must have last dimension {self.slot_bytes}, got {tuple(slots.shape)}")
 
     # -- paged cache ----------------------------------------------------------------------------
-    def _check_cache(self, cache: torch.Tensor) -> None:
+    def _check_cache(self, cache: object) -> None:
         if not isinstance(cache, torch.Tensor) or cache.dtype != torch.uint8 or cache.dim() != 4:
-            raise ValueError("cache must be a uint8 tensor [num_blocks, block_size, num_kv_heads, slot_bytes]")
+            raise ValueError(
+                "cache must be a uint8 tensor [num_blocks, block_size, num_kv_heads, slot_bytes]"
+            )
         if cache.shape[-1] != self.slot_bytes:
             raise ValueError(
                 f"cache slot size {cache.shape[-1]} does not match format {self.name!r} ({self.slot_bytes} B)"
@@ -289,7 +294,9 @@ class KVFormat:
         if k.dim() != 3 or k.shape[1] != hkv:
             raise ValueError(f"k must be [num_tokens, {hkv}, {self.head_dim}], got {tuple(k.shape)}")
         if slot_mapping.dim() != 1 or slot_mapping.shape[0] != k.shape[0]:
-            raise ValueError(f"slot_mapping must be [num_tokens={k.shape[0]}], got {tuple(slot_mapping.shape)}")
+            raise ValueError(
+                f"slot_mapping must be [num_tokens={k.shape[0]}], got {tuple(slot_mapping.shape)}"
+            )
         if slot_mapping.dtype.is_floating_point:
             raise ValueError("slot_mapping must be an integer tensor")
         sm = slot_mapping.to(torch.int64)
@@ -323,8 +330,13 @@ class KVFormat:
 def _quantizers(fmt: KVFormat, layer: int) -> tuple[TurboQuantMSE, TurboQuantMSE]:
     rot = make_rotation(fmt.head_dim, fmt.rotation, layer_seed(fmt.seed, layer))
     return tuple(  # type: ignore[return-value]
-        TurboQuantMSE(fmt.head_dim, c.bits, rotation=rot, hi_bits_coords=c.hi_bits_coords,
-                      norm_correction=c.norm_correction)
+        TurboQuantMSE(
+            fmt.head_dim,
+            c.bits,
+            rotation=rot,
+            hi_bits_coords=c.hi_bits_coords,
+            norm_correction=c.norm_correction,
+        )
         for c in (fmt.key, fmt.value)
     )
 
@@ -342,8 +354,10 @@ def _unpack_codes(packed: torch.Tensor, comp: ComponentFormat, d: int) -> torch.
         return unpack_bits(packed.contiguous(), comp.bits, d)
     nh = packed_bytes(h, comp.bits + 1)
     return torch.cat(
-        [unpack_bits(packed[..., :nh].contiguous(), comp.bits + 1, h),
-         unpack_bits(packed[..., nh:].contiguous(), comp.bits, d - h)],
+        [
+            unpack_bits(packed[..., :nh].contiguous(), comp.bits + 1, h),
+            unpack_bits(packed[..., nh:].contiguous(), comp.bits, d - h),
+        ],
         dim=-1,
     )
 
@@ -383,7 +397,9 @@ def _fit_component(comp: ComponentFormat, d: int) -> ComponentFormat:
 
 
 @functools.lru_cache(maxsize=256)
-def named_format(name: str, head_dim: int = 128, *, seed: int = 0, rotation: RotationKind = "hadamard") -> KVFormat:
+def named_format(
+    name: str, head_dim: int = 128, *, seed: int = 0, rotation: RotationKind = "hadamard"
+) -> KVFormat:
     """Our format in the byte budget of vLLM's preset ``name`` at ``head_dim``.
 
     The slot is padded to exactly the preset's bytes so the page (and KV capacity) matches vLLM's.
@@ -401,7 +417,9 @@ def named_format(name: str, head_dim: int = 128, *, seed: int = 0, rotation: Rot
         if key.hi_bits_coords >= value.hi_bits_coords and key.hi_bits_coords:
             key = ComponentFormat(key.bits, key.hi_bits_coords - 8, key.norm_dtype, key.norm_correction)
         elif value.hi_bits_coords:
-            value = ComponentFormat(value.bits, value.hi_bits_coords - 8, value.norm_dtype, value.norm_correction)
+            value = ComponentFormat(
+                value.bits, value.hi_bits_coords - 8, value.norm_dtype, value.norm_correction
+            )
         else:
             break
     return KVFormat(head_dim, key, value, budget, name=name, rotation=rotation, seed=seed)

@@ -57,11 +57,11 @@ def pack_bits(idx: torch.Tensor, bits: int) -> torch.Tensor:
     if pad:
         v = torch.nn.functional.pad(v, (0, pad))
     # 8 indices of b bits make exactly b bytes: assemble them in one int64 word, then split it.
-    groups = v.reshape(*lead, -1, 8)
+    groups = v.reshape(*lead, (n + pad) // 8, 8)
     shifts = torch.arange(8, device=idx.device, dtype=torch.int64) * bits
     words = (groups << shifts).sum(-1)  # bit fields do not overlap, so sum == OR
     byte_shifts = torch.arange(bits, device=idx.device, dtype=torch.int64) * 8
-    out = ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).reshape(*lead, -1)
+    out = ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).reshape(*lead, (n + pad) // 8 * bits)
     return out[..., :nbytes].to(torch.uint8)
 
 

@@ -196,7 +196,9 @@ class TurboQuantProd:
     ) -> None:
         check_bits(bits)
         if bits < 2:
-            raise ValueError("TurboQuantProd needs bits >= 2 (one bit goes to QJL); use TurboQuantMSE for 1 bit")
+            raise ValueError(
+                "TurboQuantProd needs bits >= 2 (one bit goes to QJL); use TurboQuantMSE for 1 bit"
+            )
         self.d, self.bits = d, bits
         self.mse = TurboQuantMSE(d, bits - 1, rotation=rotation, seed=seed)
         gen = torch.Generator().manual_seed(int(seed) + 1)
@@ -245,13 +247,21 @@ class OutlierSplitQuantizer:
     """
 
     def __init__(
-        self, d: int, outlier_channels: torch.Tensor, bits_outlier: int, bits: int, *, seed: int = 0,
+        self,
+        d: int,
+        outlier_channels: torch.Tensor,
+        bits_outlier: int,
+        bits: int,
+        *,
+        seed: int = 0,
         norm_correction: bool = False,
     ) -> None:
         check_head_dim(d)
         ch = torch.as_tensor(outlier_channels, dtype=torch.int64).flatten()
         if ch.numel() < 2 or ch.numel() > d - 2 or ch.unique().numel() != ch.numel():
-            raise ValueError(f"outlier_channels must be 2..{d - 2} distinct channel indices, got {ch.numel()}")
+            raise ValueError(
+                f"outlier_channels must be 2..{d - 2} distinct channel indices, got {ch.numel()}"
+            )
         if int(ch.min()) < 0 or int(ch.max()) >= d:
             raise ValueError(f"outlier_channels must lie in 0..{d - 1}")
         mask = torch.zeros(d, dtype=torch.bool)
@@ -259,10 +269,16 @@ class OutlierSplitQuantizer:
         self.d = d
         self.outliers = torch.nonzero(mask).flatten()
         self.regular = torch.nonzero(~mask).flatten()
-        self.q_out = TurboQuantMSE(int(self.outliers.numel()), bits_outlier, rotation="haar", seed=seed,
-                                   norm_correction=norm_correction)
-        self.q_reg = TurboQuantMSE(int(self.regular.numel()), bits, rotation="haar", seed=seed + 1,
-                                   norm_correction=norm_correction)
+        self.q_out = TurboQuantMSE(
+            int(self.outliers.numel()),
+            bits_outlier,
+            rotation="haar",
+            seed=seed,
+            norm_correction=norm_correction,
+        )
+        self.q_reg = TurboQuantMSE(
+            int(self.regular.numel()), bits, rotation="haar", seed=seed + 1, norm_correction=norm_correction
+        )
 
     @property
     def bits_per_coordinate(self) -> float:

@@ -40,7 +40,7 @@ def layer_seed(base_seed: int, layer: int) -> int:
     """A reproducible 63-bit seed for one layer, independent across layers."""
     if layer < 0:
         raise ValueError(f"layer must be >= 0, got {layer}")
-    x = (int(base_seed) * 0x9E3779B97F4A7C15 + int(layer) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB)
+    x = int(base_seed) * 0x9E3779B97F4A7C15 + int(layer) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB
     x &= (1 << 64) - 1
     x ^= x >> 31
     x = (x * 0xD6E8FEB86659FD93) & ((1 << 64) - 1)

@@ -22,15 +22,22 @@ from typing import Any
 import torch
 
 from tq_core.attention import attention_ref
-from tq_core.baselines import uniform_candidates
+from tq_core.baselines import UniformKVBaseline, uniform_candidates
 from tq_core.codebooks import lloyd_max_codebook, mse_lower_bound
 from tq_core.eval.activations import AttentionSample, minilm_activations, synthetic_outlier_activations
 from tq_core.formats import VLLM_PRESETS, ComponentFormat, KVFormat, budget_bytes, named_format
 from tq_core.metrics import attention_relative_error, mse_distortion
 from tq_core.quantizers import TurboQuantMSE
 
-__all__ = ["PAPER_MSE", "EvalData", "load_eval_data", "distortion_rows", "format_rows", "sweep_rows",
-           "run_eval"]
+__all__ = [
+    "PAPER_MSE",
+    "EvalData",
+    "load_eval_data",
+    "distortion_rows",
+    "format_rows",
+    "sweep_rows",
+    "run_eval",
+]
 
 PAPER_MSE = {1: 0.3634, 2: 0.1175, 3: 0.0345, 4: 0.0095}
 
@@ -50,10 +57,12 @@ class EvalData:
 
 def load_eval_data(max_tokens: int = 256, seed: int = 0) -> EvalData:
     """The embedded default: MiniLM activations over the bundled text and the synthetic outlier set."""
-    return EvalData(groups={
-        "minilm": minilm_activations(max_tokens=max_tokens),
-        "synthetic-outliers": synthetic_outlier_activations(seed=seed),
-    })
+    return EvalData(
+        groups={
+            "minilm": minilm_activations(max_tokens=max_tokens),
+            "synthetic-outliers": synthetic_outlier_activations(seed=seed),
+        }
+    )
 
 
 def distortion_rows(d: int = 128, num_vectors: int = 20_000, seed: int = 0) -> list[dict[str, Any]]:
@@ -65,15 +74,17 @@ def distortion_rows(d: int = 128, num_vectors: int = 20_000, seed: int = 0) -> l
     for bits in range(1, 9):
         cb = lloyd_max_codebook(d, bits)
         q = TurboQuantMSE(d, bits, rotation="hadamard", seed=seed)
-        rows.append({
-            "bits": bits,
-            "d": d,
-            "mse": cb.mse_per_vector,
-            "mse_measured": mse_distortion(u, q.dequantize(q.quantize(u))),
-            "mse_gaussian_limit": lloyd_max_codebook(d, bits, "gaussian").mse_per_vector,
-            "paper": PAPER_MSE.get(bits),
-            "lower_bound": mse_lower_bound(bits),
-        })
+        rows.append(
+            {
+                "bits": bits,
+                "d": d,
+                "mse": cb.mse_per_vector,
+                "mse_measured": mse_distortion(u, q.dequantize(q.quantize(u))),
+                "mse_gaussian_limit": lloyd_max_codebook(d, bits, "gaussian").mse_per_vector,
+                "paper": PAPER_MSE.get(bits),
+                "lower_bound": mse_lower_bound(bits),
+            }
+        )
     return rows
 
 
@@ -81,8 +92,10 @@ def _tokens_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1)  # [H, T, d] -> [T, H, d]
 
 
-def _attn_error(samples: list[AttentionSample], roundtrip: Callable[[AttentionSample, int],
-                tuple[torch.Tensor, torch.Tensor]]) -> float:
+def _attn_error(
+    samples: list[AttentionSample],
+    roundtrip: Callable[[AttentionSample, int], tuple[torch.Tensor, torch.Tensor]],
+) -> float:
     """Frobenius relative error of attention outputs, pooled over all samples of a group."""
     num = den = 0.0
     for layer, s in enumerate(samples):
@@ -103,6 +116,15 @@ def _tq_roundtrip(fmt: KVFormat) -> Callable[[AttentionSample, int], tuple[torch
     return rt
 
 
+def _uniform_roundtrip(
+    base: UniformKVBaseline,
+) -> Callable[[AttentionSample, int], tuple[torch.Tensor, torch.Tensor]]:
+    def rt(s: AttentionSample, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return base.quantize_dequantize(s.k, s.v)
+
+    return rt
+
+
 def format_rows(data: EvalData, progress: Progress = _no_progress) -> list[dict[str, Any]]:
     """Our named format vs the uniform baseline at every budget, on every data group."""
     work = [(name, group) for name in VLLM_PRESETS for group in data.groups]
@@ -113,21 +135,25 @@ def format_rows(data: EvalData, progress: Progress = _no_progress) -> list[dict[
         fmt = named_format(name, d)
         # The baseline gets every split of the same bytes and keeps its best on this very data.
         base_err, base = min(
-            ((_attn_error(samples, lambda s, _l, b=c: b.quantize_dequantize(s.k, s.v)), c)
-             for c in uniform_candidates(budget_bytes(name, d), d)),
+            (
+                (_attn_error(samples, _uniform_roundtrip(c)), c)
+                for c in uniform_candidates(budget_bytes(name, d), d)
+            ),
             key=lambda t: t[0],
         )
-        rows.append({
-            "name": name,
-            "bytes_per_token_head": fmt.slot_bytes,
-            "head_dim": d,
-            "layout": fmt.describe(),
-            "attn_rel_err": _attn_error(samples, _tq_roundtrip(fmt)),
-            "baseline": base.describe(),
-            "baseline_bytes_per_token_head": base.bytes_per_token_head,
-            "baseline_rel_err": base_err,
-            "data": group,
-        })
+        rows.append(
+            {
+                "name": name,
+                "bytes_per_token_head": fmt.slot_bytes,
+                "head_dim": d,
+                "layout": fmt.describe(),
+                "attn_rel_err": _attn_error(samples, _tq_roundtrip(fmt)),
+                "baseline": base.describe(),
+                "baseline_bytes_per_token_head": base.bytes_per_token_head,
+                "baseline_rel_err": base_err,
+                "data": group,
+            }
+        )
     return rows
 
 
@@ -146,8 +172,12 @@ def candidate_layouts(budget: int, d: int) -> list[tuple[ComponentFormat, Compon
                 if (kh and kb == 8) or (vh and vb == 8) or kh > d or vh > d:
                     continue
                 for nc in (True, False):
-                    out.append((ComponentFormat(kb, kh, norm_correction=nc), ComponentFormat(vb, vh,
-                                norm_correction=nc)))
+                    out.append(
+                        (
+                            ComponentFormat(kb, kh, norm_correction=nc),
+                            ComponentFormat(vb, vh, norm_correction=nc),
+                        )
+                    )
     return out
 
 
@@ -164,27 +194,37 @@ def sweep_rows(data: EvalData, progress: Progress = _no_progress) -> list[dict[s
                     work.append((name, group, fmt))
     rows = []
     for name, group, fmt in progress(work, "sweep", len(work)):
-        rows.append({
-            "budget": name,
-            "data": group,
-            "head_dim": fmt.head_dim,
-            "key": fmt.key.describe(fmt.head_dim),
-            "value": fmt.value.describe(fmt.head_dim),
-            "used_bytes": fmt.used_bytes,
-            "attn_rel_err": _attn_error(data.groups[group], _tq_roundtrip(fmt)),
-        })
+        rows.append(
+            {
+                "budget": name,
+                "data": group,
+                "head_dim": fmt.head_dim,
+                "key": fmt.key.describe(fmt.head_dim),
+                "value": fmt.value.describe(fmt.head_dim),
+                "used_bytes": fmt.used_bytes,
+                "attn_rel_err": _attn_error(data.groups[group], _tq_roundtrip(fmt)),
+            }
+        )
     return rows
 
 
-def run_eval(max_tokens: int = 256, seed: int = 0, sweep: bool = False,
-             progress: Progress = _no_progress) -> dict[str, Any]:
+def run_eval(
+    max_tokens: int = 256, seed: int = 0, sweep: bool = False, progress: Progress = _no_progress
+) -> dict[str, Any]:
     """Everything ``turboquant eval`` prints, as a JSON-ready dict."""
     data = load_eval_data(max_tokens=max_tokens, seed=seed)
     result: dict[str, Any] = {
         "distortion": distortion_rows(seed=seed),
         "formats": format_rows(data, progress),
-        "data": {g: {"samples": len(s), "head_dim": s[0].k.shape[-1], "tokens": s[0].k.shape[1],
-                     "heads": s[0].k.shape[0]} for g, s in data.groups.items()},
+        "data": {
+            g: {
+                "samples": len(s),
+                "head_dim": s[0].k.shape[-1],
+                "tokens": s[0].k.shape[1],
+                "heads": s[0].k.shape[0],
+            }
+            for g, s in data.groups.items()
+        },
     }
     if sweep:
         result["sweep"] = sweep_rows(data, progress)

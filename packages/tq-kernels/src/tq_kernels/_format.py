@@ -1,0 +1,125 @@
+"""What a kernel needs to know about a :class:`tq_core.formats.KVFormat`, in launch-ready form.
+
+Compile-time constants (bits, extra-bit coordinates, byte offsets, norm dtypes) become ``tl.constexpr``
+arguments; per-format tables (centroids for decoding, decision boundaries for encoding) and per-layer
+rotations are small device tensors cached per device.
+
+Code layout inside one component (key or value) of a slot, with ``b`` bits and ``h`` extra-bit
+coordinates: coordinate ``j`` starts at bit ``j * b + min(j, h)`` of the component's code bytes and is
+``b + (j < h)`` bits wide (little-endian bit stream, see :mod:`tq_core.packing`).  Centroid tables are
+``[2, 256]`` float32: row 0 for ``b``-bit codes, row 1 for ``(b + 1)``-bit codes; boundary tables are
+``[2, 256]`` float32 padded with ``+inf``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from tq_core.codebooks import lloyd_max_codebook
+from tq_core.formats import ComponentFormat, KVFormat
+
+__all__ = ["NORM_CODES", "KernelComponent", "KernelFormat", "kernel_format", "rotation_for"]
+
+# norm dtype -> small integer understood by the kernels
+NORM_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
+
+
+@dataclass(frozen=True)
+class KernelComponent:
+    bits: int
+    hi: int
+    code_offset: int
+    code_bytes: int
+    norm_offset: int
+    norm_code: int
+    norm_bytes: int
+    two_bytes: bool  # a code may straddle a byte boundary (bits not in 1, 2, 4, 8, or mixed widths)
+
+
+@dataclass(frozen=True)
+class KernelFormat:
+    fmt: KVFormat
+    head_dim: int
+    block_d: int  # next power of two >= head_dim (tl.arange needs powers of two)
+    slot_bytes: int
+    key: KernelComponent
+    value: KernelComponent
+
+    def constexprs(self) -> dict[str, int]:
+        """Keyword constexprs shared by every kernel, prefixed K_ and V_."""
+        out = {"HEAD_DIM": self.head_dim, "BLOCK_D": self.block_d, "SLOT_BYTES": self.slot_bytes}
+        for p, c in (("K", self.key), ("V", self.value)):
+            out |= {
+                f"{p}_BITS": c.bits,
+                f"{p}_HI": c.hi,
+                f"{p}_CODE_OFF": c.code_offset,
+                f"{p}_NORM_OFF": c.norm_offset,
+                f"{p}_NORM": c.norm_code,
+                f"{p}_TWO_BYTES": int(c.two_bytes),
+            }
+        return out
+
+    def centroids(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key, value) centroid tables, float32 `[2, 256]` each, on ``device``."""
+        return _tables(self.fmt, str(device), "centroids")
+
+    def boundaries(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key, value) boundary tables, float32 `[2, 256]` (+inf padded), on ``device``."""
+        return _tables(self.fmt, str(device), "boundaries")
+
+
+def _component(c: ComponentFormat, d: int, code_offset: int, norm_offset: int) -> KernelComponent:
+    return KernelComponent(
+        bits=c.bits,
+        hi=c.hi_bits_coords,
+        code_offset=code_offset,
+        code_bytes=c.code_bytes(d),
+        norm_offset=norm_offset,
+        norm_code=NORM_CODES[c.norm_dtype],
+        norm_bytes=c.norm_bytes,
+        two_bytes=bool(c.hi_bits_coords) or c.bits not in (1, 2, 4, 8),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def kernel_format(fmt: KVFormat) -> KernelFormat:
+    """Launch-ready description of ``fmt``."""
+    d = fmt.head_dim
+    return KernelFormat(
+        fmt=fmt,
+        head_dim=d,
+        block_d=1 << (d - 1).bit_length(),
+        slot_bytes=fmt.slot_bytes,
+        key=_component(fmt.key, d, fmt.key_code_offset, fmt.key_norm_offset),
+        value=_component(fmt.value, d, fmt.value_code_offset, fmt.value_norm_offset),
+    )
+
+
+def _table(c: ComponentFormat, d: int, what: str) -> torch.Tensor:
+    fill = 0.0 if what == "centroids" else float("inf")
+    t = torch.full((2, 256), fill, dtype=torch.float32)
+    for row, bits in ((0, c.bits), (1, c.bits + 1 if c.hi_bits_coords else None)):
+        if bits is None:
+            continue
+        cb = lloyd_max_codebook(d, bits)
+        vals = cb.centroids if what == "centroids" else cb.boundaries
+        t[row, : vals.numel()] = vals.to(torch.float32)
+    return t
+
+
+@functools.lru_cache(maxsize=256)
+def _tables(fmt: KVFormat, device: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return (_table(fmt.key, fmt.head_dim, what).to(device), _table(fmt.value, fmt.head_dim, what).to(device))
+
+
+@functools.lru_cache(maxsize=1024)
+def _rotation(fmt: KVFormat, layer: int, device: str) -> torch.Tensor:
+    return fmt.rotation_matrix(layer).to(device).contiguous()
+
+
+def rotation_for(fmt: KVFormat, layer: int, device: torch.device | str) -> torch.Tensor:
+    """float32 `[d, d]` rotation ``R`` of ``layer`` on ``device`` (``y = x @ R.T``), cached."""
+    return _rotation(fmt, int(layer), str(device))

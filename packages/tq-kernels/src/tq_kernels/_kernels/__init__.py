@@ -1,0 +1,1 @@
+"""`@triton.jit` bodies only; launchers live in :mod:`tq_kernels.ops`."""

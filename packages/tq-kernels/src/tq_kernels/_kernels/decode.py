@@ -1,0 +1,178 @@
+"""Paged decode attention that reads TurboQuant slots directly (flash-decoding, split context).
+
+Everything happens in the rotated space of the layer: the launcher passes ``q_rot = (q R^T) * scale``,
+so ``score = gamma_k <q_rot, c[codes_k]>``, and the partial outputs are ``sum p gamma_v c[codes_v]``;
+the launcher rotates the final output back once.  Keys and values are dequantized tile by tile in
+registers and never written anywhere.
+
+Grid: ``(batch, num_kv_heads, num_splits)``.  The GQA group of a KV head is the M dimension of both
+``tl.dot`` calls (padded to ``BLOCK_G >= 16``).  Each split handles a contiguous, BLOCK_N-aligned range
+of the sequence and writes ``(acc, m, l)``; ``_tq_decode_reduce_kernel`` merges them.
+"""
+
+import triton
+import triton.language as tl
+
+from tq_kernels._kernels.codes import _tq_centroids, _tq_load_codes, _tq_load_norm
+
+
+@triton.jit
+def _softcap(s, softcap):
+    # softcap * tanh(s / softcap), with tanh(x) = 2 sigmoid(2x) - 1 (stable for large |x|)
+    return softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+
+
+@triton.jit(do_not_specialize=["max_seq_len"])
+def _tq_decode_attention_kernel(
+    q_ptr,
+    cache_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    k_lut_ptr,
+    v_lut_ptr,
+    part_o_ptr,
+    part_ml_ptr,
+    stride_q_b,
+    stride_q_h,
+    stride_cache_blk,
+    stride_cache_tok,
+    stride_cache_head,
+    stride_bt_b,
+    stride_po_b,
+    stride_po_h,
+    stride_po_s,
+    softcap,
+    sliding_window,
+    max_seq_len,
+    NUM_HEADS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SLOT_BYTES: tl.constexpr,
+    K_BITS: tl.constexpr,
+    K_HI: tl.constexpr,
+    K_CODE_OFF: tl.constexpr,
+    K_NORM_OFF: tl.constexpr,
+    K_NORM: tl.constexpr,
+    K_TWO_BYTES: tl.constexpr,
+    V_BITS: tl.constexpr,
+    V_HI: tl.constexpr,
+    V_CODE_OFF: tl.constexpr,
+    V_NORM_OFF: tl.constexpr,
+    V_NORM: tl.constexpr,
+    V_TWO_BYTES: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    start = 0
+    if USE_WINDOW:
+        start = tl.maximum(seq_len - sliding_window, 0)
+    per_split = tl.cdiv(tl.cdiv(seq_len - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = start + split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_g
+    q = tl.load(
+        q_ptr + b * stride_q_b + heads[:, None] * stride_q_h + offs_d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+
+    for n0 in range(lo, hi, BLOCK_N):
+        tok = n0 + offs_n
+        n_mask = tok < hi
+        blk = tl.load(block_table_ptr + b * stride_bt_b + tok // PAGE, mask=n_mask, other=0).to(tl.int64)
+        slot = (
+            cache_ptr
+            + blk * stride_cache_blk
+            + (tok % PAGE).to(tl.int64) * stride_cache_tok
+            + kvh * stride_cache_head
+        )
+        tile_mask = n_mask[:, None] & d_mask[None, :]
+
+        k_idx = _tq_load_codes(slot[:, None], offs_d, tile_mask, K_CODE_OFF, K_BITS, K_HI, K_TWO_BYTES)
+        k_c = tl.where(tile_mask, _tq_centroids(k_lut_ptr, k_idx, offs_d, K_HI), 0.0)
+        k_gamma = _tq_load_norm(slot, n_mask, K_NORM_OFF, K_NORM)
+        s = tl.dot(q, tl.trans(k_c), input_precision="tf32") * k_gamma[None, :]
+        if USE_SOFTCAP:
+            s = _softcap(s, softcap)
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+
+        v_idx = _tq_load_codes(slot[:, None], offs_d, tile_mask, V_CODE_OFF, V_BITS, V_HI, V_TWO_BYTES)
+        v_c = tl.where(tile_mask, _tq_centroids(v_lut_ptr, v_idx, offs_d, V_HI), 0.0)
+        v_gamma = _tq_load_norm(slot, n_mask, V_NORM_OFF, V_NORM)
+        v_gamma = tl.where(n_mask, v_gamma, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p * v_gamma[None, :], v_c, input_precision="tf32")
+        m_i = m_new
+
+    po = part_o_ptr + b * stride_po_b + heads[:, None] * stride_po_h + split * stride_po_s + offs_d[None, :]
+    tl.store(po, acc, mask=g_mask[:, None])
+    ml = part_ml_ptr + ((b * NUM_HEADS + heads) * NUM_SPLITS + split) * 2
+    tl.store(ml, m_i, mask=g_mask)
+    tl.store(ml + 1, l_i, mask=g_mask)
+
+
+@triton.jit
+def _tq_decode_reduce_kernel(
+    part_o_ptr,
+    part_ml_ptr,
+    sinks_ptr,
+    out_ptr,
+    stride_po_b,
+    stride_po_h,
+    stride_po_s,
+    stride_out_b,
+    stride_out_h,
+    NUM_HEADS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    USE_SINKS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < NUM_SPLITS
+    ml = part_ml_ptr + (b * NUM_HEADS + h) * (NUM_SPLITS * 2) + offs_s * 2
+    m = tl.load(ml, mask=s_mask, other=float("-inf"))
+    l_ = tl.load(ml + 1, mask=s_mask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    if USE_SINKS:
+        sink = tl.load(sinks_ptr + h).to(tl.float32)
+        m_max = tl.maximum(m_max, sink)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(s_mask & (m > float("-inf")), tl.exp(m - m_safe), 0.0)
+    denom = tl.sum(w * l_, axis=0)
+    if USE_SINKS:
+        denom += tl.exp(sink - m_safe)
+    o = tl.load(
+        part_o_ptr + b * stride_po_b + h * stride_po_h + offs_s[:, None] * stride_po_s + offs_d[None, :],
+        mask=s_mask[:, None],
+        other=0.0,
+    )
+    o = tl.sum(o * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + b * stride_out_b + h * stride_out_h + offs_d, o)

@@ -1,0 +1,158 @@
+"""``tq_decode_attention``: one decode step of paged attention over a TurboQuant-compressed cache."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from tq_core.formats import KVFormat
+from tq_kernels._format import kernel_format, rotation_for
+from tq_kernels._kernels.decode import _tq_decode_attention_kernel, _tq_decode_reduce_kernel
+from tq_kernels.ops._attn_checks import check_attention_common, check_paged_cache, sm_count
+
+__all__ = ["tq_decode_attention", "default_num_splits"]
+
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def default_num_splits(
+    batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device, block_n: int = 64
+) -> int:
+    """Splits of the context so that the grid fills the GPU about twice (1 when it is already full).
+
+    Pass the result (or any fixed number) explicitly when capturing CUDA graphs, so the grid does not
+    depend on the batch.
+    """
+    programs = max(batch * num_kv_heads, 1)
+    want = max(1, math.ceil(2 * sm_count(device) / programs))
+    return int(max(1, min(want, math.ceil(max(max_seq_len, 1) / block_n), 64)))
+
+
+def tq_decode_attention(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    fmt: KVFormat,
+    *,
+    layer: int = 0,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    max_seq_len: int | None = None,
+    block_n: int = 64,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention of one new token per sequence, reading compressed K/V in place.
+
+    Args:
+        q: `[batch, num_heads, head_dim]` float16/bfloat16/float32.
+        cache: uint8 `[num_blocks, block_size, num_kv_heads, slot_bytes]` written by ``tq_store_paged``
+            (any strides on the first three dims, the slot contiguous).
+        block_table: int32/int64 `[batch, max_blocks]`.
+        seq_lens: int32/int64 `[batch]`, tokens per sequence including the new one (0 gives zeros).
+        fmt: the cache's :class:`~tq_core.formats.KVFormat`.
+        layer: selects the layer's rotation.
+        scale: softmax scale, default ``head_dim ** -0.5``.
+        sliding_window: attend to the last ``sliding_window`` tokens only.
+        softcap: tanh logit soft-capping.
+        sinks: float `[num_heads]` attention-sink logits.
+        num_splits: context splits (flash-decoding); fixed values keep CUDA graphs valid.
+        max_seq_len: an upper bound of ``seq_lens`` known on the host, for the split heuristic only.
+        block_n: tokens per tile.
+        out: optional output `[batch, num_heads, head_dim]` of ``q``'s dtype.
+
+    Returns:
+        `[batch, num_heads, head_dim]` in ``q``'s dtype.
+
+    Example:
+        >>> from tq_core import named_format
+        >>> fmt = named_format("turboquant_4bit_nc", 64)
+        >>> cache = fmt.allocate_cache(4, 16, 2)
+        >>> o = tq_decode_attention(
+        ...     torch.randn(1, 4, 64), cache, torch.tensor([[0, 1]]), torch.tensor([20]), fmt
+        ... )  # doctest: +SKIP
+    """
+    batch, num_heads, num_kv_heads, group = check_attention_common(q, cache, fmt, "q")
+    kf = kernel_format(fmt)
+    check_paged_cache(cache, block_table, seq_lens, batch)
+    if sinks is not None and (sinks.shape != (num_heads,) or sinks.device != q.device):
+        raise ValueError(f"sinks must be a [{num_heads}] tensor on {q.device}, got {tuple(sinks.shape)}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}")
+    page = cache.shape[1]
+    if num_splits is None:
+        bound = max_seq_len if max_seq_len is not None else block_table.shape[1] * page
+        num_splits = default_num_splits(batch, num_kv_heads, bound, q.device, block_n)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+
+    d, bd = kf.head_dim, kf.block_d
+    rot = rotation_for(fmt, layer, q.device)
+    scale = d**-0.5 if scale is None else float(scale)
+    q_rot = ((q.to(torch.float32) @ rot.T) * scale).contiguous()
+    part_o = torch.empty(batch, num_heads, num_splits, bd, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(batch, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
+    k_lut, v_lut = kf.centroids(q.device)
+    block_g = max(16, triton.next_power_of_2(group))
+    _tq_decode_attention_kernel[(batch, num_kv_heads, num_splits)](
+        q_rot,
+        cache,
+        block_table,
+        seq_lens,
+        k_lut,
+        v_lut,
+        part_o,
+        part_ml,
+        q_rot.stride(0),
+        q_rot.stride(1),
+        cache.stride(0),
+        cache.stride(1),
+        cache.stride(2),
+        block_table.stride(0),
+        part_o.stride(0),
+        part_o.stride(1),
+        part_o.stride(2),
+        float(softcap or 0.0),
+        int(sliding_window or 0),
+        int(max_seq_len or 0),
+        NUM_HEADS=num_heads,
+        NUM_SPLITS=num_splits,
+        GROUP=group,
+        BLOCK_G=block_g,
+        BLOCK_N=block_n,
+        PAGE=page,
+        USE_SOFTCAP=bool(softcap),
+        USE_WINDOW=sliding_window is not None,
+        **kf.constexprs(),
+    )
+    o_rot = torch.empty(batch, num_heads, bd, dtype=torch.float32, device=q.device)
+    _tq_decode_reduce_kernel[(batch, num_heads)](
+        part_o,
+        part_ml,
+        sinks if sinks is not None else part_ml,
+        o_rot,
+        part_o.stride(0),
+        part_o.stride(1),
+        part_o.stride(2),
+        o_rot.stride(0),
+        o_rot.stride(1),
+        NUM_HEADS=num_heads,
+        NUM_SPLITS=num_splits,
+        BLOCK_S=triton.next_power_of_2(num_splits),
+        USE_SINKS=sinks is not None,
+        BLOCK_D=bd,
+    )
+    result = o_rot[..., :d] @ rot  # rotate the output back once
+    if out is None:
+        return result.to(q.dtype)
+    out.copy_(result)
+    return out

@@ -1,0 +1,176 @@
+"""``tq_store_paged`` / ``tq_store``: encode K and V into TurboQuant slots in one fused launch.
+
+Both are ``torch.library`` custom ops (``tq::store_paged``, ``tq::store``) that mutate their cache, so
+torch.compile and CUDA graphs treat them as opaque, shape-preserving writes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from tq_core.formats import KVFormat
+from tq_kernels._format import kernel_format, rotation_for
+from tq_kernels._kernels.store import _tq_store_kernel
+from tq_kernels.ops._registry import format_key, lookup_format
+from tq_kernels.ops._slot_checks import (
+    FLOAT_DTYPES,
+    check_cache,
+    check_devices,
+    check_format,
+    check_last_dim_contiguous,
+    check_slot_mapping,
+    check_tensor,
+)
+
+__all__ = ["tq_store_paged", "tq_store"]
+
+# (token, head) rows per program: 16 is tl.dot's smallest M; a larger tile would share the rotation
+# tile between more rows but holds more float32 registers.
+_BLOCK_N = 16
+
+
+def _check_kv(key: object, value: object, fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    key = check_tensor(key, "key", FLOAT_DTYPES)
+    value = check_tensor(value, "value", FLOAT_DTYPES)
+    if key.shape != value.shape:
+        raise ValueError(f"key and value must have the same shape, got {tuple(key.shape)} and {tuple(value.shape)}")
+    if key.dim() < 1 or key.shape[-1] != fmt.head_dim:
+        raise ValueError(f"key and value must have last dimension head_dim={fmt.head_dim} of format "
+                         f"{fmt.name or '(unnamed)'}, got shape {tuple(key.shape)}")
+    check_last_dim_contiguous(key, "key")
+    check_last_dim_contiguous(value, "value")
+    return key, value
+
+
+def _launch(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor | None,
+            fmt: KVFormat, layer: int) -> None:
+    """Launch on key/value `[T, H, D]` and cache `[num_blocks, block_size, H, slot_bytes]`."""
+    num_tokens, num_heads, _ = key.shape
+    num_rows = num_tokens * num_heads
+    if num_rows == 0:
+        return
+    kf = kernel_format(fmt)
+    device = key.device
+    k_bnd, v_bnd = kf.boundaries(device)
+    k_lut, v_lut = kf.centroids(device)
+    kc, vc = kf.key, kf.value
+    grid = (triton.cdiv(num_rows, _BLOCK_N), 2)
+    _tq_store_kernel[grid](
+        key, value, cache, slot_mapping if slot_mapping is not None else cache,
+        rotation_for(fmt, layer, device), k_bnd, v_bnd, k_lut, v_lut,
+        num_rows, num_heads, cache.shape[0] * cache.shape[1], cache.shape[1],
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        cache.stride(0), cache.stride(1), cache.stride(2),
+        HAS_SLOT_MAPPING=slot_mapping is not None,
+        HEAD_DIM=kf.head_dim, BLOCK_D=max(16, kf.block_d), BLOCK_N=_BLOCK_N,
+        SLOT_BYTES=kf.slot_bytes, BLOCK_S=triton.next_power_of_2(kf.slot_bytes), USED_BYTES=fmt.used_bytes,
+        K_BITS=kc.bits, K_HI=kc.hi, K_CODE_OFF=kc.code_offset, K_CODE_BYTES=kc.code_bytes,
+        K_NORM_OFF=kc.norm_offset, K_NORM=kc.norm_code, K_NORM_BYTES=kc.norm_bytes,
+        K_NC=fmt.key.norm_correction,
+        V_BITS=vc.bits, V_HI=vc.hi, V_CODE_OFF=vc.code_offset, V_CODE_BYTES=vc.code_bytes,
+        V_NORM_OFF=vc.norm_offset, V_NORM=vc.norm_code, V_NC=fmt.value.norm_correction,
+    )
+
+
+# -- custom ops -------------------------------------------------------------------------------------
+@torch.library.custom_op("tq::store_paged", mutates_args=("cache",))
+def _store_paged_op(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    fmt_key: str, layer: int) -> None:
+    _launch(key, value, cache, slot_mapping, lookup_format(fmt_key), layer)
+
+
+@_store_paged_op.register_fake
+def _(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+      fmt_key: str, layer: int) -> None:
+    return None
+
+
+@torch.library.custom_op("tq::store", mutates_args=("out",))
+def _store_op(key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, fmt_key: str, layer: int) -> None:
+    fmt = lookup_format(fmt_key)
+    d, s = fmt.head_dim, fmt.slot_bytes
+    # Every vector is its own slot: a cache of N blocks of one token and one head, no slot mapping.
+    _launch(key.reshape(-1, 1, d), value.reshape(-1, 1, d), out.view(-1, 1, 1, s), None, fmt, layer)
+
+
+@_store_op.register_fake
+def _(key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, fmt_key: str, layer: int) -> None:
+    return None
+
+
+# -- public API -------------------------------------------------------------------------------------
+def tq_store_paged(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   fmt: KVFormat, *, layer: int = 0) -> None:
+    """Encode K and V of new tokens and write them into a paged TurboQuant cache, in place.
+
+    Matches ``fmt.store_paged(cache, key, value, slot_mapping, layer=layer)`` (the tq_core reference,
+    ``nonfinite="propagate"``): a vector holding NaN/Inf is stored with codes 0 and a NaN scale, and
+    no other slot changes.
+
+    Args:
+        key: `[num_tokens, num_kv_heads, head_dim]` float16/bfloat16/float32, contiguous in the last
+            dimension (any strides on the others, e.g. a slice of a fused QKV output).
+        value: like ``key`` (same shape; dtype and strides may differ).
+        cache: uint8 `[num_blocks, block_size, num_kv_heads, slot_bytes]`, any strides on the first
+            three dims, each slot contiguous.
+        slot_mapping: int32/int64 `[num_tokens]`, slot ``block * block_size + offset`` of every token;
+            ``-1`` (and anything outside the cache) is skipped and nothing is written for it.
+        fmt: the cache's :class:`~tq_core.formats.KVFormat`.
+        layer: selects the layer's rotation.
+
+    Example:
+        >>> from tq_core import named_format
+        >>> fmt = named_format("turboquant_4bit_nc", 128)
+        >>> cache = fmt.allocate_cache(num_blocks=4, block_size=16, num_kv_heads=2)
+        >>> k, v = torch.randn(3, 2, 128), torch.randn(3, 2, 128)
+        >>> tq_store_paged(k, v, cache, torch.tensor([0, 17, -1]), fmt)  # doctest: +SKIP
+    """
+    fmt = check_format(fmt, layer)
+    key, value = _check_kv(key, value, fmt)
+    cache = check_cache(cache, fmt)
+    if key.dim() != 3 or key.shape[1] != cache.shape[2]:
+        raise ValueError(f"key and value must be [num_tokens, num_kv_heads={cache.shape[2]}, {fmt.head_dim}] "
+                         f"to match the cache, got {tuple(key.shape)}")
+    slot_mapping = check_slot_mapping(slot_mapping, key.shape[0])
+    check_devices(key=key, value=value, cache=cache, slot_mapping=slot_mapping)
+    _store_paged_op(key, value, cache, slot_mapping, format_key(fmt), layer)
+
+
+def tq_store(key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, fmt: KVFormat, *,
+             layer: int = 0) -> torch.Tensor:
+    """Encode K and V `[..., head_dim]` into contiguous slots ``out`` `[..., slot_bytes]`, in place.
+
+    The same kernel as :func:`tq_store_paged` (every vector its own slot); equals ``fmt.encode(key,
+    value, layer=layer, nonfinite="propagate")``.
+
+    Args:
+        key: `[..., head_dim]` float16/bfloat16/float32.
+        value: like ``key``.
+        out: uint8 `[..., slot_bytes]` (``key``'s leading dims), contiguous.
+        fmt: the :class:`~tq_core.formats.KVFormat`.
+        layer: selects the layer's rotation.
+
+    Returns:
+        ``out``.
+
+    Example:
+        >>> from tq_core import named_format
+        >>> fmt = named_format("turboquant_3bit_nc", 64)
+        >>> k, v = torch.randn(2, 4, 64), torch.randn(2, 4, 64)
+        >>> out = torch.empty(2, 4, fmt.slot_bytes, dtype=torch.uint8)
+        >>> tq_store(k, v, out, fmt).shape  # doctest: +SKIP
+        torch.Size([2, 4, 102])
+    """
+    fmt = check_format(fmt, layer)
+    key, value = _check_kv(key, value, fmt)
+    out = check_tensor(out, "out", (torch.uint8,))
+    want = (*key.shape[:-1], fmt.slot_bytes)
+    if tuple(out.shape) != want:
+        raise ValueError(f"out must be uint8 {want} (key's leading dims, slot_bytes={fmt.slot_bytes}), "
+                         f"got {tuple(out.shape)}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    check_devices(key=key, value=value, out=out)
+    _store_op(key, value, out, format_key(fmt), layer)
+    return out

@@ -1,0 +1,154 @@
+import pytest
+import torch
+from _paged import TOL, make_paged, rel_err
+
+from tq_core import named_format, paged_decode_attention_ref
+from tq_core.formats import ComponentFormat, KVFormat
+from tq_kernels.ops.decode import tq_decode_attention
+
+FORMATS = {
+    "4bit": named_format("turboquant_4bit_nc", 64),
+    "3bit": named_format("turboquant_3bit_nc", 64),
+    "k8v4": named_format("turboquant_k8v4", 64),
+    "k3v4": named_format("turboquant_k3v4_nc", 64),
+    "bf16norm-raw": KVFormat(64, ComponentFormat(2, 16, "bfloat16", False), ComponentFormat(5, 0, "float32")),
+}
+
+CASES = [
+    # name, lens, heads, kv_heads, page, fmt
+    ("B1-L1-H2-KV2-P16", [1], 2, 2, 16, "4bit"),
+    ("B3-L1.37.70-H4-KV2-P16", [1, 37, 70], 4, 2, 16, "3bit"),
+    ("B2-L63.5-H8-KV1-P4", [63, 5], 8, 1, 4, "k8v4"),
+    ("B2-L33.0-H6-KV2-P32", [33, 0], 6, 2, 32, "k3v4"),
+    ("B2-L20.65-H2-KV1-P16-mixednorm", [20, 65], 2, 1, 16, "bf16norm-raw"),
+]
+
+
+@pytest.mark.parametrize(
+    ("lens", "heads", "kv_heads", "page", "fmt_name"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_matches_reference(lens, heads, kv_heads, page, fmt_name, num_splits):
+    fmt = FORMATS[fmt_name]
+    cache, table, _, _ = make_paged(fmt, lens, kv_heads, page, seed=len(lens) + heads, layer=1)
+    q = torch.randn(len(lens), heads, 64)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    out = torch.full_like(q, float("nan"))
+    tq_decode_attention(q, cache, table, seq_lens, fmt, layer=1, num_splits=num_splits, out=out)
+    ref = paged_decode_attention_ref(q, cache, table, seq_lens, fmt, layer=1)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOL[torch.float32]
+    assert bool((out[seq_lens == 0] == 0).all())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"softcap": 3.0},
+        {"sliding_window": 9},
+        {"sinks": "random"},
+        {"scale": 0.3},
+        {"softcap": 3.0, "sliding_window": 40, "sinks": "random"},
+    ],
+    ids=["softcap", "window", "sinks", "scale", "all"],
+)
+def test_decode_features(kwargs):
+    fmt = FORMATS["4bit"]
+    lens = [50, 7]
+    cache, table, _, _ = make_paged(fmt, lens, 2, 16, seed=3)
+    q = torch.randn(2, 4, 64) * 2
+    kw = dict(kwargs)
+    if kw.get("sinks") == "random":
+        kw["sinks"] = torch.randn(4)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    out = tq_decode_attention(q, cache, table, seq_lens, fmt, num_splits=2, **kw)
+    ref = paged_decode_attention_ref(q, cache, table, seq_lens, fmt, **kw)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_decode_half_precision_queries(dtype):
+    fmt = FORMATS["4bit"]
+    cache, table, _, _ = make_paged(fmt, [30], 1, 16, seed=5)
+    q = torch.randn(1, 2, 64).to(dtype)
+    seq_lens = torch.tensor([30], dtype=torch.int32)
+    out = tq_decode_attention(q, cache, table, seq_lens, fmt)
+    assert out.dtype == dtype
+    ref = paged_decode_attention_ref(q.float(), cache, table, seq_lens, fmt)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("d", [80, 96, 128])
+def test_decode_head_dims(d):
+    fmt = named_format("turboquant_4bit_nc", d)
+    cache, table, _, _ = make_paged(fmt, [17], 1, 16, seed=d)
+    q = torch.randn(1, 2, d)
+    seq_lens = torch.tensor([17], dtype=torch.int32)
+    ref = paged_decode_attention_ref(q, cache, table, seq_lens, fmt)
+    assert rel_err(tq_decode_attention(q, cache, table, seq_lens, fmt), ref) < TOL[torch.float32]
+
+
+def test_decode_close_to_exact_attention():
+    # the kernel and the reference agree, and both approximate uncompressed attention
+    from tq_core import attention_ref
+
+    fmt = named_format("turboquant_k8v4", 64)
+    cache, table, keys, values = make_paged(fmt, [64], 2, 16, seed=9)
+    q = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(9))
+    out = tq_decode_attention(q, cache, table, torch.tensor([64], dtype=torch.int32), fmt)
+    exact = attention_ref(q, keys[0], values[0])
+    # 6-bit keys and values: ~2.5% error per vector, a few percent on the output
+    assert rel_err(out, exact) < 0.08
+
+
+def test_decode_permuted_cache_strides():
+    # vLLM may hand us a head-major view: the kernel must follow strides, not assume contiguity
+    fmt = FORMATS["3bit"]
+    cache, table, _, _ = make_paged(fmt, [25], 2, 8, seed=2)
+    head_major = cache.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    assert head_major.stride() != cache.stride()
+    q = torch.randn(1, 2, 64)
+    seq_lens = torch.tensor([25], dtype=torch.int32)
+    ref = paged_decode_attention_ref(q, cache, table, seq_lens, fmt)
+    assert rel_err(tq_decode_attention(q, head_major, table, seq_lens, fmt), ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda a: a.update(q=a["q"].to(torch.int32)), "float16, bfloat16 or float32"),
+        (lambda a: a.update(q=a["q"][..., :32]), "head_dim 32 does not match"),
+        (lambda a: a.update(cache=a["cache"][..., :-1]), "cache slots must be contiguous and 70"),
+        (lambda a: a.update(block_table=a["block_table"].float()), "block_table must be an int32"),
+        (lambda a: a.update(seq_lens=a["seq_lens"][:0]), "sequence lengths must be"),
+        (lambda a: a.update(q=a["q"][:, :3]), "multiple of num_kv_heads"),
+        (lambda a: a.update(fmt="turboquant_4bit_nc"), "KVFormat"),
+    ],
+    ids=["int-q", "head-dim", "slot-bytes", "float-table", "lens-shape", "gqa", "fmt-type"],
+)
+def test_decode_bad_input(mutate, match):
+    fmt = FORMATS["4bit"]
+    cache, table, _, _ = make_paged(fmt, [5], 2, 16)
+    args = {
+        "q": torch.randn(1, 4, 64),
+        "cache": cache,
+        "block_table": table,
+        "seq_lens": torch.tensor([5], dtype=torch.int32),
+        "fmt": fmt,
+    }
+    mutate(args)
+    with pytest.raises(ValueError, match=match):
+        tq_decode_attention(args["q"], args["cache"], args["block_table"], args["seq_lens"], args["fmt"])
+
+
+def test_unsupported_head_dim():
+    fmt = named_format("turboquant_4bit_nc", 32)
+    cache = fmt.allocate_cache(1, 16, 1)
+    with pytest.raises(ValueError, match="head_dim 32 is not supported"):
+        tq_decode_attention(
+            torch.randn(1, 1, 32),
+            cache,
+            torch.zeros(1, 1, dtype=torch.int32),
+            torch.ones(1, dtype=torch.int32),
+            fmt,
+        )
