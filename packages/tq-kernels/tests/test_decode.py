@@ -152,3 +152,34 @@ def test_unsupported_head_dim():
             torch.ones(1, dtype=torch.int32),
             fmt,
         )
+
+
+GPU_MATRIX = [
+    (d, page, group, name)
+    for d in (64, 80, 96, 128, 256)
+    for page, group in ((16, 1), (32, 4), (64, 8), (128, 5))
+    for name in ("turboquant_4bit_nc", "turboquant_3bit_nc", "turboquant_k8v4", "turboquant_k3v4_nc")
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("d", "page", "group", "fmt_name"), GPU_MATRIX, ids=[f"D{d}-P{p}-G{g}-{n}" for d, p, g, n in GPU_MATRIX]
+)
+def test_decode_gpu_matrix(d, page, group, fmt_name):
+    fmt = named_format(fmt_name, d)
+    lens = [1, 300, 1025, 4000]
+    kv_heads = 2
+    cache, table, _, _ = make_paged(fmt, lens, kv_heads, page, seed=d + page)
+    cache, table = cache.cuda(), table.cuda()
+    q = torch.randn(len(lens), kv_heads * group, d, device="cuda", dtype=torch.bfloat16)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    for kw in (
+        {},
+        {"sliding_window": 700, "softcap": 20.0, "sinks": torch.randn(kv_heads * group, device="cuda")},
+    ):
+        tq_decode_attention(q, cache, table, seq_lens, fmt, out=out, **kw)
+        ref = paged_decode_attention_ref(q.float(), cache, table, seq_lens, fmt, **kw)
+        assert not out.isnan().any()
+        assert rel_err(out, ref) < TOL[torch.bfloat16]

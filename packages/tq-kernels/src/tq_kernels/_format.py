@@ -62,9 +62,15 @@ class KernelFormat:
             }
         return out
 
-    def centroids(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(key, value) centroid tables, float32 `[2, 256]` each, on ``device``."""
-        return _tables(self.fmt, str(device), "centroids")
+    def centroids(
+        self, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key, value) centroid tables `[2, 256]` each, on ``device``; the attention kernels take
+        float16 tables (their tensor-core operands), the dequantize kernel float32."""
+        k, v = _tables(self.fmt, str(device), "centroids")
+        if dtype == torch.float32:
+            return k, v
+        return _cast_tables(self.fmt, str(device), dtype)
 
     def boundaries(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(key, value) boundary tables, float32 `[2, 256]` (+inf padded), on ``device``."""
@@ -113,6 +119,12 @@ def _table(c: ComponentFormat, d: int, what: str) -> torch.Tensor:
 @functools.lru_cache(maxsize=256)
 def _tables(fmt: KVFormat, device: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     return (_table(fmt.key, fmt.head_dim, what).to(device), _table(fmt.value, fmt.head_dim, what).to(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _cast_tables(fmt: KVFormat, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    k, v = _tables(fmt, device, "centroids")
+    return k.to(dtype), v.to(dtype)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -90,7 +90,7 @@ def _tq_decode_attention_kernel(
         q_ptr + b * stride_q_b + heads[:, None] * stride_q_h + offs_d[None, :],
         mask=g_mask[:, None] & d_mask[None, :],
         other=0.0,
-    )
+    ).to(tl.float16)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -109,9 +109,9 @@ def _tq_decode_attention_kernel(
         tile_mask = n_mask[:, None] & d_mask[None, :]
 
         k_idx = _tq_load_codes(slot[:, None], offs_d, tile_mask, K_CODE_OFF, K_BITS, K_HI, K_TWO_BYTES)
-        k_c = tl.where(tile_mask, _tq_centroids(k_lut_ptr, k_idx, offs_d, K_HI), 0.0)
+        k_c = tl.where(tile_mask, _tq_centroids(k_lut_ptr, k_idx, offs_d, K_HI), 0.0).to(tl.float16)
         k_gamma = _tq_load_norm(slot, n_mask, K_NORM_OFF, K_NORM)
-        s = tl.dot(q, tl.trans(k_c), input_precision="tf32") * k_gamma[None, :]
+        s = tl.dot(q, tl.trans(k_c)) * k_gamma[None, :]
         if USE_SOFTCAP:
             s = _softcap(s, softcap)
         s = tl.where(n_mask[None, :], s, float("-inf"))
@@ -122,10 +122,10 @@ def _tq_decode_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
 
         v_idx = _tq_load_codes(slot[:, None], offs_d, tile_mask, V_CODE_OFF, V_BITS, V_HI, V_TWO_BYTES)
-        v_c = tl.where(tile_mask, _tq_centroids(v_lut_ptr, v_idx, offs_d, V_HI), 0.0)
+        v_c = tl.where(tile_mask, _tq_centroids(v_lut_ptr, v_idx, offs_d, V_HI), 0.0).to(tl.float16)
         v_gamma = _tq_load_norm(slot, n_mask, V_NORM_OFF, V_NORM)
         v_gamma = tl.where(n_mask, v_gamma, 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p * v_gamma[None, :], v_c, input_precision="tf32")
+        acc = acc * alpha[:, None] + tl.dot((p * v_gamma[None, :]).to(tl.float16), v_c)
         m_i = m_new
 
     po = part_o_ptr + b * stride_po_b + heads[:, None] * stride_po_h + split * stride_po_s + offs_d[None, :]

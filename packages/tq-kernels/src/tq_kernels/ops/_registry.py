@@ -32,8 +32,10 @@ def format_key(fmt: KVFormat) -> str:
     """Register ``fmt`` and return its key."""
     if not isinstance(fmt, KVFormat):
         raise ValueError(f"fmt must be a tq_core KVFormat, got {type(fmt).__name__}")
-    key = (f"{_PREFIX}/d{fmt.head_dim}/k{_component_key(fmt.key)}/v{_component_key(fmt.value)}"
-           f"/s{fmt.slot_bytes}/{fmt.rotation}/{fmt.seed}/{fmt.name}")
+    key = (
+        f"{_PREFIX}/d{fmt.head_dim}/k{_component_key(fmt.key)}/v{_component_key(fmt.value)}"
+        f"/s{fmt.slot_bytes}/{fmt.rotation}/{fmt.seed}/{fmt.name}"
+    )
     _FORMATS.setdefault(key, fmt)
     return key
 
@@ -53,9 +55,15 @@ def lookup_format(key: str) -> KVFormat:
         raise ValueError(f"{key!r} is not a TurboQuant format key (expected one made by format_key)")
     try:
         d, k, v, s, rotation, seed, name = parts[2:]
-        fmt = KVFormat(int(d.removeprefix("d")), _parse_component(k.removeprefix("k")),
-                       _parse_component(v.removeprefix("v")), int(s.removeprefix("s")), name=name,
-                       rotation=rotation, seed=int(seed))  # type: ignore[arg-type]
+        fmt = KVFormat(
+            int(d.removeprefix("d")),
+            _parse_component(k.removeprefix("k")),
+            _parse_component(v.removeprefix("v")),
+            int(s.removeprefix("s")),
+            name=name,
+            rotation=rotation,
+            seed=int(seed),
+        )  # type: ignore[arg-type]
     except ValueError as e:
         raise ValueError(f"malformed TurboQuant format key {key!r}: {e}") from e
     return _FORMATS.setdefault(key, fmt)

@@ -40,10 +40,14 @@ def check_devices(**tensors: torch.Tensor) -> torch.device:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
     if first.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before importing "
-                         "triton); move the tensors to a CUDA device to run the compiled kernels")
+        raise ValueError(
+            "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before importing "
+            "triton); move the tensors to a CUDA device to run the compiled kernels"
+        )
     if first.type not in ("cpu", "cuda"):
-        raise ValueError(f"tensors must be on a CUDA device (or the CPU under TRITON_INTERPRET=1), got {first}")
+        raise ValueError(
+            f"tensors must be on a CUDA device (or the CPU under TRITON_INTERPRET=1), got {first}"
+        )
     return first
 
 
@@ -56,16 +60,25 @@ def check_cache(cache: object, fmt: KVFormat) -> torch.Tensor:
     cache = check_tensor(cache, "cache", (torch.uint8,))
     if cache.dim() != 4:
         raise ValueError(
-            f"cache must be [num_blocks, block_size, num_kv_heads, slot_bytes], got shape {tuple(cache.shape)}")
+            f"cache must be [num_blocks, block_size, num_kv_heads, slot_bytes], got shape {tuple(cache.shape)}"
+        )
     if cache.shape[-1] != fmt.slot_bytes:
-        raise ValueError(f"cache has {cache.shape[-1]} bytes per slot but format {fmt.name or '(unnamed)'} "
-                         f"needs slot_bytes={fmt.slot_bytes}; was the cache allocated for another format?")
+        raise ValueError(
+            f"cache has {cache.shape[-1]} bytes per slot but format {fmt.name or '(unnamed)'} "
+            f"needs slot_bytes={fmt.slot_bytes}; was the cache allocated for another format?"
+        )
     check_last_dim_contiguous(cache, "cache")
     return cache
 
 
-def check_slot_mapping(slot_mapping: object, num_tokens: int) -> torch.Tensor:
+def check_slot_mapping(slot_mapping: object, num_tokens: int | None = None) -> torch.Tensor:
+    """A 1-D int32/int64 mapping, of ``num_tokens`` entries when given."""
     sm = check_tensor(slot_mapping, "slot_mapping", SLOT_DTYPES)
-    if sm.dim() != 1 or sm.shape[0] != num_tokens:
-        raise ValueError(f"slot_mapping must be 1-D [num_tokens={num_tokens}], got shape {tuple(sm.shape)}")
+    if num_tokens is None and sm.dim() != 1:
+        raise ValueError(f"slot_mapping must be 1-D [num_tokens], got shape {tuple(sm.shape)}")
+    if num_tokens is not None and (sm.dim() != 1 or sm.shape[0] != num_tokens):
+        raise ValueError(
+            f"slot_mapping must be 1-D [num_tokens={num_tokens}] (one slot per token of key), "
+            f"got shape {tuple(sm.shape)}"
+        )
     return sm

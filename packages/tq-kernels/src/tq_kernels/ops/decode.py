@@ -9,6 +9,7 @@ import triton
 
 from tq_core.formats import KVFormat
 from tq_kernels._format import kernel_format, rotation_for
+from tq_kernels.tuning import LaunchConfig, decode_config
 from tq_kernels._kernels.decode import _tq_decode_attention_kernel, _tq_decode_reduce_kernel
 from tq_kernels.ops._attn_checks import check_attention_common, check_paged_cache, sm_count
 
@@ -44,7 +45,7 @@ def tq_decode_attention(
     sinks: torch.Tensor | None = None,
     num_splits: int | None = None,
     max_seq_len: int | None = None,
-    block_n: int = 64,
+    config: LaunchConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of one new token per sequence, reading compressed K/V in place.
@@ -63,7 +64,7 @@ def tq_decode_attention(
         sinks: float `[num_heads]` attention-sink logits.
         num_splits: context splits (flash-decoding); fixed values keep CUDA graphs valid.
         max_seq_len: an upper bound of ``seq_lens`` known on the host, for the split heuristic only.
-        block_n: tokens per tile.
+        config: tile and pipelining override (default: :func:`tq_kernels.tuning.decode_config`).
         out: optional output `[batch, num_heads, head_dim]` of ``q``'s dtype.
 
     Returns:
@@ -84,6 +85,8 @@ def tq_decode_attention(
         raise ValueError(f"sinks must be a [{num_heads}] tensor on {q.device}, got {tuple(sinks.shape)}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    cfg = config or decode_config(fmt.head_dim, group, q.device)
+    block_n = cfg.block_n
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
@@ -101,7 +104,7 @@ def tq_decode_attention(
     q_rot = ((q.to(torch.float32) @ rot.T) * scale).contiguous()
     part_o = torch.empty(batch, num_heads, num_splits, bd, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(batch, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
-    k_lut, v_lut = kf.centroids(q.device)
+    k_lut, v_lut = kf.centroids(q.device, torch.float16)
     block_g = max(16, triton.next_power_of_2(group))
     _tq_decode_attention_kernel[(batch, num_kv_heads, num_splits)](
         q_rot,
@@ -133,6 +136,8 @@ def tq_decode_attention(
         USE_SOFTCAP=bool(softcap),
         USE_WINDOW=sliding_window is not None,
         **kf.constexprs(),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     o_rot = torch.empty(batch, num_heads, bd, dtype=torch.float32, device=q.device)
     _tq_decode_reduce_kernel[(batch, num_heads)](

@@ -35,8 +35,14 @@ def _check_dtype(dtype: object) -> torch.dtype:
     return dtype  # type: ignore[return-value]
 
 
-def _launch(cache: torch.Tensor, slot_mapping: torch.Tensor | None, num_tokens: int, fmt: KVFormat, layer: int,
-            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch(
+    cache: torch.Tensor,
+    slot_mapping: torch.Tensor | None,
+    num_tokens: int,
+    fmt: KVFormat,
+    layer: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode into new `[num_tokens, num_kv_heads, head_dim]` tensors."""
     num_heads = cache.shape[2]
     shape = (num_tokens, num_heads, fmt.head_dim)
@@ -49,15 +55,35 @@ def _launch(cache: torch.Tensor, slot_mapping: torch.Tensor | None, num_tokens: 
     k_lut, v_lut = kf.centroids(cache.device)
     kc, vc = kf.key, kf.value
     _tq_dequant_kernel[(triton.cdiv(num_rows, _BLOCK_N), 2)](
-        cache, slot_mapping if slot_mapping is not None else cache, rotation_for(fmt, layer, cache.device),
-        k_lut, v_lut, key, value,
-        num_rows, num_heads, cache.shape[0] * cache.shape[1], cache.shape[1],
-        cache.stride(0), cache.stride(1), cache.stride(2),
+        cache,
+        slot_mapping if slot_mapping is not None else cache,
+        rotation_for(fmt, layer, cache.device),
+        k_lut,
+        v_lut,
+        key,
+        value,
+        num_rows,
+        num_heads,
+        cache.shape[0] * cache.shape[1],
+        cache.shape[1],
+        cache.stride(0),
+        cache.stride(1),
+        cache.stride(2),
         HAS_SLOT_MAPPING=slot_mapping is not None,
-        HEAD_DIM=kf.head_dim, BLOCK_D=max(16, kf.block_d), BLOCK_N=_BLOCK_N,
-        K_BITS=kc.bits, K_HI=kc.hi, K_CODE_OFF=kc.code_offset, K_NORM_OFF=kc.norm_offset, K_NORM=kc.norm_code,
+        HEAD_DIM=kf.head_dim,
+        BLOCK_D=max(16, kf.block_d),
+        BLOCK_N=_BLOCK_N,
+        K_BITS=kc.bits,
+        K_HI=kc.hi,
+        K_CODE_OFF=kc.code_offset,
+        K_NORM_OFF=kc.norm_offset,
+        K_NORM=kc.norm_code,
         K_TWO_BYTES=kc.two_bytes,
-        V_BITS=vc.bits, V_HI=vc.hi, V_CODE_OFF=vc.code_offset, V_NORM_OFF=vc.norm_offset, V_NORM=vc.norm_code,
+        V_BITS=vc.bits,
+        V_HI=vc.hi,
+        V_CODE_OFF=vc.code_offset,
+        V_NORM_OFF=vc.norm_offset,
+        V_NORM=vc.norm_code,
         V_TWO_BYTES=vc.two_bytes,
     )
     return key, value
@@ -65,21 +91,24 @@ def _launch(cache: torch.Tensor, slot_mapping: torch.Tensor | None, num_tokens: 
 
 # -- custom ops -------------------------------------------------------------------------------------
 @torch.library.custom_op("tq::dequantize_paged", mutates_args=())
-def _dequantize_paged_op(cache: torch.Tensor, slot_mapping: torch.Tensor, fmt_key: str, layer: int,
-                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _dequantize_paged_op(
+    cache: torch.Tensor, slot_mapping: torch.Tensor, fmt_key: str, layer: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(cache, slot_mapping, slot_mapping.shape[0], lookup_format(fmt_key), layer, dtype)
 
 
 @_dequantize_paged_op.register_fake
-def _(cache: torch.Tensor, slot_mapping: torch.Tensor, fmt_key: str, layer: int,
-      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _(
+    cache: torch.Tensor, slot_mapping: torch.Tensor, fmt_key: str, layer: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (slot_mapping.shape[0], cache.shape[2], lookup_format(fmt_key).head_dim)
     return cache.new_empty(shape, dtype=dtype), cache.new_empty(shape, dtype=dtype)
 
 
 @torch.library.custom_op("tq::dequantize", mutates_args=())
-def _dequantize_op(slots: torch.Tensor, fmt_key: str, layer: int,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _dequantize_op(
+    slots: torch.Tensor, fmt_key: str, layer: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     fmt = lookup_format(fmt_key)
     flat = slots.reshape(-1, 1, 1, fmt.slot_bytes)  # every slot its own block of one token and one head
     key, value = _launch(flat, None, flat.shape[0], fmt, layer, dtype)
@@ -94,8 +123,14 @@ def _(slots: torch.Tensor, fmt_key: str, layer: int, dtype: torch.dtype) -> tupl
 
 
 # -- public API -------------------------------------------------------------------------------------
-def tq_dequantize_paged(cache: torch.Tensor, slot_mapping: torch.Tensor, fmt: KVFormat, *, layer: int = 0,
-                        dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+def tq_dequantize_paged(
+    cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    fmt: KVFormat,
+    *,
+    layer: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode the K and V of ``slot_mapping``'s slots from a paged TurboQuant cache.
 
     ``x = gamma * R^T c[codes]``, as ``fmt.decode`` (the tq_core reference) computes it.
@@ -122,15 +157,15 @@ def tq_dequantize_paged(cache: torch.Tensor, slot_mapping: torch.Tensor, fmt: KV
     """
     fmt = check_format(fmt, layer)
     cache = check_cache(cache, fmt)
-    slot_mapping = check_tensor(slot_mapping, "slot_mapping", (torch.int32, torch.int64))
-    slot_mapping = check_slot_mapping(slot_mapping, slot_mapping.shape[0] if slot_mapping.dim() == 1 else -1)
+    slot_mapping = check_slot_mapping(slot_mapping)
     dtype = _check_dtype(dtype)
     check_devices(cache=cache, slot_mapping=slot_mapping)
     return _dequantize_paged_op(cache, slot_mapping, format_key(fmt), layer, dtype)
 
 
-def tq_dequantize(slots: torch.Tensor, fmt: KVFormat, *, layer: int = 0,
-                  dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+def tq_dequantize(
+    slots: torch.Tensor, fmt: KVFormat, *, layer: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode contiguous slots `[..., slot_bytes]` into (key, value) `[..., head_dim]` of ``dtype``.
 
     Equals ``fmt.decode(slots, layer=layer)`` up to float32 rounding and the cast to ``dtype``.
@@ -146,8 +181,10 @@ def tq_dequantize(slots: torch.Tensor, fmt: KVFormat, *, layer: int = 0,
     fmt = check_format(fmt, layer)
     slots = check_tensor(slots, "slots", (torch.uint8,))
     if slots.dim() < 1 or slots.shape[-1] != fmt.slot_bytes:
-        raise ValueError(f"slots must be uint8 [..., slot_bytes={fmt.slot_bytes}] for format "
-                         f"{fmt.name or '(unnamed)'}, got shape {tuple(slots.shape)}")
+        raise ValueError(
+            f"slots must be uint8 [..., slot_bytes={fmt.slot_bytes}] for format "
+            f"{fmt.name or '(unnamed)'}, got shape {tuple(slots.shape)}"
+        )
     check_last_dim_contiguous(slots, "slots")
     dtype = _check_dtype(dtype)
     check_devices(slots=slots)

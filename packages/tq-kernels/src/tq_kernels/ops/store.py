@@ -34,17 +34,27 @@ def _check_kv(key: object, value: object, fmt: KVFormat) -> tuple[torch.Tensor, 
     key = check_tensor(key, "key", FLOAT_DTYPES)
     value = check_tensor(value, "value", FLOAT_DTYPES)
     if key.shape != value.shape:
-        raise ValueError(f"key and value must have the same shape, got {tuple(key.shape)} and {tuple(value.shape)}")
+        raise ValueError(
+            f"key and value must have the same shape, got {tuple(key.shape)} and {tuple(value.shape)}"
+        )
     if key.dim() < 1 or key.shape[-1] != fmt.head_dim:
-        raise ValueError(f"key and value must have last dimension head_dim={fmt.head_dim} of format "
-                         f"{fmt.name or '(unnamed)'}, got shape {tuple(key.shape)}")
+        raise ValueError(
+            f"key and value must have last dimension head_dim={fmt.head_dim} of format "
+            f"{fmt.name or '(unnamed)'}, got shape {tuple(key.shape)}"
+        )
     check_last_dim_contiguous(key, "key")
     check_last_dim_contiguous(value, "value")
     return key, value
 
 
-def _launch(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor | None,
-            fmt: KVFormat, layer: int) -> None:
+def _launch(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: torch.Tensor,
+    slot_mapping: torch.Tensor | None,
+    fmt: KVFormat,
+    layer: int,
+) -> None:
     """Launch on key/value `[T, H, D]` and cache `[num_blocks, block_size, H, slot_bytes]`."""
     num_tokens, num_heads, _ = key.shape
     num_rows = num_tokens * num_heads
@@ -57,32 +67,73 @@ def _launch(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_ma
     kc, vc = kf.key, kf.value
     grid = (triton.cdiv(num_rows, _BLOCK_N), 2)
     _tq_store_kernel[grid](
-        key, value, cache, slot_mapping if slot_mapping is not None else cache,
-        rotation_for(fmt, layer, device), k_bnd, v_bnd, k_lut, v_lut,
-        num_rows, num_heads, cache.shape[0] * cache.shape[1], cache.shape[1],
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        cache.stride(0), cache.stride(1), cache.stride(2),
+        key,
+        value,
+        cache,
+        slot_mapping if slot_mapping is not None else cache,
+        rotation_for(fmt, layer, device),
+        k_bnd,
+        v_bnd,
+        k_lut,
+        v_lut,
+        num_rows,
+        num_heads,
+        cache.shape[0] * cache.shape[1],
+        cache.shape[1],
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        cache.stride(0),
+        cache.stride(1),
+        cache.stride(2),
         HAS_SLOT_MAPPING=slot_mapping is not None,
-        HEAD_DIM=kf.head_dim, BLOCK_D=max(16, kf.block_d), BLOCK_N=_BLOCK_N,
-        SLOT_BYTES=kf.slot_bytes, BLOCK_S=triton.next_power_of_2(kf.slot_bytes), USED_BYTES=fmt.used_bytes,
-        K_BITS=kc.bits, K_HI=kc.hi, K_CODE_OFF=kc.code_offset, K_CODE_BYTES=kc.code_bytes,
-        K_NORM_OFF=kc.norm_offset, K_NORM=kc.norm_code, K_NORM_BYTES=kc.norm_bytes,
+        HEAD_DIM=kf.head_dim,
+        BLOCK_D=max(16, kf.block_d),
+        BLOCK_N=_BLOCK_N,
+        SLOT_BYTES=kf.slot_bytes,
+        BLOCK_S=triton.next_power_of_2(kf.slot_bytes),
+        USED_BYTES=fmt.used_bytes,
+        K_BITS=kc.bits,
+        K_HI=kc.hi,
+        K_CODE_OFF=kc.code_offset,
+        K_CODE_BYTES=kc.code_bytes,
+        K_NORM_OFF=kc.norm_offset,
+        K_NORM=kc.norm_code,
+        K_NORM_BYTES=kc.norm_bytes,
         K_NC=fmt.key.norm_correction,
-        V_BITS=vc.bits, V_HI=vc.hi, V_CODE_OFF=vc.code_offset, V_CODE_BYTES=vc.code_bytes,
-        V_NORM_OFF=vc.norm_offset, V_NORM=vc.norm_code, V_NC=fmt.value.norm_correction,
+        V_BITS=vc.bits,
+        V_HI=vc.hi,
+        V_CODE_OFF=vc.code_offset,
+        V_CODE_BYTES=vc.code_bytes,
+        V_NORM_OFF=vc.norm_offset,
+        V_NORM=vc.norm_code,
+        V_NC=fmt.value.norm_correction,
     )
 
 
 # -- custom ops -------------------------------------------------------------------------------------
 @torch.library.custom_op("tq::store_paged", mutates_args=("cache",))
-def _store_paged_op(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
-                    fmt_key: str, layer: int) -> None:
+def _store_paged_op(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    fmt_key: str,
+    layer: int,
+) -> None:
     _launch(key, value, cache, slot_mapping, lookup_format(fmt_key), layer)
 
 
 @_store_paged_op.register_fake
-def _(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
-      fmt_key: str, layer: int) -> None:
+def _(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    fmt_key: str,
+    layer: int,
+) -> None:
     return None
 
 
@@ -100,8 +151,15 @@ def _(key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, fmt_key: str, l
 
 
 # -- public API -------------------------------------------------------------------------------------
-def tq_store_paged(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
-                   fmt: KVFormat, *, layer: int = 0) -> None:
+def tq_store_paged(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    fmt: KVFormat,
+    *,
+    layer: int = 0,
+) -> None:
     """Encode K and V of new tokens and write them into a paged TurboQuant cache, in place.
 
     Matches ``fmt.store_paged(cache, key, value, slot_mapping, layer=layer)`` (the tq_core reference,
@@ -130,15 +188,18 @@ def tq_store_paged(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, 
     key, value = _check_kv(key, value, fmt)
     cache = check_cache(cache, fmt)
     if key.dim() != 3 or key.shape[1] != cache.shape[2]:
-        raise ValueError(f"key and value must be [num_tokens, num_kv_heads={cache.shape[2]}, {fmt.head_dim}] "
-                         f"to match the cache, got {tuple(key.shape)}")
+        raise ValueError(
+            f"key and value must be [num_tokens, num_kv_heads={cache.shape[2]}, {fmt.head_dim}] "
+            f"to match the cache, got {tuple(key.shape)}"
+        )
     slot_mapping = check_slot_mapping(slot_mapping, key.shape[0])
     check_devices(key=key, value=value, cache=cache, slot_mapping=slot_mapping)
     _store_paged_op(key, value, cache, slot_mapping, format_key(fmt), layer)
 
 
-def tq_store(key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, fmt: KVFormat, *,
-             layer: int = 0) -> torch.Tensor:
+def tq_store(
+    key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, fmt: KVFormat, *, layer: int = 0
+) -> torch.Tensor:
     """Encode K and V `[..., head_dim]` into contiguous slots ``out`` `[..., slot_bytes]`, in place.
 
     The same kernel as :func:`tq_store_paged` (every vector its own slot); equals ``fmt.encode(key,
@@ -167,8 +228,10 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, fmt: KVF
     out = check_tensor(out, "out", (torch.uint8,))
     want = (*key.shape[:-1], fmt.slot_bytes)
     if tuple(out.shape) != want:
-        raise ValueError(f"out must be uint8 {want} (key's leading dims, slot_bytes={fmt.slot_bytes}), "
-                         f"got {tuple(out.shape)}")
+        raise ValueError(
+            f"out must be uint8 {want} (key's leading dims, slot_bytes={fmt.slot_bytes}), "
+            f"got {tuple(out.shape)}"
+        )
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
     check_devices(key=key, value=value, out=out)

@@ -1,0 +1,97 @@
+"""Shared pieces of every experiment: device facts, timing, result files and plots.
+
+An experiment is a thin driver: parse arguments, call the packages' public APIs, then hand rows to
+:func:`write_result`, which writes ``experiments/results/<name>.json`` (and a copy under ``$OUT`` when
+run on the device machine) with the exact command and date.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def bench_ms(fn, *, warmup: int = 25, rep: int = 100) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of ``fn`` on the GPU, timed with CUDA events (do_bench)."""
+    import triton.testing
+
+    med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
+    return float(med), float(p20), float(p80)
+
+
+def copy_bandwidth_gbps(nbytes: int = 4 << 30) -> float:
+    """Measured device-to-device copy bandwidth (bytes read + written per second), GB/s."""
+    import torch
+
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    med, _, _ = bench_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / (med * 1e-3) / 1e9
+
+
+def write_result(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``results/<name>.json`` (plus ``$OUT/<name>.json`` on the device machine)."""
+    body = {"command": command_line(), "date": _dt.date.today().isoformat(), **payload}
+    text = json.dumps(body, indent=2)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(text + "\n")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], f"{name}.json").write_text(text + "\n")
+    return path
+
+
+def out_path(filename: str) -> Path:
+    """Where to write an artifact: ``$OUT`` on the device machine, else results/."""
+    base = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS
+    base.mkdir(parents=True, exist_ok=True)
+    return base / filename
+
+
+def line_plot(
+    path: Path,
+    series: dict[str, tuple[list[float], list[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = False,
+    logy: bool = False,
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, "o-", label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,254 @@
+"""Kernel benchmarks on one GPU: decode, store and extend vs bf16 FlashAttention in the same run.
+
+    python experiments/kernels/bench_kernels.py [--quick]
+
+Writes results/kernels_h200.json ({"command", "date", "gpu", "copy_gbps", "rows": [...]}) and
+kernels_decode.png.  Llama-3.1-8B attention shapes: 32 query heads, 8 KV heads, head_dim 128.
+The bf16 baseline is torch's flash SDPA with the GQA group folded into the query length (one decode
+query per head, no mask), which reads exactly the bf16 K/V once, like a paged decode kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import bench_ms, copy_bandwidth_gbps, gpu_name, line_plot, out_path, write_result
+
+from tq_core import named_format
+from tq_kernels.ops.decode import tq_decode_attention
+from tq_kernels.ops.extend import tq_extend_attention
+from tq_kernels.ops.store import tq_store_paged
+
+H, HKV, D, PAGE = 32, 8, 128, 16
+FORMATS = ["turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc"]
+
+
+def flash_decode_ms(batch: int, ctx: int) -> float:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = H // HKV
+    q = torch.randn(batch, HKV, g, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))[0]
+
+
+def random_cache(fmt, num_blocks: int) -> torch.Tensor:
+    # Random bytes are valid codes; norms must be finite: write real slots for a prefix, tile the rest.
+    cache = fmt.allocate_cache(num_blocks, PAGE, HKV, device="cuda")
+    n = min(num_blocks, 4096) * PAGE
+    k = torch.randn(n, HKV, D, device="cuda", dtype=torch.bfloat16)
+    tq_store_paged(k, torch.randn_like(k), cache, torch.arange(n, device="cuda"), fmt)
+    filled = n // PAGE
+    for s in range(filled, num_blocks, filled):
+        cache[s : s + filled] = cache[: min(filled, num_blocks - s)]
+    return cache
+
+
+def decode_rows(batch: int, ctx: int, copy_gbps: float) -> list[dict]:
+    rows = []
+    base = flash_decode_ms(batch, ctx)
+    bf16_bytes = batch * ctx * HKV * D * 2 * 2
+    rows.append(
+        dict(
+            op="decode",
+            shape=f"B{batch}xL{ctx}",
+            format="bf16",
+            ms=base,
+            gbps=bf16_bytes / base / 1e6,
+            bw_fraction=bf16_bytes / base / 1e6 / copy_gbps,
+            baseline="torch flash SDPA bf16",
+            baseline_ms=base,
+            speedup_vs_baseline=1.0,
+        )
+    )
+    blocks_per_seq = ctx // PAGE
+    table = torch.arange(batch * blocks_per_seq, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
+    seq_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    q = torch.randn(batch, H, D, device="cuda", dtype=torch.bfloat16)
+    for name in FORMATS:
+        fmt = named_format(name, D)
+        cache = random_cache(fmt, batch * blocks_per_seq)
+        out = torch.empty_like(q)
+        ms = bench_ms(
+            lambda fmt=fmt, cache=cache, out=out: tq_decode_attention(
+                q, cache, table, seq_lens, fmt, out=out, max_seq_len=ctx
+            )
+        )[0]
+        nbytes = batch * ctx * HKV * fmt.slot_bytes
+        rows.append(
+            dict(
+                op="decode",
+                shape=f"B{batch}xL{ctx}",
+                format=name,
+                ms=ms,
+                gbps=nbytes / ms / 1e6,
+                bw_fraction=nbytes / ms / 1e6 / copy_gbps,
+                baseline="torch flash SDPA bf16",
+                baseline_ms=base,
+                speedup_vs_baseline=base / ms,
+            )
+        )
+        del cache
+    return rows
+
+
+def tune_decode(batch: int, ctx: int, name: str) -> list[dict]:
+    """Time every launch configuration of the decode kernel on one shape (printed, kept in the JSON)."""
+    from tq_kernels.tuning import LaunchConfig
+
+    fmt = named_format(name, D)
+    blocks_per_seq = ctx // PAGE
+    table = torch.arange(batch * blocks_per_seq, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
+    seq_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    q = torch.randn(batch, H, D, device="cuda", dtype=torch.bfloat16)
+    cache = random_cache(fmt, batch * blocks_per_seq)
+    rows = []
+    for bn in (32, 64, 128):
+        for warps in (2, 4, 8):
+            for stages in (1, 2, 3):
+                cfg = LaunchConfig(bn, warps, stages)
+                try:
+                    ms = bench_ms(
+                        lambda cfg=cfg: tq_decode_attention(
+                            q, cache, table, seq_lens, fmt, config=cfg, max_seq_len=ctx
+                        ),
+                        rep=50,
+                    )[0]
+                except Exception as e:  # out of shared memory / registers for this config
+                    print(f"tune {cfg}: {type(e).__name__}", flush=True)
+                    continue
+                rows.append(dict(block_n=bn, num_warps=warps, num_stages=stages, ms=ms))
+                print(f"tune B{batch}xL{ctx} {name} {cfg}: {ms:.3f} ms", flush=True)
+    return rows
+
+
+def store_rows(tokens: int, copy_gbps: float) -> list[dict]:
+    rows = []
+    k = torch.randn(tokens, HKV, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    slots = torch.randperm(tokens, device="cuda")
+    bf16_cache = torch.empty(tokens, 2, HKV, D, device="cuda", dtype=torch.bfloat16)
+    base = bench_ms(lambda: bf16_cache.index_copy_(0, slots, torch.stack([k, v], 1)))[0]
+    for name in FORMATS:
+        fmt = named_format(name, D)
+        cache = fmt.allocate_cache(tokens // PAGE, PAGE, HKV, device="cuda")
+        ms = bench_ms(lambda fmt=fmt, cache=cache: tq_store_paged(k, v, cache, slots, fmt))[0]
+        nbytes = tokens * HKV * (2 * D * 2 + fmt.slot_bytes)
+        rows.append(
+            dict(
+                op="store",
+                shape=f"T{tokens}",
+                format=name,
+                ms=ms,
+                gbps=nbytes / ms / 1e6,
+                bw_fraction=nbytes / ms / 1e6 / copy_gbps,
+                baseline="bf16 scatter (index_copy_)",
+                baseline_ms=base,
+                speedup_vs_baseline=base / ms,
+            )
+        )
+    return rows
+
+
+def extend_rows(prefix: int, chunk: int, copy_gbps: float) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    rows = []
+    q = torch.randn(1, H, chunk, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, H, prefix + chunk, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    mask = causal_lower_right(chunk, prefix + chunk)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        base = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))[0]
+    qt = q[0].transpose(0, 1).contiguous()
+    kn = torch.randn(chunk, HKV, D, device="cuda", dtype=torch.bfloat16)
+    vn = torch.randn_like(kn)
+    nblk = (prefix + chunk) // PAGE + 1
+    table = torch.arange(nblk, device="cuda", dtype=torch.int32)[None]
+    plens = torch.tensor([prefix], device="cuda", dtype=torch.int32)
+    qsl = torch.tensor([0, chunk], device="cuda", dtype=torch.int32)
+    for name in FORMATS:
+        fmt = named_format(name, D)
+        cache = random_cache(fmt, nblk)
+        ms = bench_ms(
+            lambda fmt=fmt, cache=cache: tq_extend_attention(qt, kn, vn, cache, table, plens, qsl, chunk, fmt)
+        )[0]
+        rows.append(
+            dict(
+                op="extend",
+                shape=f"P{prefix}+C{chunk}",
+                format=name,
+                ms=ms,
+                gbps=None,
+                bw_fraction=None,
+                baseline="torch flash SDPA bf16 (causal lower-right)",
+                baseline_ms=base,
+                speedup_vs_baseline=base / ms,
+            )
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller shapes")
+    ap.add_argument("--only", default="decode,tune,store,extend")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    copy_gbps = copy_bandwidth_gbps()
+    print(f"copy bandwidth {copy_gbps:.0f} GB/s on {gpu_name()}", flush=True)
+    rows: list[dict] = []
+    only = args.only.split(",")
+    shapes = [(32, 8192), (1, 131072)] if not args.quick else [(8, 4096)]
+    if "decode" in only:
+        for batch, ctx in shapes + (
+            [(32, 1024), (32, 2048), (32, 4096), (32, 16384)] if not args.quick else []
+        ):
+            rows += decode_rows(batch, ctx, copy_gbps)
+            for r in rows[-5:]:
+                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+    tuning = []
+    if "tune" in only:
+        tuning = tune_decode(32, 8192, "turboquant_4bit_nc")
+    if "store" in only:
+        rows += store_rows(65536 if not args.quick else 4096, copy_gbps)
+    if "extend" in only:
+        rows += extend_rows(8192, 2048, copy_gbps) if not args.quick else extend_rows(1024, 256, copy_gbps)
+    for r in rows:
+        print(
+            f"{r['op']:7s} {r['shape']:14s} {r['format']:20s} {r['ms']:8.3f} ms  "
+            f"{(r['bw_fraction'] or 0) * 100:5.1f}% bw  base {r['baseline_ms']:8.3f} ms  "
+            f"x{r['speedup_vs_baseline']:.2f}",
+            flush=True,
+        )
+    write_result(
+        "kernels_h200", {"gpu": gpu_name(), "copy_gbps": copy_gbps, "rows": rows, "decode_tuning": tuning}
+    )
+    dec = [r for r in rows if r["op"] == "decode" and r["shape"].startswith("B32")]
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for r in dec:
+        ctx = int(r["shape"].split("xL")[1])
+        xs, ys = series.setdefault(r["format"], ([], []))
+        xs.append(ctx)
+        ys.append(r["ms"])
+    line_plot(
+        out_path("kernels_decode.png"),
+        series,
+        xlabel="context length (batch 32)",
+        ylabel="ms per decode step",
+        title="Decode attention, Llama-8B heads (H200)",
+        logx=True,
+        logy=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""``tq_extend_attention``: causal attention of new chunks over a compressed prefix plus the chunk."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from tq_core.formats import KVFormat
+from tq_kernels._format import kernel_format, rotation_for
+from tq_kernels.tuning import LaunchConfig, extend_config
+from tq_kernels._kernels.extend import _tq_extend_attention_kernel
+from tq_kernels.ops._attn_checks import check_attention_common, check_paged_cache
+
+__all__ = ["tq_extend_attention"]
+
+
+def tq_extend_attention(
+    q: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    fmt: KVFormat,
+    *,
+    layer: int = 0,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    block_r: int = 64,
+    config: LaunchConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of chunks of new tokens: prefix from the compressed cache, chunk K/V exact, causal.
+
+    Args:
+        q: `[total_q, num_heads, head_dim]` (sequence ``b`` owns rows
+            ``query_start_loc[b]:query_start_loc[b+1]``, at positions ``prefix_lens[b] + i``).
+        key, value: `[total_q, num_kv_heads, head_dim]`, the chunk's own keys and values.
+        cache: uint8 `[num_blocks, block_size, num_kv_heads, slot_bytes]` holding each prefix.
+        block_table: int `[batch, max_blocks]`.
+        prefix_lens: int `[batch]`, cached tokens before each chunk.
+        query_start_loc: int `[batch + 1]`, cumulative chunk lengths from 0.
+        max_query_len: the longest chunk (a host int: it sizes the grid).
+        fmt, layer, scale, sliding_window, softcap, sinks: as for ``tq_decode_attention``.
+        block_r: query rows (tokens x heads of a group) per program.
+        config: key tile and pipelining override (default: :func:`tq_kernels.tuning.extend_config`).
+        out: optional `[total_q, num_heads, head_dim]` output of ``q``'s dtype.
+
+    Returns:
+        `[total_q, num_heads, head_dim]` in ``q``'s dtype.
+    """
+    total_q, num_heads, num_kv_heads, group = check_attention_common(q, cache, fmt, "q")
+    kf = kernel_format(fmt)
+    batch = prefix_lens.shape[0] if isinstance(prefix_lens, torch.Tensor) else -1
+    check_paged_cache(cache, block_table, prefix_lens, batch)
+    for name, t in (("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.shape != (total_q, num_kv_heads, fmt.head_dim):
+            raise ValueError(
+                f"{name} must be [{total_q}, {num_kv_heads}, {fmt.head_dim}], got "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+            )
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32) or t.device != q.device:
+            raise ValueError(f"{name} must be a float16/bfloat16/float32 tensor on {q.device}")
+    if (
+        not isinstance(query_start_loc, torch.Tensor)
+        or query_start_loc.shape != (batch + 1,)
+        or query_start_loc.dtype not in (torch.int32, torch.int64)
+        or query_start_loc.device != q.device
+    ):
+        raise ValueError(f"query_start_loc must be an int32/int64 [{batch + 1}] tensor on {q.device}")
+    if max_query_len < 0:
+        raise ValueError(f"max_query_len must be >= 0, got {max_query_len}")
+    if sinks is not None and (sinks.shape != (num_heads,) or sinks.device != q.device):
+        raise ValueError(f"sinks must be a [{num_heads}] tensor on {q.device}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}")
+
+    d, bd = kf.head_dim, kf.block_d
+    rot = rotation_for(fmt, layer, q.device)
+    scale = d**-0.5 if scale is None else float(scale)
+    q_rot = ((q.to(torch.float32) @ rot.T) * scale).contiguous()
+    # the chunk's K/V enter the tensor cores as float16, like the compressed prefix and the queries
+    k_rot = (key.to(torch.float32) @ rot.T).to(torch.float16).contiguous()
+    v_rot = (value.to(torch.float32) @ rot.T).to(torch.float16).contiguous()
+    cfg = config or extend_config(fmt.head_dim, group, q.device)
+    block_n = cfg.block_n
+    group_p2 = triton.next_power_of_2(group)
+    block_r = max(block_r, 16, group_p2)
+    m_tok = block_r // group_p2
+    o_rot = torch.zeros(total_q, num_heads, d, dtype=torch.float32, device=q.device)
+    if total_q and max_query_len:
+        k_lut, v_lut = kf.centroids(q.device, torch.float16)
+        grid = (batch, triton.cdiv(max_query_len, m_tok), num_kv_heads)
+        _tq_extend_attention_kernel[grid](
+            q_rot,
+            k_rot,
+            v_rot,
+            cache,
+            block_table,
+            prefix_lens,
+            query_start_loc,
+            k_lut,
+            v_lut,
+            sinks if sinks is not None else q_rot,
+            o_rot,
+            q_rot.stride(0),
+            q_rot.stride(1),
+            k_rot.stride(0),
+            k_rot.stride(1),
+            cache.stride(0),
+            cache.stride(1),
+            cache.stride(2),
+            block_table.stride(0),
+            o_rot.stride(0),
+            o_rot.stride(1),
+            float(softcap or 0.0),
+            int(sliding_window or 0),
+            GROUP=group,
+            GROUP_P2=group_p2,
+            BLOCK_R=block_r,
+            M_TOK=m_tok,
+            BLOCK_N=block_n,
+            PAGE=cache.shape[1],
+            USE_SOFTCAP=bool(softcap),
+            USE_WINDOW=sliding_window is not None,
+            USE_SINKS=sinks is not None,
+            **kf.constexprs(),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+    result = o_rot @ rot
+    if out is None:
+        return result.to(q.dtype)
+    out.copy_(result)
+    return out

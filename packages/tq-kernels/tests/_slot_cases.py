@@ -1,0 +1,143 @@
+"""Formats and slot comparisons shared by the store and dequantize tests.
+
+The reference is tq_core (``KVFormat.encode`` / ``store_paged`` / ``decode``).  A kernel computes the
+norm and the rotation in float32 in another order than torch, so two things may differ from the
+reference, and :func:`assert_slots_match` allows exactly these:
+
+* a code one cell off where the reference rotated coordinate lies within ``TIE_ATOL`` of the decision
+  boundary between the two cells (a tie at float32 resolution), for at most ``TIE_FRACTION`` of them;
+* a scale a few float32 ulps off (``float32`` norms), which for float16/bfloat16 norms can flip the
+  final rounding by one ulp of the stored dtype, for at most ``FLIP_FRACTION`` of the vectors.
+
+Everything else (the other code bytes, alignment gaps, padding) must be byte-identical.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from tq_core import ComponentFormat, KVFormat, format_names, named_format
+
+FORMAT_NAMES = [*format_names(), "f32norm", "bf16norm", "rawnorm"]
+
+TIE_ATOL = 1e-5
+TIE_FRACTION = 1e-3
+FLIP_FRACTION = 0.01
+# Largest relative difference of a stored scale: one ulp of the storage dtype; float32 scales come
+# from a norm summed in another order (and a division by ||c||), a few ulps.
+GAMMA_RTOL = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-20}
+# Relative RMS error between decoded values of the kernel's slots and of the reference's, on vectors
+# whose codes agree and whose 16-bit scales rounded alike.
+DECODE_RTOL = 1e-5
+
+
+def make_format(name: str, head_dim: int) -> KVFormat:
+    """A named format, or a custom one exercising what named formats do not: float32 norms (with an
+    alignment gap before them and padding after), bfloat16 norms, and raw norms (no correction)."""
+    if name in format_names():
+        return named_format(name, head_dim)
+    if name == "f32norm":
+        key, value = ComponentFormat(3, 8, "float32"), ComponentFormat(3, 0, "float32")
+        used = KVFormat(head_dim, key, value).used_bytes
+        return KVFormat(head_dim, key, value, slot_bytes=used + 5, name=name, seed=7)
+    if name == "bf16norm":
+        return KVFormat(head_dim, ComponentFormat(4, 0, "bfloat16"), ComponentFormat(4, 16, "bfloat16"), name=name)
+    if name == "rawnorm":
+        return KVFormat(head_dim, ComponentFormat(2, 0, norm_correction=False),
+                        ComponentFormat(5, 8, norm_correction=False), name=name, rotation="haar")
+    raise ValueError(name)
+
+
+def generator(*parts: object) -> torch.Generator:
+    """A generator seeded from a test's parameters: fresh inputs per case, reproducible per case."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(parts).encode()))
+
+
+def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    a32, b32 = a.double(), b.double()
+    return float((a32 - b32).norm() / b32.norm().clamp_min(1e-30))
+
+
+def reference_rotated(fmt: KVFormat, x: torch.Tensor, layer: int) -> torch.Tensor:
+    """``y = R x / ||x||`` as the reference quantizer computes it (non-finite vectors as zeros)."""
+    x32 = x.to(torch.float32)
+    x32 = torch.where(torch.isfinite(x32).all(-1, keepdim=True), x32, torch.zeros_like(x32))
+    norm = x32.norm(dim=-1, keepdim=True)
+    return fmt.quantizers(layer)[0].rotation.apply(x32 / norm.clamp_min(1e-30))
+
+
+def _boundary(fmt: KVFormat, comp: ComponentFormat, layer: int, lower: torch.Tensor) -> torch.Tensor:
+    """Boundary between cells ``lower`` and ``lower + 1`` of every coordinate `[N, d]`."""
+    q = fmt.quantizers(layer)[0 if comp is fmt.key else 1]
+    lo = q.codebook.boundaries.to(torch.float32)
+    out = lo[lower.clamp_max(lo.numel() - 1)]
+    if comp.hi_bits_coords:
+        hi = q.codebook_hi.boundaries.to(torch.float32)
+        h = comp.hi_bits_coords
+        out[..., :h] = hi[lower[..., :h]]
+    return out
+
+
+def _regions(fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Byte masks `[slot_bytes]` of the code bytes and of the norm bytes."""
+    codes = torch.zeros(fmt.slot_bytes, dtype=torch.bool)
+    codes[: fmt.value_code_offset + fmt.value.code_bytes(fmt.head_dim)] = True
+    norms = torch.zeros(fmt.slot_bytes, dtype=torch.bool)
+    norms[fmt.key_norm_offset : fmt.key_norm_offset + fmt.key.norm_bytes] = True
+    norms[fmt.value_norm_offset : fmt.value_norm_offset + fmt.value.norm_bytes] = True
+    return codes, norms
+
+
+def assert_slots_match(got: torch.Tensor, want: torch.Tensor, fmt: KVFormat, key: torch.Tensor,
+                       value: torch.Tensor, *, layer: int = 0) -> torch.Tensor:
+    """Compare kernel slots ``got`` with reference slots ``want`` (uint8 `[N, slot_bytes]`) that encode
+    ``key``/``value`` `[N, d]`.  Returns a bool `[N]` of the vectors whose slots are byte-identical."""
+    got, want = got.cpu().reshape(-1, fmt.slot_bytes), want.cpu().reshape(-1, fmt.slot_bytes)
+    key, value = key.cpu().reshape(-1, fmt.head_dim), value.cpu().reshape(-1, fmt.head_dim)
+    n = got.shape[0]
+    code_bytes, norm_bytes = _regions(fmt)
+    other = ~(code_bytes | norm_bytes)
+    assert torch.equal(got[:, other], want[:, other]), "alignment gap / padding bytes differ"
+
+    ties = torch.zeros(n, dtype=torch.bool)
+    flips = torch.zeros(n, dtype=torch.bool)
+    for comp, g, w, x in zip((fmt.key, fmt.value), fmt.decode_codes(got), fmt.decode_codes(want), (key, value)):
+        diff = g.idx != w.idx
+        if diff.any():
+            y = reference_rotated(fmt, x, layer)
+            lower = torch.minimum(g.idx, w.idx).long()
+            gap = (y - _boundary(fmt, comp, layer, lower)).abs()
+            step = (g.idx.int() - w.idx.int()).abs()
+            assert int(step[diff].max()) == 1, "a code differs by more than one cell"
+            assert float(gap[diff].max()) < TIE_ATOL, (
+                f"code differs {float(gap[diff].max()):.3g} away from a boundary (not a tie)")
+            assert int(diff.sum()) <= max(2, TIE_FRACTION * diff.numel()), f"{int(diff.sum())} tie mismatches"
+        tie = diff.any(-1)
+        ties |= tie
+
+        # With equal codes the scales may differ by float32 rounding only (NaN exactly where NaN).
+        gg, wg = g.gamma[~tie], w.gamma[~tie]
+        assert torch.equal(gg.isnan(), wg.isnan()), "NaN scales differ"
+        fin = ~wg.isnan()
+        rel = (gg[fin] - wg[fin]).abs() / wg[fin].abs().clamp_min(1e-30)
+        if rel.numel():
+            assert float(rel.max()) <= GAMMA_RTOL[comp.norm_dtype], f"scale off by {float(rel.max()):.3g}"
+        if comp.norm_dtype != "float32":
+            flip = (g.gamma != w.gamma) & ~(g.gamma.isnan() & w.gamma.isnan()) & ~tie
+            assert int(flip.sum()) <= max(2, FLIP_FRACTION * n), f"{int(flip.sum())} scales rounded differently"
+            flips |= flip
+
+    same = ~ties
+    assert torch.equal(got[same][:, code_bytes], want[same][:, code_bytes]), "packed code bytes differ"
+    # Store-then-decode equals encode-decode on every vector whose codes agree and whose 16-bit scale
+    # rounded the same way (the others are bounded above by one ulp of their scale).
+    same &= ~flips
+    for a, b in zip(fmt.decode(got[same], layer=layer), fmt.decode(want[same], layer=layer)):
+        fin = torch.isfinite(b).all(-1)
+        assert torch.equal(torch.isfinite(a).all(-1), fin), "non-finite decoded vectors differ"
+        if fin.any():
+            err = rel_rms(a[fin], b[fin])
+            assert err < DECODE_RTOL, f"decoded values differ: relative RMS {err:.3g}"
+    return (got == want).all(-1)

@@ -1,0 +1,130 @@
+import pytest
+import torch
+
+from tq_core import named_format, paged_extend_attention_ref
+from tq_kernels.ops.extend import tq_extend_attention
+from tq_kernels.tuning import LaunchConfig
+
+# 16-key tiles: several tiles per prefix and chunk, so tile boundaries are exercised
+SMALL = LaunchConfig(block_n=16, num_warps=4, num_stages=1)
+
+from _paged import TOL, make_paged, rel_err
+
+CASES = [
+    # id, prefix lens, chunk lens, heads, kv heads, page, format
+    ("B1-P0-C5-H2-KV2-P16-4bit", [0], [5], 2, 2, 16, "turboquant_4bit_nc"),
+    ("B2-P37.0-C1.9-H4-KV1-P16-3bit", [37, 0], [1, 9], 4, 1, 16, "turboquant_3bit_nc"),
+    ("B3-P5.70.16-C17.3.0-H6-KV2-P4-k3v4", [5, 70, 16], [17, 3, 0], 6, 2, 4, "turboquant_k3v4_nc"),
+    ("B1-P20-C33-H8-KV8-P32-k8v4", [20], [33], 8, 8, 32, "turboquant_k8v4"),
+]
+
+
+def _setup(prefix, chunk, heads, kv_heads, page, fmt_name, d=64, seed=0):
+    fmt = named_format(fmt_name, d)
+    lens = [p + c for p, c in zip(prefix, chunk, strict=True)]
+    cache, table, keys, values = make_paged(fmt, lens, kv_heads, page, seed=seed, layer=2)
+    # the chunk's own K/V: its slots are in the cache too (vLLM stores before attending), but the
+    # kernel must use the exact values passed in
+    k_new = torch.cat([k[p:] for k, p in zip(keys, prefix, strict=True)])
+    v_new = torch.cat([v[p:] for v, p in zip(values, prefix, strict=True)])
+    qsl = torch.tensor([0, *torch.tensor(chunk).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(qsl[-1]), heads, d, generator=torch.Generator().manual_seed(seed + 1))
+    return fmt, cache, table, k_new, v_new, torch.tensor(prefix, dtype=torch.int32), qsl, q
+
+
+@pytest.mark.parametrize(
+    ("prefix", "chunk", "heads", "kv_heads", "page", "fmt_name"),
+    [c[1:] for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+def test_extend_matches_reference(prefix, chunk, heads, kv_heads, page, fmt_name):
+    fmt, cache, table, k_new, v_new, plens, qsl, q = _setup(prefix, chunk, heads, kv_heads, page, fmt_name)
+    out = torch.full_like(q, float("nan"))
+    tq_extend_attention(
+        q, k_new, v_new, cache, table, plens, qsl, max(chunk), fmt, layer=2, block_r=32, config=SMALL, out=out
+    )
+    ref = paged_extend_attention_ref(q, k_new, v_new, cache, table, plens, qsl, fmt, layer=2)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"softcap": 4.0}, {"sliding_window": 7}, {"sinks": "random"}, {"sliding_window": 30, "softcap": 4.0}],
+    ids=["softcap", "window7", "sinks", "window30-softcap"],
+)
+def test_extend_features(kwargs):
+    fmt, cache, table, k_new, v_new, plens, qsl, q = _setup(
+        [40, 3], [12, 20], 4, 2, 16, "turboquant_4bit_nc", seed=4
+    )
+    kw = dict(kwargs)
+    if kw.get("sinks") == "random":
+        kw["sinks"] = torch.randn(4)
+    out = tq_extend_attention(
+        q, k_new, v_new, cache, table, plens, qsl, 20, fmt, layer=2, block_r=32, config=SMALL, **kw
+    )
+    ref = paged_extend_attention_ref(q, k_new, v_new, cache, table, plens, qsl, fmt, layer=2, **kw)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_extend_bf16_inputs():
+    fmt, cache, table, k_new, v_new, plens, qsl, q = _setup([10], [6], 2, 1, 16, "turboquant_3bit_nc", seed=7)
+    out = tq_extend_attention(
+        q.bfloat16(), k_new.bfloat16(), v_new.bfloat16(), cache, table, plens, qsl, 6, fmt, layer=2
+    )
+    ref = paged_extend_attention_ref(
+        q.bfloat16().float(),
+        k_new.bfloat16().float(),
+        v_new.bfloat16().float(),
+        cache,
+        table,
+        plens,
+        qsl,
+        fmt,
+        layer=2,
+    )
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+def test_extend_bad_input():
+    fmt, cache, table, k_new, v_new, plens, qsl, q = _setup([3], [4], 2, 1, 16, "turboquant_4bit_nc")
+    with pytest.raises(ValueError, match="key must be"):
+        tq_extend_attention(q, k_new[:2], v_new, cache, table, plens, qsl, 4, fmt)
+    with pytest.raises(ValueError, match="query_start_loc must be"):
+        tq_extend_attention(q, k_new, v_new, cache, table, plens, qsl[:1], 4, fmt)
+    with pytest.raises(ValueError, match="sliding_window"):
+        tq_extend_attention(q, k_new, v_new, cache, table, plens, qsl, 4, fmt, sliding_window=0)
+
+
+GPU_MATRIX = [
+    (d, page, group, name)
+    for d in (64, 96, 128, 256)
+    for page, group in ((16, 1), (64, 4), (128, 8))
+    for name in ("turboquant_4bit_nc", "turboquant_3bit_nc", "turboquant_k8v4", "turboquant_k3v4_nc")
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("d", "page", "group", "fmt_name"), GPU_MATRIX, ids=[f"D{d}-P{p}-G{g}-{n}" for d, p, g, n in GPU_MATRIX]
+)
+def test_extend_gpu_matrix(d, page, group, fmt_name):
+    prefix, chunk = [0, 700, 2048], [300, 129, 1]
+    fmt = named_format(fmt_name, d)
+    lens = [p + c for p, c in zip(prefix, chunk, strict=True)]
+    cache, table, keys, values = make_paged(fmt, lens, 2, page, seed=d)
+    dev = "cuda"
+    k_new = torch.cat([k[p:] for k, p in zip(keys, prefix, strict=True)]).to(dev, torch.bfloat16)
+    v_new = torch.cat([v[p:] for v, p in zip(values, prefix, strict=True)]).to(dev, torch.bfloat16)
+    qsl = torch.tensor([0, *torch.tensor(chunk).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+    q = torch.randn(int(qsl[-1]), 2 * group, d, device=dev, dtype=torch.bfloat16)
+    plens = torch.tensor(prefix, dtype=torch.int32, device=dev)
+    cache, table = cache.to(dev), table.to(dev)
+    for kw in ({}, {"sliding_window": 500, "softcap": 20.0}):
+        out = tq_extend_attention(q, k_new, v_new, cache, table, plens, qsl, max(chunk), fmt, **kw)
+        ref = paged_extend_attention_ref(
+            q.float(), k_new.float(), v_new.float(), cache, table, plens, qsl, fmt, **kw
+        )
+        assert not out.isnan().any()
+        assert rel_err(out, ref) < TOL[torch.bfloat16]
