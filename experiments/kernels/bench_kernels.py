@@ -129,6 +129,26 @@ def tune_decode(batch: int, ctx: int, name: str) -> list[dict]:
     return rows
 
 
+def ablate_decode(batch: int, ctx: int, name: str) -> list[dict]:
+    """Time the decode kernel with stages left out (1: no centroid lookup, 2: no code loads, 3: neither)."""
+    from tq_kernels.tuning import LaunchConfig
+
+    fmt = named_format(name, D)
+    blocks_per_seq = ctx // PAGE
+    table = torch.arange(batch * blocks_per_seq, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
+    seq_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    q = torch.randn(batch, H, D, device="cuda", dtype=torch.bfloat16)
+    cache = random_cache(fmt, batch * blocks_per_seq)
+    rows = []
+    for cfg in (LaunchConfig(64, 4, 2), LaunchConfig(128, 4, 2), LaunchConfig(32, 2, 2)):
+        for ab in (0, 1, 2, 3):
+            ms = bench_ms(lambda cfg=cfg, ab=ab: tq_decode_attention(q, cache, table, seq_lens, fmt, config=cfg,
+                                                                      max_seq_len=ctx, _ablate=ab), rep=50)[0]
+            rows.append(dict(config=str(cfg), ablate=ab, ms=ms))
+            print(f"ablate {ab} {cfg}: {ms:.3f} ms", flush=True)
+    return rows
+
+
 def store_rows(tokens: int, copy_gbps: float) -> list[dict]:
     rows = []
     k = torch.randn(tokens, HKV, D, device="cuda", dtype=torch.bfloat16)
@@ -216,6 +236,8 @@ def main() -> None:
             for r in rows[-5:]:
                 print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
     tuning = []
+    if "ablate" in only:
+        tuning += ablate_decode(32, 8192, "turboquant_4bit_nc")
     if "tune" in only:
         tuning = tune_decode(32, 8192, "turboquant_4bit_nc")
     if "store" in only:

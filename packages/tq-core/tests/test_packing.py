@@ -45,3 +45,28 @@ def test_empty_leading_dims(bits):
     packed = pack_bits(idx, bits)
     assert packed.shape == (0, 2, packed_bytes(128, bits))
     assert unpack_bits(packed, bits, 128).shape == (0, 2, 128)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [8, 16, 80, 96, 128, 256, 7])
+def test_planes_round_trip_and_size(bits, n):
+    from tq_core.packing import pack_planes, plane_widths, planes_bytes, unpack_planes
+
+    gen = torch.Generator().manual_seed(bits * 100 + n)
+    idx = torch.randint(0, 2**bits, (3, n), generator=gen)
+    packed = pack_planes(idx, bits)
+    assert packed.shape[-1] == planes_bytes(n, bits)
+    if n % 8 == 0:
+        assert planes_bytes(n, bits) == packed_bytes(n, bits)  # no byte lost to the split
+    assert torch.equal(unpack_planes(packed, bits, n), idx.to(torch.uint8))
+    assert sum(plane_widths(bits)) == bits
+
+
+def test_plane_layout_is_dense_streams_of_each_part():
+    from tq_core.packing import pack_planes
+
+    idx = torch.tensor([5, 2, 7, 0, 1, 3, 6, 4])
+    hi, lo = idx >> 1, idx & 1
+    assert pack_planes(idx, 3).tolist() == pack_bits(hi, 2).tolist() + pack_bits(lo, 1).tolist()
+    # widths that are powers of two are one plane: identical to the dense stream
+    assert torch.equal(pack_planes(idx, 4), pack_bits(idx, 4))

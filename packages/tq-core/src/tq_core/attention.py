@@ -104,7 +104,7 @@ def _check_paged_args(cache: torch.Tensor, block_table: torch.Tensor, lens: torc
         raise ValueError(f"block_table must be [batch={batch}, max_blocks], got {tuple(block_table.shape)}")
     if lens.dim() != 1 or lens.shape[0] != batch:
         raise ValueError(f"sequence lengths must be [batch={batch}], got {tuple(lens.shape)}")
-    if bool((lens < 0).any()) or bool((lens > block_table.shape[1] * cache.shape[1]).any()):
+    if bool((lens < 0).any()) or bool((lens > block_table.shape[1] * cache.shape[2]).any()):
         raise ValueError("sequence lengths must be in 0..max_blocks*block_size")
 
 
@@ -125,7 +125,7 @@ def paged_decode_attention_ref(
 
     Args:
         q: `[batch, num_heads, d]`, the query of each sequence's last token (already in the cache).
-        cache: uint8 `[num_blocks, block_size, num_kv_heads, slot_bytes]`.
+        cache: uint8 `[num_blocks, num_kv_heads, block_size, slot_bytes]` (see :class:`~tq_core.formats.KVFormat`).
         block_table: int `[batch, max_blocks]`.
         seq_lens: int `[batch]`, tokens in each sequence including the current one.
         fmt: the cache's :class:`~tq_core.formats.KVFormat`.

@@ -2,14 +2,19 @@
 
 A slot stores the key and the value of one token for one KV head::
 
-    offset 0                      key codes     ceil((d*bk + hk) / 8) bytes (bk-bit, first hk coords bk+1)
-    key_code_bytes                value codes   ceil((d*bv + hv) / 8) bytes
+    offset 0                      key codes     (d*bk + hk) / 8 bytes (bk-bit, first hk coords bk+1)
+    key_code_bytes                value codes   (d*bv + hv) / 8 bytes
     key_norm_offset (aligned)     key gamma     float16 / bfloat16 / float32
     value_norm_offset (aligned)   value gamma   float16 / bfloat16 / float32
     ...                           zero padding up to slot_bytes
 
-A paged cache is a uint8 tensor `[num_blocks, block_size, num_kv_heads, slot_bytes]`; token ``t`` of a
-sequence lives at slot ``block_table[t // block_size] * block_size + t % block_size``.
+Codes are in the plane layout of :func:`tq_core.packing.pack_planes` (a 3-bit component is a dense
+2-bit stream followed by a dense 1-bit stream).  A paged cache is a uint8 tensor `[num_blocks, num_kv_heads, block_size, slot_bytes]`: for each (block,
+head) one contiguous region of ``block_size * slot_bytes`` bytes that stores its tokens' fields as
+arrays (all K code rows, all V code rows, all K norms, all V norms, padding; :meth:`KVFormat.region_offsets`)
+so that kernels read tiles with aligned vector loads (a 134-byte slot per row would leave every row
+2-byte aligned).  The page holds exactly ``block_size * num_kv_heads * slot_bytes`` bytes, as vLLM sizes
+it.  Token ``t`` of a sequence lives at slot ``block_table[t // block_size] * block_size + t % block_size``.
 
 Both K and V of layer ``l`` are rotated by ``make_rotation(d, fmt.rotation, layer_seed(fmt.seed, l))``.
 Attention never needs to un-rotate keys: ``<q, k_hat> = gamma_k <R q, c[codes_k]>``, and the output is
@@ -29,7 +34,7 @@ from typing import Literal
 import torch
 
 from tq_core._validate import check_bits, check_float_tensor, check_head_dim, check_last_dim
-from tq_core.packing import pack_bits, packed_bytes, unpack_bits
+from tq_core.packing import pack_planes, packed_bytes, planes_bytes, unpack_planes
 from tq_core.quantizers import MSECodes, NonFinite, TurboQuantMSE
 from tq_core.rotations import RotationKind, layer_seed, make_rotation
 
@@ -97,9 +102,10 @@ class ComponentFormat:
             raise ValueError(f"norm_dtype must be one of {list(_NORM_TORCH)}, got {self.norm_dtype!r}")
 
     def code_bytes(self, d: int) -> int:
-        if self.hi_bits_coords > d:
-            raise ValueError(f"hi_bits_coords={self.hi_bits_coords} exceeds head_dim {d}")
-        return (d * self.bits + self.hi_bits_coords + 7) // 8
+        h = self.hi_bits_coords
+        if h > d:
+            raise ValueError(f"hi_bits_coords={h} exceeds head_dim {d}")
+        return (planes_bytes(h, self.bits + 1) if h else 0) + planes_bytes(d - h, self.bits)
 
     @property
     def norm_bytes(self) -> int:
@@ -193,15 +199,34 @@ class KVFormat:
         )
 
     def cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int) -> tuple[int, int, int, int]:
+        """Shape of a paged cache: `[num_blocks, num_kv_heads, block_size, slot_bytes]` (head-major).
+
+        The last two dimensions are one contiguous region of ``block_size * slot_bytes`` bytes per
+        (block, head), laid out by :meth:`region_offsets`, not one slot per row.
+        """
         for n, v in (("num_blocks", num_blocks), ("block_size", block_size), ("num_kv_heads", num_kv_heads)):
             if v < 1:
                 raise ValueError(f"{n} must be >= 1, got {v}")
-        return (num_blocks, block_size, num_kv_heads, self.slot_bytes)
+        return (num_blocks, num_kv_heads, block_size, self.slot_bytes)
+
+    def region_offsets(self, block_size: int) -> tuple[int, int, int, int]:
+        """Byte offsets of (K codes, V codes, K norms, V norms) inside one (block, head) region.
+
+        A region stores its ``block_size`` tokens as arrays: all K code rows (``key.code_bytes`` each),
+        all V code rows, all K norms, all V norms, then zero padding; so a kernel reads a tile of codes
+        or norms with aligned, contiguous vector loads.  Token ``t`` of the block uses row ``t`` of
+        each array.
+        """
+        d = self.head_dim
+        kc, vc = self.key.code_bytes(d), self.value.code_bytes(d)
+        k_norm = _align(block_size * (kc + vc), self.key.norm_bytes)
+        v_norm = _align(k_norm + block_size * self.key.norm_bytes, self.value.norm_bytes)
+        return 0, block_size * kc, k_norm, v_norm
 
     def allocate_cache(
         self, num_blocks: int, block_size: int, num_kv_heads: int, device: torch.device | str = "cpu"
     ) -> torch.Tensor:
-        """A zeroed paged cache `[num_blocks, block_size, num_kv_heads, slot_bytes]` (uint8)."""
+        """A zeroed paged cache `[num_blocks, num_kv_heads, block_size, slot_bytes]` (uint8)."""
         return torch.zeros(
             self.cache_shape(num_blocks, block_size, num_kv_heads), dtype=torch.uint8, device=device
         )
@@ -264,15 +289,23 @@ class KVFormat:
             raise ValueError(f"slots must have last dimension {self.slot_bytes}, got {tuple(slots.shape)}")
 
     # -- paged cache ----------------------------------------------------------------------------
-    def _check_cache(self, cache: object) -> None:
+    def _check_cache(self, cache: object) -> torch.Tensor:
         if not isinstance(cache, torch.Tensor) or cache.dtype != torch.uint8 or cache.dim() != 4:
             raise ValueError(
-                "cache must be a uint8 tensor [num_blocks, block_size, num_kv_heads, slot_bytes]"
+                "cache must be a uint8 tensor [num_blocks, num_kv_heads, block_size, slot_bytes]"
             )
         if cache.shape[-1] != self.slot_bytes:
             raise ValueError(
                 f"cache slot size {cache.shape[-1]} does not match format {self.name!r} ({self.slot_bytes} B)"
             )
+        if cache.stride(3) != 1 or cache.stride(2) != self.slot_bytes:
+            raise ValueError("each (block, head) region of the cache must be contiguous (strides [..., slot_bytes, 1])")
+        nb, hkv, bs, _ = cache.shape
+        return cache.view(nb, hkv, bs * self.slot_bytes)
+
+    def _region_map(self, block_size: int, device: torch.device) -> torch.Tensor:
+        """int64 `[block_size, slot_bytes]`: where byte ``p`` of token ``t``'s encoded slot lives in its region."""
+        return _region_map(self, block_size, str(device))
 
     def store_paged(
         self,
@@ -289,8 +322,8 @@ class KVFormat:
         Non-finite vectors are stored with a NaN norm (``"propagate"``, the kernels' behaviour) and touch
         no other slot.
         """
-        self._check_cache(cache)
-        nb, bs, hkv, _ = cache.shape
+        regions = self._check_cache(cache)
+        nb, hkv, bs, _ = cache.shape
         if k.dim() != 3 or k.shape[1] != hkv:
             raise ValueError(f"k must be [num_tokens, {hkv}, {self.head_dim}], got {tuple(k.shape)}")
         if slot_mapping.dim() != 1 or slot_mapping.shape[0] != k.shape[0]:
@@ -303,8 +336,12 @@ class KVFormat:
         if bool((sm >= nb * bs).any()) or bool((sm < -1).any()):
             raise ValueError(f"slot_mapping entries must be -1 or in 0..{nb * bs - 1}")
         keep = sm >= 0
-        slots = self.encode(k[keep], v[keep], layer=layer, nonfinite=nonfinite)
-        cache.view(nb * bs, hkv, self.slot_bytes)[sm[keep]] = slots
+        slots = self.encode(k[keep], v[keep], layer=layer, nonfinite=nonfinite)  # [n, hkv, slot_bytes]
+        sm = sm[keep].to(cache.device)
+        rmap = self._region_map(bs, cache.device)[sm % bs]  # [n, slot_bytes]
+        blocks = (sm // bs)[:, None, None]
+        heads = torch.arange(hkv, device=cache.device)[None, :, None]
+        regions[blocks, heads, rmap[:, None, :]] = slots.to(cache.device)
 
     def gather_paged(
         self, cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, *, layer: int = 0
@@ -316,14 +353,40 @@ class KVFormat:
             block_table: int `[max_blocks]` block ids of this sequence.
             seq_len: tokens to read.
         """
-        self._check_cache(cache)
-        bs = cache.shape[1]
+        regions = self._check_cache(cache)
+        hkv, bs = cache.shape[1], cache.shape[2]
         if seq_len > block_table.shape[0] * bs:
             raise ValueError(f"seq_len {seq_len} exceeds the {block_table.shape[0]} blocks of block_table")
         pos = torch.arange(seq_len, device=cache.device)
-        blocks = block_table.to(torch.int64).to(cache.device)[pos // bs]
-        slots = cache[blocks, pos % bs]  # [seq_len, num_kv_heads, slot_bytes]
+        blocks = block_table.to(torch.int64).to(cache.device)[pos // bs][:, None, None]
+        heads = torch.arange(hkv, device=cache.device)[None, :, None]
+        rmap = self._region_map(bs, cache.device)[pos % bs][:, None, :]
+        slots = regions[blocks, heads, rmap]  # [seq_len, num_kv_heads, slot_bytes]
         return self.decode(slots, layer=layer)
+
+
+@functools.lru_cache(maxsize=256)
+def _region_map(fmt: KVFormat, block_size: int, device: str) -> torch.Tensor:
+    d = fmt.head_dim
+    kc, vc = fmt.key.code_bytes(d), fmt.value.code_bytes(d)
+    kn, vn = fmt.key.norm_bytes, fmt.value.norm_bytes
+    r_kc, r_vc, r_kn, r_vn = fmt.region_offsets(block_size)
+    t = torch.arange(block_size)[:, None]
+    p = torch.arange(fmt.slot_bytes)[None, :]
+    pad = torch.ones(fmt.slot_bytes, dtype=torch.bool)
+    out = torch.zeros(block_size, fmt.slot_bytes, dtype=torch.int64)
+    for start, size, region_start in ((0, kc, r_kc), (kc, vc, r_vc), (fmt.key_norm_offset, kn, r_kn),
+                                      (fmt.value_norm_offset, vn, r_vn)):
+        sel = (p >= start) & (p < start + size)
+        out = torch.where(sel, region_start + t * size + (p - start), out)
+        pad[start : start + size] = False
+    # bytes of a slot that hold nothing (alignment gaps, budget padding) go after the norm arrays
+    npad = int(pad.sum())
+    pad_rank = torch.cumsum(pad.long(), 0) - 1
+    pad_base = r_vn + block_size * vn
+    out = torch.where(pad[None, :], pad_base + t * npad + pad_rank[None, :], out)
+    assert pad_base + block_size * npad <= block_size * fmt.slot_bytes
+    return out.to(device)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -344,19 +407,19 @@ def _quantizers(fmt: KVFormat, layer: int) -> tuple[TurboQuantMSE, TurboQuantMSE
 def _pack_codes(idx: torch.Tensor, comp: ComponentFormat, d: int) -> torch.Tensor:
     h = comp.hi_bits_coords
     if not h:
-        return pack_bits(idx, comp.bits)
-    return torch.cat([pack_bits(idx[..., :h], comp.bits + 1), pack_bits(idx[..., h:], comp.bits)], dim=-1)
+        return pack_planes(idx, comp.bits)
+    return torch.cat([pack_planes(idx[..., :h], comp.bits + 1), pack_planes(idx[..., h:], comp.bits)], dim=-1)
 
 
 def _unpack_codes(packed: torch.Tensor, comp: ComponentFormat, d: int) -> torch.Tensor:
     h = comp.hi_bits_coords
     if not h:
-        return unpack_bits(packed.contiguous(), comp.bits, d)
-    nh = packed_bytes(h, comp.bits + 1)
+        return unpack_planes(packed.contiguous(), comp.bits, d)
+    nh = planes_bytes(h, comp.bits + 1)
     return torch.cat(
         [
-            unpack_bits(packed[..., :nh].contiguous(), comp.bits + 1, h),
-            unpack_bits(packed[..., nh:].contiguous(), comp.bits, d - h),
+            unpack_planes(packed[..., :nh].contiguous(), comp.bits + 1, h),
+            unpack_planes(packed[..., nh:].contiguous(), comp.bits, d - h),
         ],
         dim=-1,
     )
@@ -375,14 +438,18 @@ def _bytes_to_norm(raw: torch.Tensor, comp: ComponentFormat) -> torch.Tensor:
 
 
 # -- named formats ------------------------------------------------------------------------------
-# The layout inside each budget, chosen by `turboquant eval --sweep` on real activations
-# (experiments/results/format_sweep.json).  Values are (key, value) component specs at head_dim 128;
-# ``hi`` coordinates scale with head_dim and are dropped where the budget has no room.
+# The layout inside each budget, from `turboquant eval --sweep` on real activations
+# (experiments/results/format_sweep.json).  Every budget is split into whole bits per coordinate for K
+# and V with float16 norms.  The sweep's best layouts gave a few coordinates one extra bit
+# (hi_bits_coords, e.g. K 4b+16 at 134 B), but that bought at most 1.5% lower attention error and makes
+# the code width vary inside a vector, which costs the GPU kernels per-element gathers; uniform widths
+# decode with contiguous loads and constant shifts.  At 196 B, K6/V6 beat K8/V4 on MiniLM and was
+# within 2% of the best synthetic layout; at 118 B K4/V3 beat K3/V4 on both sets.
 _NAMED_LAYOUTS: dict[str, tuple[ComponentFormat, ComponentFormat]] = {
     "turboquant_k8v4": (ComponentFormat(6), ComponentFormat(6)),
-    "turboquant_4bit_nc": (ComponentFormat(4, 16), ComponentFormat(4)),
-    "turboquant_k3v4_nc": (ComponentFormat(4), ComponentFormat(3, 16)),
-    "turboquant_3bit_nc": (ComponentFormat(3, 16), ComponentFormat(3)),
+    "turboquant_4bit_nc": (ComponentFormat(4), ComponentFormat(4)),
+    "turboquant_k3v4_nc": (ComponentFormat(4), ComponentFormat(3)),
+    "turboquant_3bit_nc": (ComponentFormat(3), ComponentFormat(3)),
 }
 
 

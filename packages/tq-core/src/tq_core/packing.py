@@ -1,6 +1,16 @@
 """Dense b-bit packing of quantization indices (3 bits really take 3 bits).
 
-Bit order: element ``j`` of a row occupies bits ``[j*b, (j+1)*b)`` of the row's little-endian bit
+Two layouts:
+
+* :func:`pack_bits`: one dense little-endian bit stream of ``b``-bit fields.
+* :func:`pack_planes`, the layout of TurboQuant slots: ``b`` is split into its power-of-two parts
+  (:func:`plane_widths`, e.g. 3 = 2 + 1, 7 = 4 + 2 + 1), and each part is a dense stream of its own
+  (``pack_bits`` of that width), high part first; an index is ``sum(part_w << shift_w)``.  It takes
+  exactly as many bytes as one dense stream when ``n`` is a multiple of 8, but every byte of a plane
+  holds ``8 / w`` whole fields, so a GPU kernel decodes a tile with contiguous vector loads and
+  constant shifts instead of per-element byte gathers.
+
+Bit order of a dense stream: element ``j`` of a row occupies bits ``[j*b, (j+1)*b)`` of the row's little-endian bit
 stream, i.e. byte ``(j*b) // 8`` from bit ``(j*b) % 8`` upwards, spilling into the next byte when it
 crosses a byte boundary.  A row of ``n`` indices takes ``ceil(n*b / 8)`` bytes.  Kernels decode an
 element with two byte loads, a shift and a mask: ``((B[o >> 3] | B[(o >> 3) + 1] << 8) >> (o & 7)) & m``.
@@ -12,7 +22,8 @@ import torch
 
 from tq_core._validate import check_bits
 
-__all__ = ["packed_bytes", "pack_bits", "unpack_bits"]
+__all__ = ["packed_bytes", "pack_bits", "unpack_bits", "plane_widths", "planes_bytes", "pack_planes",
+           "unpack_planes"]
 
 
 def packed_bytes(n: int, bits: int) -> int:
@@ -92,3 +103,52 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
     idx = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return idx.reshape(*lead, ngroups * 8)[..., :n].to(torch.uint8)
+
+
+def plane_widths(bits: int) -> tuple[int, ...]:
+    """Power-of-two parts of ``bits``, high part first: 3 -> (2, 1), 6 -> (4, 2), 8 -> (8,)."""
+    check_bits(bits)
+    return tuple(w for w in (8, 4, 2, 1) if bits & w)
+
+
+def planes_bytes(n: int, bits: int) -> int:
+    """Bytes that ``n`` indices take in the plane layout (``== packed_bytes`` when ``8 | n``)."""
+    return sum(packed_bytes(n, w) for w in plane_widths(bits))
+
+
+def pack_planes(idx: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer indices `[..., n]` in the plane layout; uint8 `[..., planes_bytes(n, bits)]`.
+
+    Example:
+        >>> pack_planes(torch.tensor([5, 2, 7, 0, 1, 3, 6, 4]), 3).tolist()  # planes 2 bits + 1 bit
+        [54, 180, 53]
+    """
+    check_bits(bits)
+    if idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        raise ValueError(f"idx must be an integer tensor, got {idx.dtype}")
+    v = idx.to(torch.int64)
+    parts, shift = [], bits
+    for w in plane_widths(bits):
+        shift -= w
+        parts.append(pack_bits((v >> shift) & ((1 << w) - 1), w))
+    return torch.cat(parts, dim=-1)
+
+
+def unpack_planes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_planes`: uint8 `[..., planes_bytes(n, bits)]` -> uint8 `[..., n]`."""
+    check_bits(bits)
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed must be uint8, got {packed.dtype}")
+    if packed.shape[-1] != planes_bytes(n, bits):
+        raise ValueError(
+            f"packed has {packed.shape[-1]} bytes in its last dimension; {n} indices of {bits} bits need "
+            f"{planes_bytes(n, bits)}"
+        )
+    out = torch.zeros(*packed.shape[:-1], n, dtype=torch.int32, device=packed.device)
+    off, shift = 0, bits
+    for w in plane_widths(bits):
+        shift -= w
+        nb = packed_bytes(n, w)
+        out |= unpack_bits(packed[..., off : off + nb].contiguous(), w, n).to(torch.int32) << shift
+        off += nb
+    return out.to(torch.uint8)

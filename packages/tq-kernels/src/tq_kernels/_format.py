@@ -48,6 +48,18 @@ class KernelFormat:
     key: KernelComponent
     value: KernelComponent
 
+    def region_constexprs(self, page: int) -> dict[str, int]:
+        """Constexprs for kernels that address a paged cache's (block, head) regions of ``page`` tokens:
+        offsets of the K/V code arrays and norm arrays inside a region, and bytes per code row."""
+        kc, vc, kn, vn = self.fmt.region_offsets(page)
+        return {
+            "HEAD_DIM": self.head_dim, "BLOCK_D": self.block_d, "PAGE": page,
+            "K_BITS": self.key.bits, "K_ROW": self.key.code_bytes, "K_CODE_OFF": kc, "K_NORM_OFF": kn,
+            "K_NORM": self.key.norm_code,
+            "V_BITS": self.value.bits, "V_ROW": self.value.code_bytes, "V_CODE_OFF": vc, "V_NORM_OFF": vn,
+            "V_NORM": self.value.norm_code,
+        }
+
     def constexprs(self) -> dict[str, int]:
         """Keyword constexprs shared by every kernel, prefixed K_ and V_."""
         out = {"HEAD_DIM": self.head_dim, "BLOCK_D": self.block_d, "SLOT_BYTES": self.slot_bytes}
@@ -92,8 +104,22 @@ def _component(c: ComponentFormat, d: int, code_offset: int, norm_offset: int) -
 
 @functools.lru_cache(maxsize=256)
 def kernel_format(fmt: KVFormat) -> KernelFormat:
-    """Launch-ready description of ``fmt``."""
+    """Launch-ready description of ``fmt``.
+
+    Raises:
+        ValueError: for a head_dim that is not a multiple of 8 or components with extra-bit coordinates
+            (the kernels decode whole byte planes with one code width per component).
+    """
     d = fmt.head_dim
+    if d % 8:
+        raise ValueError(f"the kernels need head_dim to be a multiple of 8, got {d}")
+    for name, comp in (("key", fmt.key), ("value", fmt.value)):
+        if comp.hi_bits_coords:
+            raise ValueError(
+                f"the kernels store one code width per component, but the {name} of {fmt.name or 'this format'} "
+                f"has hi_bits_coords={comp.hi_bits_coords}; use hi_bits_coords=0 (the reference tq_core path "
+                f"supports it)"
+            )
     return KernelFormat(
         fmt=fmt,
         head_dim=d,

@@ -34,6 +34,59 @@ def _tq_load_codes(
 
 
 @triton.jit
+def _tq_load_norm_rows(region_ptrs, rows, n_mask, NORM_OFF: tl.constexpr, NORM: tl.constexpr):
+    """Norms (float32 `[N]`) of rows ``rows`` of the norm array at ``NORM_OFF`` in each region.
+
+    ``NORM``: 0 float16, 1 bfloat16, 2 float32 (the array is aligned to its element size)."""
+    base = region_ptrs + NORM_OFF
+    if NORM == 0:
+        return tl.load(base.to(tl.pointer_type(tl.float16)) + rows, mask=n_mask, other=0.0).to(tl.float32)
+    if NORM == 1:
+        return tl.load(base.to(tl.pointer_type(tl.bfloat16)) + rows, mask=n_mask, other=0.0).to(tl.float32)
+    return tl.load(base.to(tl.pointer_type(tl.float32)) + rows, mask=n_mask, other=0.0)
+
+
+@triton.jit
+def _tq_plane(slot_ptrs, n_mask, OFF: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One ``W``-bit plane (W in 1, 2, 4, 8) of a tile: int32 `[BLOCK_N, BLOCK_D]`, coordinate order.
+
+    Byte ``i`` of the plane holds coordinates ``i * (8 // W) + k`` in bits ``[k W, (k + 1) W)``, so the
+    tile is one contiguous `[BLOCK_N, BLOCK_D * W / 8]` byte load, expanded by constant shifts.
+    """
+    LP: tl.constexpr = BLOCK_D * W // 8
+    offs = tl.arange(0, LP)
+    m = n_mask[:, None] & (offs < HEAD_DIM * W // 8)[None, :]
+    b = tl.load(slot_ptrs[:, None] + OFF + offs[None, :], mask=m, other=0).to(tl.int32)
+    if W == 8:
+        return b
+    PER: tl.constexpr = 8 // W
+    sh = tl.arange(0, PER) * W
+    v = (b[:, :, None] >> sh[None, None, :]) & ((1 << W) - 1)
+    return tl.reshape(v, (BLOCK_N, BLOCK_D))
+
+
+@triton.jit
+def _tq_load_plane_codes(slot_ptrs, n_mask, CODE_OFF: tl.constexpr, BITS: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Code indices (int32 `[BLOCK_N, BLOCK_D]`) of the slots ``slot_ptrs`` `[BLOCK_N]` in the plane
+    layout of :func:`tq_core.packing.pack_planes`: planes of 8, 4, 2, 1 bits, high part first."""
+    OFF4: tl.constexpr = CODE_OFF + HEAD_DIM * (BITS & 8) // 8
+    OFF2: tl.constexpr = OFF4 + HEAD_DIM * (BITS & 4) // 8
+    OFF1: tl.constexpr = OFF2 + HEAD_DIM * (BITS & 2) // 8
+    code = tl.zeros([BLOCK_N, BLOCK_D], tl.int32)
+    if BITS & 8:
+        code = _tq_plane(slot_ptrs, n_mask, CODE_OFF, 8, HEAD_DIM, BLOCK_D, BLOCK_N)
+    if BITS & 4:
+        code = (code << 4) | _tq_plane(slot_ptrs, n_mask, OFF4, 4, HEAD_DIM, BLOCK_D, BLOCK_N)
+    if BITS & 2:
+        code = (code << 2) | _tq_plane(slot_ptrs, n_mask, OFF2, 2, HEAD_DIM, BLOCK_D, BLOCK_N)
+    if BITS & 1:
+        code = (code << 1) | _tq_plane(slot_ptrs, n_mask, OFF1, 1, HEAD_DIM, BLOCK_D, BLOCK_N)
+    return code
+
+
+@triton.jit
 def _tq_centroids(lut_ptr, idx, offs_d, HI: tl.constexpr):
     """Centroid values (float32) for code indices ``idx`` `[N, BLOCK_D]` from a `[2, 256]` table."""
     row = (offs_d < HI).to(tl.int32)[None, :] * 256
@@ -70,7 +123,7 @@ def _tq_row_slots(
     stride_c_head,
     HAS_SLOT_MAPPING: tl.constexpr,
 ):
-    """Slot pointers `[N, 1]` and a validity mask `[N, 1]` for flattened (token, head) ``rows`` `[N]`.
+    """Slot pointers `[N]` and a validity mask `[N]` for flattened (token, head) ``rows`` `[N]`.
 
     Row ``r`` is token ``r // num_heads`` of head ``r % num_heads``; its slot is
     ``slot_mapping[token]`` (``block * block_size + offset``), or the token itself without a mapping.
@@ -89,7 +142,7 @@ def _tq_row_slots(
     block = slot // block_size
     offset = slot % block_size
     ptrs = cache_ptr + block * stride_c_block + offset * stride_c_offset + head.to(tl.int64) * stride_c_head
-    return ptrs[:, None], valid[:, None]
+    return ptrs, valid
 
 
 @triton.jit
@@ -104,45 +157,44 @@ def _tq_quantize(y, bnd_ptr, offs_d, BITS: tl.constexpr, HI: tl.constexpr):
     base = bnd_ptr + (offs_d < HI).to(tl.int32)[None, :] * 256
     idx = tl.zeros(y.shape, dtype=tl.int32)
     for s in tl.static_range(STEPS):
-        step: tl.constexpr = 1 << (STEPS - 1 - s)
+        step = 1 << (STEPS - 1 - s)  # constexpr: s is a static_range index
         b = tl.load(base + idx + (step - 1))
         idx = tl.where(b < y, idx + step, idx)
     return idx
 
 
 @triton.jit
-def _tq_store_codes(
-    slot_ptrs,
-    idx,
-    mask,
-    CODE_OFF: tl.constexpr,
-    CODE_BYTES: tl.constexpr,
-    BITS: tl.constexpr,
-    HI: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Pack code indices ``idx`` `[BLOCK_N, BLOCK_D]` (zero past head_dim) into the slots ``slot_ptrs``.
+def _tq_store_plane(slot_ptrs, part, mask, OFF: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Write one ``W``-bit plane (W in 1, 2, 4, 8) of ``part`` `[BLOCK_N, BLOCK_D]` (values < 2**W):
+    byte ``i`` gets coordinates ``i * (8 // W) + k`` in bits ``[k W, (k + 1) W)``, the inverse of
+    :func:`_tq_plane`; one contiguous `[BLOCK_N, HEAD_DIM * W / 8]` byte store per tile."""
+    PER: tl.constexpr = 8 // W
+    LP: tl.constexpr = BLOCK_D * W // 8
+    sh = tl.arange(0, PER) * W
+    b = tl.sum(tl.reshape(part, (BLOCK_N, LP, PER)) << sh[None, None, :], axis=2)  # fields never overlap
+    offs = tl.arange(0, LP)
+    m = mask[:, None] & (offs < HEAD_DIM * W // 8)[None, :]
+    tl.store(slot_ptrs[:, None] + OFF + offs[None, :], b.to(tl.uint8), mask=m)
 
-    ``HI`` is a multiple of 8, so each group of 8 coordinates has one width ``w``: its codes make
-    exactly ``w`` bytes, assembled in one int64 word (fields do not overlap, so a sum is an OR).
-    ``mask`` `[BLOCK_N, 1]` selects the rows to write; bytes past ``CODE_BYTES`` are never written.
-    """
-    NG: tl.constexpr = BLOCK_D // 8
-    offs_d = tl.arange(0, BLOCK_D)
-    width = BITS + (offs_d < HI).to(tl.int32)
-    shift = ((offs_d % 8) * width).to(tl.int64)
-    fields = idx.to(tl.int64) << shift[None, :]
-    words = tl.sum(tl.reshape(fields, [BLOCK_N, NG, 8]), axis=2)  # [BLOCK_N, NG]
-    g = tl.arange(0, NG)
-    g_width = BITS + (g < HI // 8).to(tl.int32)
-    g_byte = g * BITS + tl.minimum(g, HI // 8)
-    k = tl.arange(0, 8)
-    byte_off = g_byte[:, None] + k[None, :]  # [NG, 8]
-    byte_ok = (k[None, :] < g_width[:, None]) & (byte_off < CODE_BYTES)
-    vals = (words[:, :, None] >> (k * 8).to(tl.int64)[None, None, :]) & 0xFF
-    ptrs = slot_ptrs[:, :, None] + CODE_OFF + byte_off[None, :, :]
-    tl.store(ptrs, vals.to(tl.uint8), mask=mask[:, :, None] & byte_ok[None, :, :])
+
+@triton.jit
+def _tq_store_plane_codes(slot_ptrs, idx, mask, CODE_OFF: tl.constexpr, BITS: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pack code indices ``idx`` (int32 `[BLOCK_N, BLOCK_D]`) into the slots ``slot_ptrs`` `[BLOCK_N]`
+    (rows where ``mask``) in the plane layout of :func:`tq_core.packing.pack_planes`, the inverse of
+    :func:`_tq_load_plane_codes`: plane ``w`` holds bits ``[BITS & (w - 1), +w)`` of every index."""
+    OFF4: tl.constexpr = CODE_OFF + HEAD_DIM * (BITS & 8) // 8
+    OFF2: tl.constexpr = OFF4 + HEAD_DIM * (BITS & 4) // 8
+    OFF1: tl.constexpr = OFF2 + HEAD_DIM * (BITS & 2) // 8
+    if BITS & 8:
+        _tq_store_plane(slot_ptrs, idx, mask, CODE_OFF, 8, HEAD_DIM, BLOCK_D, BLOCK_N)
+    if BITS & 4:
+        _tq_store_plane(slot_ptrs, (idx >> (BITS & 3)) & 15, mask, OFF4, 4, HEAD_DIM, BLOCK_D, BLOCK_N)
+    if BITS & 2:
+        _tq_store_plane(slot_ptrs, (idx >> (BITS & 1)) & 3, mask, OFF2, 2, HEAD_DIM, BLOCK_D, BLOCK_N)
+    if BITS & 1:
+        _tq_store_plane(slot_ptrs, idx & 1, mask, OFF1, 1, HEAD_DIM, BLOCK_D, BLOCK_N)
 
 
 @triton.jit
@@ -159,7 +211,7 @@ def _tq_f32_to_bf16_bits(x):
 
 @triton.jit
 def _tq_store_norm(slot_ptrs, gamma, mask, NORM_OFF: tl.constexpr, NORM: tl.constexpr):
-    """Write the scale ``gamma`` (float32 `[N, 1]`) little-endian; NORM: 0 fp16, 1 bf16, 2 fp32.
+    """Write the scale ``gamma`` (float32, shaped like ``slot_ptrs``) little-endian; NORM: 0 fp16, 1 bf16, 2 fp32.
 
     float16 saturates at +-65504 instead of overflowing to inf (NaN stays NaN), like
     ``tq_core.formats._norm_to_bytes``.

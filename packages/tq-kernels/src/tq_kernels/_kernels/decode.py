@@ -13,7 +13,7 @@ of the sequence and writes ``(acc, m, l)``; ``_tq_decode_reduce_kernel`` merges 
 import triton
 import triton.language as tl
 
-from tq_kernels._kernels.codes import _tq_centroids, _tq_load_codes, _tq_load_norm
+from tq_kernels._kernels.codes import _tq_load_norm_rows, _tq_load_plane_codes
 
 
 @triton.jit
@@ -35,7 +35,6 @@ def _tq_decode_attention_kernel(
     stride_q_b,
     stride_q_h,
     stride_cache_blk,
-    stride_cache_tok,
     stride_cache_head,
     stride_bt_b,
     stride_po_b,
@@ -54,19 +53,17 @@ def _tq_decode_attention_kernel(
     USE_WINDOW: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    SLOT_BYTES: tl.constexpr,
     K_BITS: tl.constexpr,
-    K_HI: tl.constexpr,
+    K_ROW: tl.constexpr,
     K_CODE_OFF: tl.constexpr,
     K_NORM_OFF: tl.constexpr,
     K_NORM: tl.constexpr,
-    K_TWO_BYTES: tl.constexpr,
     V_BITS: tl.constexpr,
-    V_HI: tl.constexpr,
+    V_ROW: tl.constexpr,
     V_CODE_OFF: tl.constexpr,
     V_NORM_OFF: tl.constexpr,
     V_NORM: tl.constexpr,
-    V_TWO_BYTES: tl.constexpr,
+    ABLATE: tl.constexpr = 0,
 ):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
@@ -100,17 +97,19 @@ def _tq_decode_attention_kernel(
         tok = n0 + offs_n
         n_mask = tok < hi
         blk = tl.load(block_table_ptr + b * stride_bt_b + tok // PAGE, mask=n_mask, other=0).to(tl.int64)
-        slot = (
-            cache_ptr
-            + blk * stride_cache_blk
-            + (tok % PAGE).to(tl.int64) * stride_cache_tok
-            + kvh * stride_cache_head
-        )
+        region = cache_ptr + blk * stride_cache_blk + kvh * stride_cache_head
+        row = tok % PAGE
         tile_mask = n_mask[:, None] & d_mask[None, :]
 
-        k_idx = _tq_load_codes(slot[:, None], offs_d, tile_mask, K_CODE_OFF, K_BITS, K_HI, K_TWO_BYTES)
-        k_c = tl.where(tile_mask, _tq_centroids(k_lut_ptr, k_idx, offs_d, K_HI), 0.0).to(tl.float16)
-        k_gamma = _tq_load_norm(slot, n_mask, K_NORM_OFF, K_NORM)
+        if ABLATE == 2 or ABLATE == 3:
+            k_idx = (offs_d[None, :] + tok[:, None]) & 15
+        else:
+            k_idx = _tq_load_plane_codes(region + K_CODE_OFF + row * K_ROW, n_mask, 0, K_BITS, HEAD_DIM, BLOCK_D, BLOCK_N)
+        if ABLATE == 1 or ABLATE == 3:
+            k_c = k_idx.to(tl.float16)
+        else:
+            k_c = tl.where(tile_mask, tl.load(k_lut_ptr + k_idx), 0.0).to(tl.float16)
+        k_gamma = _tq_load_norm_rows(region, row, n_mask, K_NORM_OFF, K_NORM)
         s = tl.dot(q, tl.trans(k_c)) * k_gamma[None, :]
         if USE_SOFTCAP:
             s = _softcap(s, softcap)
@@ -121,9 +120,15 @@ def _tq_decode_attention_kernel(
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
 
-        v_idx = _tq_load_codes(slot[:, None], offs_d, tile_mask, V_CODE_OFF, V_BITS, V_HI, V_TWO_BYTES)
-        v_c = tl.where(tile_mask, _tq_centroids(v_lut_ptr, v_idx, offs_d, V_HI), 0.0).to(tl.float16)
-        v_gamma = _tq_load_norm(slot, n_mask, V_NORM_OFF, V_NORM)
+        if ABLATE == 2 or ABLATE == 3:
+            v_idx = (offs_d[None, :] + tok[:, None] * 3) & 15
+        else:
+            v_idx = _tq_load_plane_codes(region + V_CODE_OFF + row * V_ROW, n_mask, 0, V_BITS, HEAD_DIM, BLOCK_D, BLOCK_N)
+        if ABLATE == 1 or ABLATE == 3:
+            v_c = v_idx.to(tl.float16)
+        else:
+            v_c = tl.where(tile_mask, tl.load(v_lut_ptr + v_idx), 0.0).to(tl.float16)
+        v_gamma = _tq_load_norm_rows(region, row, n_mask, V_NORM_OFF, V_NORM)
         v_gamma = tl.where(n_mask, v_gamma, 0.0)
         acc = acc * alpha[:, None] + tl.dot((p * v_gamma[None, :]).to(tl.float16), v_c)
         m_i = m_new

@@ -40,15 +40,16 @@ def check_attention_common(
     if q.shape[-1] != fmt.head_dim:
         raise ValueError(f"{name} head_dim {q.shape[-1]} does not match the format's {fmt.head_dim}")
     if not isinstance(cache, torch.Tensor) or cache.dtype != torch.uint8 or cache.dim() != 4:
-        raise ValueError("cache must be a uint8 tensor [num_blocks, block_size, num_kv_heads, slot_bytes]")
-    if cache.shape[-1] != fmt.slot_bytes or cache.stride(-1) != 1:
+        raise ValueError("cache must be a uint8 tensor [num_blocks, num_kv_heads, block_size, slot_bytes]")
+    if cache.shape[-1] != fmt.slot_bytes or cache.stride(3) != 1 or cache.stride(2) != fmt.slot_bytes:
         raise ValueError(
-            f"cache slots must be contiguous and {fmt.slot_bytes} bytes for {fmt.name or 'this format'}, got "
-            f"shape {tuple(cache.shape)} strides {cache.stride()}"
+            f"cache must be [num_blocks, num_kv_heads, block_size, {fmt.slot_bytes}] for "
+            f"{fmt.name or 'this format'} with each (block, head) region contiguous, got shape "
+            f"{tuple(cache.shape)} strides {cache.stride()}"
         )
     if cache.device != q.device:
         raise ValueError(f"{name} is on {q.device} but the cache is on {cache.device}")
-    num_heads, num_kv_heads = q.shape[1], cache.shape[2]
+    num_heads, num_kv_heads = q.shape[1], cache.shape[1]
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     return q.shape[0], num_heads, num_kv_heads, num_heads // num_kv_heads

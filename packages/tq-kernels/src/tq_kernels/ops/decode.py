@@ -47,12 +47,13 @@ def tq_decode_attention(
     max_seq_len: int | None = None,
     config: LaunchConfig | None = None,
     out: torch.Tensor | None = None,
+    _ablate: int = 0,
 ) -> torch.Tensor:
     """Decode attention of one new token per sequence, reading compressed K/V in place.
 
     Args:
         q: `[batch, num_heads, head_dim]` float16/bfloat16/float32.
-        cache: uint8 `[num_blocks, block_size, num_kv_heads, slot_bytes]` written by ``tq_store_paged``
+        cache: uint8 `[num_blocks, num_kv_heads, block_size, slot_bytes]` written by ``tq_store_paged``
             (any strides on the first three dims, the slot contiguous).
         block_table: int32/int64 `[batch, max_blocks]`.
         seq_lens: int32/int64 `[batch]`, tokens per sequence including the new one (0 gives zeros).
@@ -91,7 +92,7 @@ def tq_decode_attention(
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}")
-    page = cache.shape[1]
+    page = cache.shape[2]
     if num_splits is None:
         bound = max_seq_len if max_seq_len is not None else block_table.shape[1] * page
         num_splits = default_num_splits(batch, num_kv_heads, bound, q.device, block_n)
@@ -119,7 +120,6 @@ def tq_decode_attention(
         q_rot.stride(1),
         cache.stride(0),
         cache.stride(1),
-        cache.stride(2),
         block_table.stride(0),
         part_o.stride(0),
         part_o.stride(1),
@@ -132,12 +132,12 @@ def tq_decode_attention(
         GROUP=group,
         BLOCK_G=block_g,
         BLOCK_N=block_n,
-        PAGE=page,
         USE_SOFTCAP=bool(softcap),
         USE_WINDOW=sliding_window is not None,
-        **kf.constexprs(),
+        **kf.region_constexprs(cache.shape[2]),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        ABLATE=_ablate,  # experiments only: drop a stage to time the rest
     )
     o_rot = torch.empty(batch, num_heads, bd, dtype=torch.float32, device=q.device)
     _tq_decode_reduce_kernel[(batch, num_heads)](

@@ -40,7 +40,7 @@ def tq_extend_attention(
         q: `[total_q, num_heads, head_dim]` (sequence ``b`` owns rows
             ``query_start_loc[b]:query_start_loc[b+1]``, at positions ``prefix_lens[b] + i``).
         key, value: `[total_q, num_kv_heads, head_dim]`, the chunk's own keys and values.
-        cache: uint8 `[num_blocks, block_size, num_kv_heads, slot_bytes]` holding each prefix.
+        cache: uint8 `[num_blocks, num_kv_heads, block_size, slot_bytes]` holding each prefix.
         block_table: int `[batch, max_blocks]`.
         prefix_lens: int `[batch]`, cached tokens before each chunk.
         query_start_loc: int `[batch + 1]`, cumulative chunk lengths from 0.
@@ -115,7 +115,6 @@ def tq_extend_attention(
             k_rot.stride(1),
             cache.stride(0),
             cache.stride(1),
-            cache.stride(2),
             block_table.stride(0),
             o_rot.stride(0),
             o_rot.stride(1),
@@ -126,11 +125,10 @@ def tq_extend_attention(
             BLOCK_R=block_r,
             M_TOK=m_tok,
             BLOCK_N=block_n,
-            PAGE=cache.shape[1],
             USE_SOFTCAP=bool(softcap),
             USE_WINDOW=sliding_window is not None,
             USE_SINKS=sinks is not None,
-            **kf.constexprs(),
+            **kf.region_constexprs(cache.shape[2]),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
