@@ -16,11 +16,51 @@ from __future__ import annotations
 
 import zlib
 
+import pytest
 import torch
 
 from tq_core import ComponentFormat, KVFormat, format_names, named_format
 
 FORMAT_NAMES = [*format_names(), "f32norm", "bf16norm", "rawnorm"]
+
+# (num_tokens, num_kv_heads, head_dim, format, block_size, dtype, layer) for the CPU suites; dtype is
+# the input's (store) or the output's (dequantize).  Codebooks of 4 bits and more take seconds to
+# solve at head_dim >= 80 (tq_core caches them per process), so the wider formats run at fewer head
+# dims here; the GPU tests run every format at 128.
+CPU_CASES = [
+    (7, 2, 128, "turboquant_4bit_nc", 16, "bf16", 0),
+    (7, 2, 128, "turboquant_k8v4", 4, "fp16", 0),
+    (7, 2, 128, "turboquant_3bit_nc", 4, "fp32", 0),
+    (7, 2, 128, "turboquant_k3v4_nc", 16, "bf16", 0),
+    (7, 2, 128, "f32norm", 16, "fp16", 0),
+    (7, 2, 96, "bf16norm", 4, "bf16", 0),
+    (7, 2, 64, "rawnorm", 16, "fp32", 0),
+    (7, 2, 80, "turboquant_4bit_nc", 4, "fp32", 0),
+    (7, 2, 80, "turboquant_3bit_nc", 16, "bf16", 0),
+    (7, 2, 80, "f32norm", 4, "bf16", 0),  # an alignment gap before the norms
+    (7, 2, 96, "turboquant_k3v4_nc", 16, "fp16", 0),
+    (7, 2, 96, "turboquant_3bit_nc", 4, "fp32", 0),
+    (7, 2, 64, "turboquant_k8v4", 4, "bf16", 0),
+    (7, 2, 64, "bf16norm", 16, "fp16", 0),
+    (7, 2, 64, "turboquant_4bit_nc", 16, "fp32", 0),
+    (7, 2, 64, "f32norm", 4, "fp16", 0),
+    (1, 1, 128, "turboquant_4bit_nc", 16, "bf16", 0),
+    (1, 3, 80, "f32norm", 4, "fp32", 2),
+    (21, 3, 96, "turboquant_k3v4_nc", 4, "fp16", 5),
+]
+
+
+def case_id(c: tuple) -> str:
+    return f"T{c[0]}-H{c[1]}-D{c[2]}-{c[3]}-bs{c[4]}-{c[5]}" + (f"-layer{c[6]}" if c[6] else "")
+
+
+def cpu_params() -> list:
+    """:data:`CPU_CASES` as pytest params; the 7/8-bit format is ``slow`` (its codebooks take ~10 s)."""
+    return [pytest.param(*c, id=case_id(c), marks=SLOW_FORMATS.get(c[3], ())) for c in CPU_CASES]
+
+
+SLOW_FORMATS = {"rawnorm": pytest.mark.slow}
+
 
 TIE_ATOL = 1e-5
 TIE_FRACTION = 1e-3
@@ -35,18 +75,26 @@ DECODE_RTOL = 1e-5
 
 def make_format(name: str, head_dim: int) -> KVFormat:
     """A named format, or a custom one exercising what named formats do not: float32 norms (with an
-    alignment gap before them and padding after), bfloat16 norms, and raw norms (no correction)."""
+    alignment gap before them at head_dim 80, and padding after), bfloat16 norms, raw norms (no
+    correction) and a Haar rotation.  With the named ones every code width 1..8 (every plane mix) occurs."""
     if name in format_names():
         return named_format(name, head_dim)
     if name == "f32norm":
-        key, value = ComponentFormat(3, 8, "float32"), ComponentFormat(3, 0, "float32")
+        key, value = ComponentFormat(2, 0, "float32"), ComponentFormat(3, 0, "float32")
         used = KVFormat(head_dim, key, value).used_bytes
         return KVFormat(head_dim, key, value, slot_bytes=used + 5, name=name, seed=7)
     if name == "bf16norm":
-        return KVFormat(head_dim, ComponentFormat(4, 0, "bfloat16"), ComponentFormat(4, 16, "bfloat16"), name=name)
+        return KVFormat(
+            head_dim, ComponentFormat(5, 0, "bfloat16"), ComponentFormat(1, 0, "bfloat16"), name=name
+        )
     if name == "rawnorm":
-        return KVFormat(head_dim, ComponentFormat(2, 0, norm_correction=False),
-                        ComponentFormat(5, 8, norm_correction=False), name=name, rotation="haar")
+        return KVFormat(
+            head_dim,
+            ComponentFormat(7, 0, norm_correction=False),
+            ComponentFormat(8, 0, norm_correction=False),
+            name=name,
+            rotation="haar",
+        )
     raise ValueError(name)
 
 
@@ -90,8 +138,37 @@ def _regions(fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, norms
 
 
-def assert_slots_match(got: torch.Tensor, want: torch.Tensor, fmt: KVFormat, key: torch.Tensor,
-                       value: torch.Tensor, *, layer: int = 0) -> torch.Tensor:
+def read_paged_slots(fmt: KVFormat, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Encoded slots uint8 `[n, num_kv_heads, slot_bytes]` of ``slots`` (all in range) in a paged cache
+    `[num_blocks, num_kv_heads, block_size, slot_bytes]`, gathered through the reference's own map of
+    a (block, head) region (``KVFormat._region_map``), so the kernels are checked against it."""
+    nb, h, bs, s = cache.shape
+    slots = slots.long().to(cache.device)
+    regions = cache.reshape(nb, h, bs * s)
+    rmap = fmt._region_map(bs, cache.device)[slots % bs]  # [n, slot_bytes]
+    heads = torch.arange(h, device=cache.device)[None, :, None]
+    return regions[(slots // bs)[:, None, None], heads, rmap[:, None, :]]
+
+
+def paged_slot_bytes(fmt: KVFormat, cache_shape: tuple[int, ...], slots: torch.Tensor) -> torch.Tensor:
+    """bool mask of ``cache_shape``: the bytes that belong to the slots ``slots`` (all in range)."""
+    nb, h, bs, s = cache_shape
+    mask = torch.zeros(nb, h, bs * s, dtype=torch.bool)
+    slots = slots.long().cpu()
+    rmap = fmt._region_map(bs, "cpu")[slots % bs]
+    mask[(slots // bs)[:, None, None], torch.arange(h)[None, :, None], rmap[:, None, :]] = True
+    return mask.view(cache_shape)
+
+
+def assert_slots_match(
+    got: torch.Tensor,
+    want: torch.Tensor,
+    fmt: KVFormat,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    layer: int = 0,
+) -> torch.Tensor:
     """Compare kernel slots ``got`` with reference slots ``want`` (uint8 `[N, slot_bytes]`) that encode
     ``key``/``value`` `[N, d]`.  Returns a bool `[N]` of the vectors whose slots are byte-identical."""
     got, want = got.cpu().reshape(-1, fmt.slot_bytes), want.cpu().reshape(-1, fmt.slot_bytes)
@@ -103,7 +180,9 @@ def assert_slots_match(got: torch.Tensor, want: torch.Tensor, fmt: KVFormat, key
 
     ties = torch.zeros(n, dtype=torch.bool)
     flips = torch.zeros(n, dtype=torch.bool)
-    for comp, g, w, x in zip((fmt.key, fmt.value), fmt.decode_codes(got), fmt.decode_codes(want), (key, value)):
+    for comp, g, w, x in zip(
+        (fmt.key, fmt.value), fmt.decode_codes(got), fmt.decode_codes(want), (key, value), strict=True
+    ):
         diff = g.idx != w.idx
         if diff.any():
             y = reference_rotated(fmt, x, layer)
@@ -112,7 +191,8 @@ def assert_slots_match(got: torch.Tensor, want: torch.Tensor, fmt: KVFormat, key
             step = (g.idx.int() - w.idx.int()).abs()
             assert int(step[diff].max()) == 1, "a code differs by more than one cell"
             assert float(gap[diff].max()) < TIE_ATOL, (
-                f"code differs {float(gap[diff].max()):.3g} away from a boundary (not a tie)")
+                f"code differs {float(gap[diff].max()):.3g} away from a boundary (not a tie)"
+            )
             assert int(diff.sum()) <= max(2, TIE_FRACTION * diff.numel()), f"{int(diff.sum())} tie mismatches"
         tie = diff.any(-1)
         ties |= tie
@@ -126,7 +206,9 @@ def assert_slots_match(got: torch.Tensor, want: torch.Tensor, fmt: KVFormat, key
             assert float(rel.max()) <= GAMMA_RTOL[comp.norm_dtype], f"scale off by {float(rel.max()):.3g}"
         if comp.norm_dtype != "float32":
             flip = (g.gamma != w.gamma) & ~(g.gamma.isnan() & w.gamma.isnan()) & ~tie
-            assert int(flip.sum()) <= max(2, FLIP_FRACTION * n), f"{int(flip.sum())} scales rounded differently"
+            assert int(flip.sum()) <= max(2, FLIP_FRACTION * n), (
+                f"{int(flip.sum())} scales rounded differently"
+            )
             flips |= flip
 
     same = ~ties
@@ -134,7 +216,7 @@ def assert_slots_match(got: torch.Tensor, want: torch.Tensor, fmt: KVFormat, key
     # Store-then-decode equals encode-decode on every vector whose codes agree and whose 16-bit scale
     # rounded the same way (the others are bounded above by one ulp of their scale).
     same &= ~flips
-    for a, b in zip(fmt.decode(got[same], layer=layer), fmt.decode(want[same], layer=layer)):
+    for a, b in zip(fmt.decode(got[same], layer=layer), fmt.decode(want[same], layer=layer), strict=True):
         fin = torch.isfinite(b).all(-1)
         assert torch.equal(torch.isfinite(a).all(-1), fin), "non-finite decoded vectors differ"
         if fin.any():

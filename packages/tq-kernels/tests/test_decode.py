@@ -157,7 +157,7 @@ def test_unsupported_head_dim():
 GPU_MATRIX = [
     (d, page, group, name)
     for d in (64, 80, 96, 128, 256)
-    for page, group in ((16, 1), (32, 4), (64, 8), (128, 5))
+    for page, group in ((16, 1), (32, 5), (128, 8))
     for name in ("turboquant_4bit_nc", "turboquant_3bit_nc", "turboquant_k8v4", "turboquant_k3v4_nc")
 ]
 

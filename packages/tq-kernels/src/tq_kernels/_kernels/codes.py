@@ -110,7 +110,7 @@ def _tq_load_norm(slot_ptrs, mask, NORM_OFF: tl.constexpr, NORM: tl.constexpr):
 
 
 @triton.jit
-def _tq_row_slots(
+def _tq_row_regions(
     cache_ptr,
     slot_mapping_ptr,
     rows,
@@ -119,14 +119,16 @@ def _tq_row_slots(
     num_slots,
     block_size,
     stride_c_block,
-    stride_c_offset,
     stride_c_head,
     HAS_SLOT_MAPPING: tl.constexpr,
 ):
-    """Slot pointers `[N]` and a validity mask `[N]` for flattened (token, head) ``rows`` `[N]`.
+    """Region pointers, offsets in the block and a validity mask (each `[N]`) of flattened (token,
+    head) ``rows`` `[N]` of a cache `[num_blocks, num_heads, block_size, slot_bytes]`.
 
     Row ``r`` is token ``r // num_heads`` of head ``r % num_heads``; its slot is
     ``slot_mapping[token]`` (``block * block_size + offset``), or the token itself without a mapping.
+    A field of the row lives at ``region + FIELD_OFF + offset * FIELD_BYTES``
+    (:meth:`tq_core.formats.KVFormat.region_offsets`); contiguous slots are the case ``block_size == 1``.
     Slots outside ``[0, num_slots)`` (``-1`` = padding) are invalid, so no kernel touches memory
     outside the cache whatever the mapping holds.
     """
@@ -141,8 +143,8 @@ def _tq_row_slots(
     slot = tl.where(valid, slot, 0)
     block = slot // block_size
     offset = slot % block_size
-    ptrs = cache_ptr + block * stride_c_block + offset * stride_c_offset + head.to(tl.int64) * stride_c_head
-    return ptrs, valid
+    regions = cache_ptr + block * stride_c_block + head.to(tl.int64) * stride_c_head
+    return regions, offset, valid
 
 
 @triton.jit

@@ -1,7 +1,8 @@
 """TurboQuant slots back to K and V: ``x = (gamma * c[idx]) @ R`` (``R^T c`` per row, IEEE float32).
 
 One program decodes ``BLOCK_N`` (token, head) rows of one component; program axis 1 picks the key (0)
-or the value (1).  Rows whose slot is ``-1`` (or outside the cache) come out as zeros.
+or the value (1).  Rows whose slot is ``-1`` (or outside the cache) come out as zeros.  Fields are
+addressed as in :mod:`tq_kernels._kernels.store` (``region + FIELD_OFF + offset * FIELD_ROW``).
 """
 
 import triton
@@ -10,27 +11,40 @@ import triton.language as tl
 from tq_kernels._kernels.codes import (
     _tq_centroids,
     _tq_f32_to_bf16_bits,
-    _tq_load_codes,
     _tq_load_norm,
-    _tq_row_slots,
+    _tq_load_plane_codes,
+    _tq_row_regions,
 )
 
 
 @triton.jit
-def _tq_dequant_component(out_ptr, rows, num_rows, slot_ptrs, valid, rot_ptr, lut_ptr,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr, HI: tl.constexpr,
-                          CODE_OFF: tl.constexpr, NORM_OFF: tl.constexpr, NORM: tl.constexpr,
-                          TWO_BYTES: tl.constexpr):
+def _tq_dequant_component(
+    out_ptr,
+    rows,
+    num_rows,
+    code_ptrs,
+    norm_ptrs,
+    valid,
+    rot_ptr,
+    lut_ptr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BITS: tl.constexpr,
+    NORM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    mask = valid & d_ok[None, :]
-    idx = _tq_load_codes(slot_ptrs, offs_d, mask, CODE_OFF, BITS, HI, TWO_BYTES)
-    gamma = _tq_load_norm(slot_ptrs, valid, NORM_OFF, NORM)  # [BLOCK_N, 1]
-    c = tl.where(mask, _tq_centroids(lut_ptr, idx, offs_d, HI) * gamma, 0.0)
-    rot = tl.load(rot_ptr + offs_d[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=d_ok[:, None] & d_ok[None, :], other=0.0)
-    x = tl.dot(c, rot, input_precision="ieee")
-    x = tl.where(valid, x, 0.0)
+    idx = _tq_load_plane_codes(code_ptrs, valid, 0, BITS, HEAD_DIM, BLOCK_D, BLOCK_N)
+    gamma = _tq_load_norm(norm_ptrs, valid, 0, NORM)
+    mask = valid[:, None] & d_ok[None, :]
+    c = tl.where(mask, _tq_centroids(lut_ptr, idx, offs_d, 0) * gamma[:, None], 0.0)
+    rot = tl.load(
+        rot_ptr + offs_d[:, None] * HEAD_DIM + offs_d[None, :], mask=d_ok[:, None] & d_ok[None, :], other=0.0
+    )
+    x = tl.dot(c, rot, input_precision=DOT_PRECISION)
+    x = tl.where(valid[:, None], x, 0.0)
 
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
     out_mask = (rows < num_rows)[:, None] & d_ok[None, :]
@@ -42,26 +56,62 @@ def _tq_dequant_component(out_ptr, rows, num_rows, slot_ptrs, valid, rot_ptr, lu
 
 @triton.jit(do_not_specialize=["num_rows"])
 def _tq_dequant_kernel(
-    cache_ptr, slot_mapping_ptr, rot_ptr, k_lut_ptr, v_lut_ptr, k_out_ptr, v_out_ptr,
-    num_rows, num_heads, num_slots, block_size,
-    stride_c_block, stride_c_offset, stride_c_head,
+    cache_ptr,
+    slot_mapping_ptr,
+    rot_ptr,
+    k_lut_ptr,
+    v_lut_ptr,
+    k_out_ptr,
+    v_out_ptr,
+    num_rows,
+    num_heads,
+    num_slots,
+    block_size,
+    stride_c_block,
+    stride_c_head,
     HAS_SLOT_MAPPING: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    K_BITS: tl.constexpr, K_HI: tl.constexpr, K_CODE_OFF: tl.constexpr, K_NORM_OFF: tl.constexpr,
-    K_NORM: tl.constexpr, K_TWO_BYTES: tl.constexpr,
-    V_BITS: tl.constexpr, V_HI: tl.constexpr, V_CODE_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr,
-    V_NORM: tl.constexpr, V_TWO_BYTES: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_BITS: tl.constexpr,
+    K_CODE_OFF: tl.constexpr,
+    K_CODE_ROW: tl.constexpr,
+    K_NORM_OFF: tl.constexpr,
+    K_NORM: tl.constexpr,
+    K_NORM_ROW: tl.constexpr,
+    V_BITS: tl.constexpr,
+    V_CODE_OFF: tl.constexpr,
+    V_CODE_ROW: tl.constexpr,
+    V_NORM_OFF: tl.constexpr,
+    V_NORM: tl.constexpr,
+    V_NORM_ROW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Decode rows into contiguous K and V `[num_tokens, num_heads, HEAD_DIM]`; grid ``(cdiv(num_rows, BLOCK_N), 2)``."""
     pid = tl.program_id(0).to(tl.int64)
     component = tl.program_id(1)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    slot_ptrs, valid = _tq_row_slots(cache_ptr, slot_mapping_ptr, rows, num_rows, num_heads, num_slots,
-                                     block_size, stride_c_block, stride_c_offset, stride_c_head,
-                                     HAS_SLOT_MAPPING)
+    regions, offset, valid = _tq_row_regions(
+        cache_ptr,
+        slot_mapping_ptr,
+        rows,
+        num_rows,
+        num_heads,
+        num_slots,
+        block_size,
+        stride_c_block,
+        stride_c_head,
+        HAS_SLOT_MAPPING,
+    )
     if component == 0:
-        _tq_dequant_component(k_out_ptr, rows, num_rows, slot_ptrs, valid, rot_ptr, k_lut_ptr, HEAD_DIM, BLOCK_D,
-                              K_BITS, K_HI, K_CODE_OFF, K_NORM_OFF, K_NORM, K_TWO_BYTES)
+        _tq_dequant_component(
+            k_out_ptr, rows, num_rows, regions + K_CODE_OFF + offset * K_CODE_ROW,
+            regions + K_NORM_OFF + offset * K_NORM_ROW, valid, rot_ptr, k_lut_ptr, HEAD_DIM, BLOCK_D, BLOCK_N,
+            K_BITS, K_NORM, DOT_PRECISION,
+        )  # fmt: skip
     else:
-        _tq_dequant_component(v_out_ptr, rows, num_rows, slot_ptrs, valid, rot_ptr, v_lut_ptr, HEAD_DIM, BLOCK_D,
-                              V_BITS, V_HI, V_CODE_OFF, V_NORM_OFF, V_NORM, V_TWO_BYTES)
+        _tq_dequant_component(
+            v_out_ptr, rows, num_rows, regions + V_CODE_OFF + offset * V_CODE_ROW,
+            regions + V_NORM_OFF + offset * V_NORM_ROW, valid, rot_ptr, v_lut_ptr, HEAD_DIM, BLOCK_D, BLOCK_N,
+            V_BITS, V_NORM, DOT_PRECISION,
+        )  # fmt: skip

@@ -1,6 +1,6 @@
 """KVFormat <-> a stable string key, so custom ops (which take only primitive arguments) can name a format.
 
-The key spells out every field of the format (``tq-fmt/v1/d128/k4.16.float16.1/v4.0.float16.1/s134/
+The key spells out every field of the format (``tq-fmt/v1/d128/k4.0.float16.1/v4.0.float16.1/s134/
 hadamard/0/turboquant_4bit_nc``), so it is the same in every process and a key that reaches a custom op
 before its format was registered here (a graph compiled in another process, say) still resolves.
 
@@ -9,7 +9,7 @@ Example:
     >>> fmt = named_format("turboquant_4bit_nc", 128)
     >>> key = format_key(fmt)
     >>> key
-    'tq-fmt/v1/d128/k4.16.float16.1/v4.0.float16.1/s134/hadamard/0/turboquant_4bit_nc'
+    'tq-fmt/v1/d128/k4.0.float16.1/v4.0.float16.1/s134/hadamard/0/turboquant_4bit_nc'
     >>> lookup_format(key) == fmt
     True
 """

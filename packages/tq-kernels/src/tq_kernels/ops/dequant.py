@@ -21,11 +21,15 @@ from tq_kernels.ops._slot_checks import (
     check_last_dim_contiguous,
     check_slot_mapping,
     check_tensor,
+    field_constexprs,
 )
+
+from tq_kernels.tuning import rotation_dot_precision
 
 __all__ = ["tq_dequantize_paged", "tq_dequantize"]
 
 _BLOCK_N = 16  # (token, head) rows per program; tl.dot's smallest M
+_NUM_WARPS = 4
 
 
 def _check_dtype(dtype: object) -> torch.dtype:
@@ -43,8 +47,10 @@ def _launch(
     layer: int,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode into new `[num_tokens, num_kv_heads, head_dim]` tensors."""
-    num_heads = cache.shape[2]
+    """Decode into new `[num_tokens, num_kv_heads, head_dim]` tensors from a paged cache `[num_blocks,
+    num_kv_heads, block_size, slot_bytes]`, or without ``slot_mapping`` from contiguous slots viewed as
+    `[num_tokens, 1, 1, slot_bytes]`."""
+    num_heads = cache.shape[1]
     shape = (num_tokens, num_heads, fmt.head_dim)
     key = torch.empty(shape, dtype=dtype, device=cache.device)
     value = torch.empty(shape, dtype=dtype, device=cache.device)
@@ -53,7 +59,8 @@ def _launch(
         return key, value
     kf = kernel_format(fmt)
     k_lut, v_lut = kf.centroids(cache.device)
-    kc, vc = kf.key, kf.value
+    block_size = cache.shape[2]
+    fields = field_constexprs(fmt, block_size if slot_mapping is not None else None)
     _tq_dequant_kernel[(triton.cdiv(num_rows, _BLOCK_N), 2)](
         cache,
         slot_mapping if slot_mapping is not None else cache,
@@ -64,27 +71,21 @@ def _launch(
         value,
         num_rows,
         num_heads,
-        cache.shape[0] * cache.shape[1],
-        cache.shape[1],
+        cache.shape[0] * block_size,
+        block_size,
         cache.stride(0),
         cache.stride(1),
-        cache.stride(2),
         HAS_SLOT_MAPPING=slot_mapping is not None,
         HEAD_DIM=kf.head_dim,
         BLOCK_D=max(16, kf.block_d),
         BLOCK_N=_BLOCK_N,
-        K_BITS=kc.bits,
-        K_HI=kc.hi,
-        K_CODE_OFF=kc.code_offset,
-        K_NORM_OFF=kc.norm_offset,
-        K_NORM=kc.norm_code,
-        K_TWO_BYTES=kc.two_bytes,
-        V_BITS=vc.bits,
-        V_HI=vc.hi,
-        V_CODE_OFF=vc.code_offset,
-        V_NORM_OFF=vc.norm_offset,
-        V_NORM=vc.norm_code,
-        V_TWO_BYTES=vc.two_bytes,
+        K_BITS=kf.key.bits,
+        K_NORM=kf.key.norm_code,
+        V_BITS=kf.value.bits,
+        V_NORM=kf.value.norm_code,
+        DOT_PRECISION=rotation_dot_precision(cache.device),
+        num_warps=_NUM_WARPS,
+        **{k: v for k, v in fields.items() if k.startswith(("K_", "V_"))},
     )
     return key, value
 
@@ -101,7 +102,7 @@ def _dequantize_paged_op(
 def _(
     cache: torch.Tensor, slot_mapping: torch.Tensor, fmt_key: str, layer: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (slot_mapping.shape[0], cache.shape[2], lookup_format(fmt_key).head_dim)
+    shape = (slot_mapping.shape[0], cache.shape[1], lookup_format(fmt_key).head_dim)
     return cache.new_empty(shape, dtype=dtype), cache.new_empty(shape, dtype=dtype)
 
 
@@ -136,8 +137,9 @@ def tq_dequantize_paged(
     ``x = gamma * R^T c[codes]``, as ``fmt.decode`` (the tq_core reference) computes it.
 
     Args:
-        cache: uint8 `[num_blocks, block_size, num_kv_heads, slot_bytes]`, any strides on the first
-            three dims, each slot contiguous.
+        cache: uint8 `[num_blocks, num_kv_heads, block_size, slot_bytes]` (``fmt.cache_shape``), any
+            strides on the first two dims, each (block, head) region contiguous and laid out as
+            :meth:`~tq_core.formats.KVFormat.region_offsets` says.
         slot_mapping: int32/int64 `[num_tokens]` slots ``block * block_size + offset``; ``-1`` (or
             anything outside the cache) gives zeros.
         fmt: the cache's :class:`~tq_core.formats.KVFormat`.

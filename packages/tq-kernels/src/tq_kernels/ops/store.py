@@ -21,13 +21,17 @@ from tq_kernels.ops._slot_checks import (
     check_last_dim_contiguous,
     check_slot_mapping,
     check_tensor,
+    field_constexprs,
 )
+
+from tq_kernels.tuning import rotation_dot_precision
 
 __all__ = ["tq_store_paged", "tq_store"]
 
 # (token, head) rows per program: 16 is tl.dot's smallest M; a larger tile would share the rotation
 # tile between more rows but holds more float32 registers.
 _BLOCK_N = 16
+_NUM_WARPS = 4
 
 
 def _check_kv(key: object, value: object, fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +59,8 @@ def _launch(
     fmt: KVFormat,
     layer: int,
 ) -> None:
-    """Launch on key/value `[T, H, D]` and cache `[num_blocks, block_size, H, slot_bytes]`."""
+    """Launch on key/value `[T, H, D]` and a paged cache `[num_blocks, H, block_size, slot_bytes]`, or
+    without ``slot_mapping`` on contiguous slots viewed as `[T, 1, 1, slot_bytes]`."""
     num_tokens, num_heads, _ = key.shape
     num_rows = num_tokens * num_heads
     if num_rows == 0:
@@ -64,9 +69,8 @@ def _launch(
     device = key.device
     k_bnd, v_bnd = kf.boundaries(device)
     k_lut, v_lut = kf.centroids(device)
-    kc, vc = kf.key, kf.value
-    grid = (triton.cdiv(num_rows, _BLOCK_N), 2)
-    _tq_store_kernel[grid](
+    block_size = cache.shape[2]
+    _tq_store_kernel[(triton.cdiv(num_rows, _BLOCK_N), 2)](
         key,
         value,
         cache,
@@ -78,37 +82,27 @@ def _launch(
         v_lut,
         num_rows,
         num_heads,
-        cache.shape[0] * cache.shape[1],
-        cache.shape[1],
+        cache.shape[0] * block_size,
+        block_size,
         key.stride(0),
         key.stride(1),
         value.stride(0),
         value.stride(1),
         cache.stride(0),
         cache.stride(1),
-        cache.stride(2),
         HAS_SLOT_MAPPING=slot_mapping is not None,
         HEAD_DIM=kf.head_dim,
         BLOCK_D=max(16, kf.block_d),
         BLOCK_N=_BLOCK_N,
-        SLOT_BYTES=kf.slot_bytes,
-        BLOCK_S=triton.next_power_of_2(kf.slot_bytes),
-        USED_BYTES=fmt.used_bytes,
-        K_BITS=kc.bits,
-        K_HI=kc.hi,
-        K_CODE_OFF=kc.code_offset,
-        K_CODE_BYTES=kc.code_bytes,
-        K_NORM_OFF=kc.norm_offset,
-        K_NORM=kc.norm_code,
-        K_NORM_BYTES=kc.norm_bytes,
+        K_BITS=kf.key.bits,
+        K_NORM=kf.key.norm_code,
         K_NC=fmt.key.norm_correction,
-        V_BITS=vc.bits,
-        V_HI=vc.hi,
-        V_CODE_OFF=vc.code_offset,
-        V_CODE_BYTES=vc.code_bytes,
-        V_NORM_OFF=vc.norm_offset,
-        V_NORM=vc.norm_code,
+        V_BITS=kf.value.bits,
+        V_NORM=kf.value.norm_code,
         V_NC=fmt.value.norm_correction,
+        DOT_PRECISION=rotation_dot_precision(key.device),
+        num_warps=_NUM_WARPS,
+        **field_constexprs(fmt, block_size if slot_mapping is not None else None),
     )
 
 
@@ -170,8 +164,9 @@ def tq_store_paged(
         key: `[num_tokens, num_kv_heads, head_dim]` float16/bfloat16/float32, contiguous in the last
             dimension (any strides on the others, e.g. a slice of a fused QKV output).
         value: like ``key`` (same shape; dtype and strides may differ).
-        cache: uint8 `[num_blocks, block_size, num_kv_heads, slot_bytes]`, any strides on the first
-            three dims, each slot contiguous.
+        cache: uint8 `[num_blocks, num_kv_heads, block_size, slot_bytes]` (``fmt.cache_shape``), any
+            strides on the first two dims, each (block, head) region contiguous and laid out as
+            :meth:`~tq_core.formats.KVFormat.region_offsets` says.
         slot_mapping: int32/int64 `[num_tokens]`, slot ``block * block_size + offset`` of every token;
             ``-1`` (and anything outside the cache) is skipped and nothing is written for it.
         fmt: the cache's :class:`~tq_core.formats.KVFormat`.
@@ -187,9 +182,9 @@ def tq_store_paged(
     fmt = check_format(fmt, layer)
     key, value = _check_kv(key, value, fmt)
     cache = check_cache(cache, fmt)
-    if key.dim() != 3 or key.shape[1] != cache.shape[2]:
+    if key.dim() != 3 or key.shape[1] != cache.shape[1]:
         raise ValueError(
-            f"key and value must be [num_tokens, num_kv_heads={cache.shape[2]}, {fmt.head_dim}] "
+            f"key and value must be [num_tokens, num_kv_heads={cache.shape[1]}, {fmt.head_dim}] "
             f"to match the cache, got {tuple(key.shape)}"
         )
     slot_mapping = check_slot_mapping(slot_mapping, key.shape[0])
@@ -221,7 +216,7 @@ def tq_store(
         >>> k, v = torch.randn(2, 4, 64), torch.randn(2, 4, 64)
         >>> out = torch.empty(2, 4, fmt.slot_bytes, dtype=torch.uint8)
         >>> tq_store(k, v, out, fmt).shape  # doctest: +SKIP
-        torch.Size([2, 4, 102])
+        torch.Size([2, 4, 54])
     """
     fmt = check_format(fmt, layer)
     key, value = _check_kv(key, value, fmt)
