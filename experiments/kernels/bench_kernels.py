@@ -142,8 +142,12 @@ def ablate_decode(batch: int, ctx: int, name: str) -> list[dict]:
     rows = []
     for cfg in (LaunchConfig(64, 4, 2), LaunchConfig(128, 4, 2), LaunchConfig(32, 2, 2)):
         for ab in (0, 1, 2, 3):
-            ms = bench_ms(lambda cfg=cfg, ab=ab: tq_decode_attention(q, cache, table, seq_lens, fmt, config=cfg,
-                                                                      max_seq_len=ctx, _ablate=ab), rep=50)[0]
+            ms = bench_ms(
+                lambda cfg=cfg, ab=ab: tq_decode_attention(
+                    q, cache, table, seq_lens, fmt, config=cfg, max_seq_len=ctx, _ablate=ab
+                ),
+                rep=50,
+            )[0]
             rows.append(dict(config=str(cfg), ablate=ab, ms=ms))
             print(f"ablate {ab} {cfg}: {ms:.3f} ms", flush=True)
     return rows
@@ -257,7 +261,10 @@ def main() -> None:
     write_result(
         "kernels_h200", {"gpu": gpu_name(), "copy_gbps": copy_gbps, "rows": rows, "decode_tuning": tuning}
     )
-    dec = [r for r in rows if r["op"] == "decode" and r["shape"].startswith("B32")]
+    dec = sorted(
+        (r for r in rows if r["op"] == "decode" and r["shape"].startswith("B32")),
+        key=lambda r: int(r["shape"].split("xL")[1]),
+    )
     series: dict[str, tuple[list[float], list[float]]] = {}
     for r in dec:
         ctx = int(r["shape"].split("xL")[1])
