@@ -126,9 +126,12 @@ def pack_planes(idx: torch.Tensor, bits: int) -> torch.Tensor:
     check_bits(bits)
     if idx.dtype.is_floating_point or idx.dtype == torch.bool:
         raise ValueError(f"idx must be an integer tensor, got {idx.dtype}")
-    v = idx.to(torch.int64)
+    widths = plane_widths(bits)
+    if len(widths) == 1:  # 1, 2, 4, 8 bits: the plane layout is the dense stream
+        return pack_bits(idx, bits)
+    v = idx if idx.dtype == torch.uint8 else idx.to(torch.int64)
     parts, shift = [], bits
-    for w in plane_widths(bits):
+    for w in widths:
         shift -= w
         parts.append(pack_bits((v >> shift) & ((1 << w) - 1), w))
     return torch.cat(parts, dim=-1)
