@@ -1,5 +1,6 @@
 import pytest
 import torch
+from _paged import TOL, make_paged, rel_err
 
 from tq_core import named_format, paged_extend_attention_ref
 from tq_kernels.ops.extend import tq_extend_attention
@@ -7,8 +8,6 @@ from tq_kernels.tuning import LaunchConfig
 
 # 16-key tiles: several tiles per prefix and chunk, so tile boundaries are exercised
 SMALL = LaunchConfig(block_n=16, num_warps=4, num_stages=1)
-
-from _paged import TOL, make_paged, rel_err
 
 CASES = [
     # id, prefix lens, chunk lens, heads, kv heads, page, format

@@ -9,9 +9,9 @@ import triton
 
 from tq_core.formats import KVFormat
 from tq_kernels._format import kernel_format, rotation_for
-from tq_kernels.tuning import LaunchConfig, decode_config
 from tq_kernels._kernels.decode import _tq_decode_attention_kernel, _tq_decode_reduce_kernel
 from tq_kernels.ops._attn_checks import check_attention_common, check_paged_cache, sm_count
+from tq_kernels.tuning import LaunchConfig, decode_config
 
 __all__ = ["tq_decode_attention", "default_num_splits"]
 

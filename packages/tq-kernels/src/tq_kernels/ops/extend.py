@@ -7,9 +7,9 @@ import triton
 
 from tq_core.formats import KVFormat
 from tq_kernels._format import kernel_format, rotation_for
-from tq_kernels.tuning import LaunchConfig, extend_config
 from tq_kernels._kernels.extend import _tq_extend_attention_kernel
 from tq_kernels.ops._attn_checks import check_attention_common, check_paged_cache
+from tq_kernels.tuning import LaunchConfig, extend_config
 
 __all__ = ["tq_extend_attention"]
 
@@ -81,7 +81,7 @@ def tq_extend_attention(
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}")
 
-    d, bd = kf.head_dim, kf.block_d
+    d = kf.head_dim
     rot = rotation_for(fmt, layer, q.device)
     scale = d**-0.5 if scale is None else float(scale)
     q_rot = ((q.to(torch.float32) @ rot.T) * scale).contiguous()

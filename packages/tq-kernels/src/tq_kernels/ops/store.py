@@ -23,7 +23,6 @@ from tq_kernels.ops._slot_checks import (
     check_tensor,
     field_constexprs,
 )
-
 from tq_kernels.tuning import rotation_dot_precision
 
 __all__ = ["tq_store_paged", "tq_store"]
