@@ -118,7 +118,10 @@ def test_decode_permuted_cache_strides():
     [
         (lambda a: a.update(q=a["q"].to(torch.int32)), "float16, bfloat16 or float32"),
         (lambda a: a.update(q=a["q"][..., :32]), "head_dim 32 does not match"),
-        (lambda a: a.update(cache=a["cache"][..., :-1]), r"cache must be \[num_blocks, num_kv_heads, block_size, 70\]"),
+        (
+            lambda a: a.update(cache=a["cache"][..., :-1]),
+            r"cache must be \[num_blocks, num_kv_heads, block_size, 70\]",
+        ),
         (lambda a: a.update(block_table=a["block_table"].float()), "block_table must be an int32"),
         (lambda a: a.update(seq_lens=a["seq_lens"][:0]), "sequence lengths must be"),
         (lambda a: a.update(q=a["q"][:, :3]), "multiple of num_kv_heads"),

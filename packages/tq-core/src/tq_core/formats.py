@@ -299,7 +299,9 @@ class KVFormat:
                 f"cache slot size {cache.shape[-1]} does not match format {self.name!r} ({self.slot_bytes} B)"
             )
         if cache.stride(3) != 1 or cache.stride(2) != self.slot_bytes:
-            raise ValueError("each (block, head) region of the cache must be contiguous (strides [..., slot_bytes, 1])")
+            raise ValueError(
+                "each (block, head) region of the cache must be contiguous (strides [..., slot_bytes, 1])"
+            )
         nb, hkv, bs, _ = cache.shape
         return cache.view(nb, hkv, bs * self.slot_bytes)
 
@@ -375,8 +377,12 @@ def _region_map(fmt: KVFormat, block_size: int, device: str) -> torch.Tensor:
     p = torch.arange(fmt.slot_bytes)[None, :]
     pad = torch.ones(fmt.slot_bytes, dtype=torch.bool)
     out = torch.zeros(block_size, fmt.slot_bytes, dtype=torch.int64)
-    for start, size, region_start in ((0, kc, r_kc), (kc, vc, r_vc), (fmt.key_norm_offset, kn, r_kn),
-                                      (fmt.value_norm_offset, vn, r_vn)):
+    for start, size, region_start in (
+        (0, kc, r_kc),
+        (kc, vc, r_vc),
+        (fmt.key_norm_offset, kn, r_kn),
+        (fmt.value_norm_offset, vn, r_vn),
+    ):
         sel = (p >= start) & (p < start + size)
         out = torch.where(sel, region_start + t * size + (p - start), out)
         pad[start : start + size] = False

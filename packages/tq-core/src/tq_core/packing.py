@@ -22,8 +22,15 @@ import torch
 
 from tq_core._validate import check_bits
 
-__all__ = ["packed_bytes", "pack_bits", "unpack_bits", "plane_widths", "planes_bytes", "pack_planes",
-           "unpack_planes"]
+__all__ = [
+    "packed_bytes",
+    "pack_bits",
+    "unpack_bits",
+    "plane_widths",
+    "planes_bytes",
+    "pack_planes",
+    "unpack_planes",
+]
 
 
 def packed_bytes(n: int, bits: int) -> int:

@@ -53,10 +53,18 @@ class KernelFormat:
         offsets of the K/V code arrays and norm arrays inside a region, and bytes per code row."""
         kc, vc, kn, vn = self.fmt.region_offsets(page)
         return {
-            "HEAD_DIM": self.head_dim, "BLOCK_D": self.block_d, "PAGE": page,
-            "K_BITS": self.key.bits, "K_ROW": self.key.code_bytes, "K_CODE_OFF": kc, "K_NORM_OFF": kn,
+            "HEAD_DIM": self.head_dim,
+            "BLOCK_D": self.block_d,
+            "PAGE": page,
+            "K_BITS": self.key.bits,
+            "K_ROW": self.key.code_bytes,
+            "K_CODE_OFF": kc,
+            "K_NORM_OFF": kn,
             "K_NORM": self.key.norm_code,
-            "V_BITS": self.value.bits, "V_ROW": self.value.code_bytes, "V_CODE_OFF": vc, "V_NORM_OFF": vn,
+            "V_BITS": self.value.bits,
+            "V_ROW": self.value.code_bytes,
+            "V_CODE_OFF": vc,
+            "V_NORM_OFF": vn,
             "V_NORM": self.value.norm_code,
         }
 

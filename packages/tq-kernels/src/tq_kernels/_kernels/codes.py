@@ -47,8 +47,15 @@ def _tq_load_norm_rows(region_ptrs, rows, n_mask, NORM_OFF: tl.constexpr, NORM: 
 
 
 @triton.jit
-def _tq_plane(slot_ptrs, n_mask, OFF: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _tq_plane(
+    slot_ptrs,
+    n_mask,
+    OFF: tl.constexpr,
+    W: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """One ``W``-bit plane (W in 1, 2, 4, 8) of a tile: int32 `[BLOCK_N, BLOCK_D]`, coordinate order.
 
     Byte ``i`` of the plane holds coordinates ``i * (8 // W) + k`` in bits ``[k W, (k + 1) W)``, so the
@@ -67,8 +74,15 @@ def _tq_plane(slot_ptrs, n_mask, OFF: tl.constexpr, W: tl.constexpr, HEAD_DIM: t
 
 
 @triton.jit
-def _tq_load_plane_codes(slot_ptrs, n_mask, CODE_OFF: tl.constexpr, BITS: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _tq_load_plane_codes(
+    slot_ptrs,
+    n_mask,
+    CODE_OFF: tl.constexpr,
+    BITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Code indices (int32 `[BLOCK_N, BLOCK_D]`) of the slots ``slot_ptrs`` `[BLOCK_N]` in the plane
     layout of :func:`tq_core.packing.pack_planes`: planes of 8, 4, 2, 1 bits, high part first."""
     OFF4: tl.constexpr = CODE_OFF + HEAD_DIM * (BITS & 8) // 8
@@ -166,8 +180,16 @@ def _tq_quantize(y, bnd_ptr, offs_d, BITS: tl.constexpr, HI: tl.constexpr):
 
 
 @triton.jit
-def _tq_store_plane(slot_ptrs, part, mask, OFF: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _tq_store_plane(
+    slot_ptrs,
+    part,
+    mask,
+    OFF: tl.constexpr,
+    W: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Write one ``W``-bit plane (W in 1, 2, 4, 8) of ``part`` `[BLOCK_N, BLOCK_D]` (values < 2**W):
     byte ``i`` gets coordinates ``i * (8 // W) + k`` in bits ``[k W, (k + 1) W)``, the inverse of
     :func:`_tq_plane`; one contiguous `[BLOCK_N, HEAD_DIM * W / 8]` byte store per tile."""
@@ -181,8 +203,16 @@ def _tq_store_plane(slot_ptrs, part, mask, OFF: tl.constexpr, W: tl.constexpr, H
 
 
 @triton.jit
-def _tq_store_plane_codes(slot_ptrs, idx, mask, CODE_OFF: tl.constexpr, BITS: tl.constexpr,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _tq_store_plane_codes(
+    slot_ptrs,
+    idx,
+    mask,
+    CODE_OFF: tl.constexpr,
+    BITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Pack code indices ``idx`` (int32 `[BLOCK_N, BLOCK_D]`) into the slots ``slot_ptrs`` `[BLOCK_N]`
     (rows where ``mask``) in the plane layout of :func:`tq_core.packing.pack_planes`, the inverse of
     :func:`_tq_load_plane_codes`: plane ``w`` holds bits ``[BITS & (w - 1), +w)`` of every index."""

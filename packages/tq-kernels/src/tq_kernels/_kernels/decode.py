@@ -104,7 +104,9 @@ def _tq_decode_attention_kernel(
         if ABLATE == 2 or ABLATE == 3:
             k_idx = (offs_d[None, :] + tok[:, None]) & 15
         else:
-            k_idx = _tq_load_plane_codes(region + K_CODE_OFF + row * K_ROW, n_mask, 0, K_BITS, HEAD_DIM, BLOCK_D, BLOCK_N)
+            k_idx = _tq_load_plane_codes(
+                region + K_CODE_OFF + row * K_ROW, n_mask, 0, K_BITS, HEAD_DIM, BLOCK_D, BLOCK_N
+            )
         if ABLATE == 1 or ABLATE == 3:
             k_c = k_idx.to(tl.float16)
         else:
@@ -123,7 +125,9 @@ def _tq_decode_attention_kernel(
         if ABLATE == 2 or ABLATE == 3:
             v_idx = (offs_d[None, :] + tok[:, None] * 3) & 15
         else:
-            v_idx = _tq_load_plane_codes(region + V_CODE_OFF + row * V_ROW, n_mask, 0, V_BITS, HEAD_DIM, BLOCK_D, BLOCK_N)
+            v_idx = _tq_load_plane_codes(
+                region + V_CODE_OFF + row * V_ROW, n_mask, 0, V_BITS, HEAD_DIM, BLOCK_D, BLOCK_N
+            )
         if ABLATE == 1 or ABLATE == 3:
             v_c = v_idx.to(tl.float16)
         else:

@@ -98,7 +98,9 @@ def _tq_extend_attention_kernel(
             region = cache_ptr + blk * stride_cache_blk + kvh * stride_cache_head
             row = tok % PAGE
             tile_mask = n_mask[:, None] & d_mask[None, :]
-            k_idx = _tq_load_plane_codes(region + K_CODE_OFF + row * K_ROW, n_mask, 0, K_BITS, HEAD_DIM, BLOCK_D, BLOCK_N)
+            k_idx = _tq_load_plane_codes(
+                region + K_CODE_OFF + row * K_ROW, n_mask, 0, K_BITS, HEAD_DIM, BLOCK_D, BLOCK_N
+            )
             k_c = tl.where(tile_mask, tl.load(k_lut_ptr + k_idx), 0.0).to(tl.float16)
             k_gamma = _tq_load_norm_rows(region, row, n_mask, K_NORM_OFF, K_NORM)
             s = tl.dot(q, tl.trans(k_c)) * k_gamma[None, :]
@@ -113,7 +115,9 @@ def _tq_extend_attention_kernel(
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v_idx = _tq_load_plane_codes(region + V_CODE_OFF + row * V_ROW, n_mask, 0, V_BITS, HEAD_DIM, BLOCK_D, BLOCK_N)
+            v_idx = _tq_load_plane_codes(
+                region + V_CODE_OFF + row * V_ROW, n_mask, 0, V_BITS, HEAD_DIM, BLOCK_D, BLOCK_N
+            )
             v_c = tl.where(tile_mask, tl.load(v_lut_ptr + v_idx), 0.0).to(tl.float16)
             v_gamma = tl.where(n_mask, _tq_load_norm_rows(region, row, n_mask, V_NORM_OFF, V_NORM), 0.0)
             acc = acc * alpha[:, None] + tl.dot((p * v_gamma[None, :]).to(tl.float16), v_c)
