@@ -1,4 +1,8 @@
-"""pytest configuration for tq-hf: hardware markers and the skips that go with them.
+"""pytest configuration for tq-hf: Triton interpreter on CPU, hardware markers and their skips.
+
+Without a CUDA device the few tests that run tq_kernels' Triton kernels (``backend="triton"``) need
+Triton's interpreter, which must be switched on before anything imports triton; everything else on CPU
+uses the tq_core reference path.
 
 `slow` tests run by default (deselect them with `-m "not slow"`); `gpu`, `hopper` and `multi_gpu`
 tests skip themselves on machines without the hardware they need.
@@ -6,8 +10,17 @@ tests skip themselves on machines without the hardware they need.
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/_models.py
 
 # Also listed under [tool.pytest.ini_options] in this package's pyproject.toml. Registering them here
 # too keeps them known when pytest runs under another rootdir, e.g. several packages in one call.

@@ -186,3 +186,25 @@ def test_decode_gpu_matrix(d, page, group, fmt_name):
         ref = paged_decode_attention_ref(q.float(), cache, table, seq_lens, fmt, **kw)
         assert not out.isnan().any()
         assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+def test_decode_returns_log_sum_exp():
+    fmt = FORMATS["4bit"]
+    lens = [40, 0, 9]
+    cache, table, _, _ = make_paged(fmt, lens, 2, 16, seed=11)
+    q = torch.randn(3, 4, 64)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    out, lse = tq_decode_attention(q, cache, table, seq_lens, fmt, num_splits=3, softcap=5.0, return_lse=True)
+    assert lse.shape == (3, 4) and lse.dtype == torch.float32
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert bool(torch.isneginf(lse[b]).all())
+            continue
+        k, _ = fmt.gather_paged(cache, table[b], n)
+        kk = k.repeat_interleave(2, dim=1)  # [n, heads, d]
+        s = torch.einsum("hd,nhd->hn", q[b], kk) * 64**-0.5
+        s = 5.0 * torch.tanh(s / 5.0)
+        torch.testing.assert_close(lse[b], torch.logsumexp(s, dim=-1), atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        out, tq_decode_attention(q, cache, table, seq_lens, fmt, num_splits=3, softcap=5.0)
+    )

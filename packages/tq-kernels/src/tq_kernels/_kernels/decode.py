@@ -150,6 +150,7 @@ def _tq_decode_reduce_kernel(
     part_ml_ptr,
     sinks_ptr,
     out_ptr,
+    lse_ptr,
     stride_po_b,
     stride_po_h,
     stride_po_s,
@@ -159,6 +160,7 @@ def _tq_decode_reduce_kernel(
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     USE_SINKS: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -176,6 +178,9 @@ def _tq_decode_reduce_kernel(
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.where(s_mask & (m > float("-inf")), tl.exp(m - m_safe), 0.0)
     denom = tl.sum(w * l_, axis=0)
+    if WRITE_LSE:  # log-sum-exp of the scores of the visible keys (sinks excluded), -inf for none
+        lse = tl.where(denom > 0, m_safe + tl.log(tl.where(denom > 0, denom, 1.0)), float("-inf"))
+        tl.store(lse_ptr + b * NUM_HEADS + h, lse)
     if USE_SINKS:
         denom += tl.exp(sink - m_safe)
     o = tl.load(

@@ -47,8 +47,9 @@ def tq_decode_attention(
     max_seq_len: int | None = None,
     config: LaunchConfig | None = None,
     out: torch.Tensor | None = None,
+    return_lse: bool = False,
     _ablate: int = 0,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of one new token per sequence, reading compressed K/V in place.
 
     Args:
@@ -67,9 +68,12 @@ def tq_decode_attention(
         max_seq_len: an upper bound of ``seq_lens`` known on the host, for the split heuristic only.
         config: tile and pipelining override (default: :func:`tq_kernels.tuning.decode_config`).
         out: optional output `[batch, num_heads, head_dim]` of ``q``'s dtype.
+        return_lse: also return the natural log-sum-exp of the (scaled, soft-capped) scores of the
+            visible keys, float32 `[batch, num_heads]` (``-inf`` where none is visible; sinks are not
+            included), for merging with attention over other keys.
 
     Returns:
-        `[batch, num_heads, head_dim]` in ``q``'s dtype.
+        `[batch, num_heads, head_dim]` in ``q``'s dtype, and the log-sum-exp with ``return_lse``.
 
     Example:
         >>> from tq_core import named_format
@@ -140,11 +144,13 @@ def tq_decode_attention(
         ABLATE=_ablate,  # experiments only: drop a stage to time the rest
     )
     o_rot = torch.empty(batch, num_heads, bd, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device) if return_lse else o_rot
     _tq_decode_reduce_kernel[(batch, num_heads)](
         part_o,
         part_ml,
         sinks if sinks is not None else part_ml,
         o_rot,
+        lse,
         part_o.stride(0),
         part_o.stride(1),
         part_o.stride(2),
@@ -154,10 +160,12 @@ def tq_decode_attention(
         NUM_SPLITS=num_splits,
         BLOCK_S=triton.next_power_of_2(num_splits),
         USE_SINKS=sinks is not None,
+        WRITE_LSE=return_lse,
         BLOCK_D=bd,
     )
     result = o_rot[..., :d] @ rot  # rotate the output back once
     if out is None:
-        return result.to(q.dtype)
-    out.copy_(result)
-    return out
+        out = result.to(q.dtype)
+    else:
+        out.copy_(result)
+    return (out, lse) if return_lse else out

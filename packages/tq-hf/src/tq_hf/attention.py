@@ -1,0 +1,578 @@
+"""The ``"turboquant"`` attention implementation for transformers.
+
+:func:`register` adds :func:`turboquant_attention_forward` to transformers' ``AttentionInterface`` and
+:func:`turboquant_mask` to its ``AttentionMaskInterface`` (``import tq_hf`` does it), so a model loaded
+with ``attn_implementation="turboquant"`` (or switched with ``model.set_attn_implementation``) calls it.
+
+With a :class:`~tq_hf.cache.TurboQuantCache` the attention reads each layer's compressed slots in place:
+
+* one new token per sequence (decode) on CUDA: ``tq_kernels``' paged decode kernel streams the
+  compressed tokens (split-K, GQA heads sharing each K/V load) and returns its log-sum-exp; the exact
+  residual window is attended separately and the two softmax parts are merged by their log-sum-exps;
+* several new tokens (prefill, assisted-decoding verification), or on CPU: the layer is dequantized
+  (tq_core's reference decoder on CPU) and attended with masked softmax attention (SDPA on CUDA).
+
+With any other cache the function is plain causal attention over the K/V it is given.
+
+Masks: the mask function hands over the 2D padding mask (``None`` when nothing is padded), like the
+FlashAttention integration; causality and sliding windows come from positions.  Left padding is served
+by the kernel path (each row's compressed range starts after its padding); any other padding pattern,
+or a 4D mask, takes the dequantize path.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tq_hf.cache import CompressedKV, TurboQuantLayer
+
+__all__ = ["ATTENTION_NAME", "dense_attention", "register", "turboquant_attention_forward", "turboquant_mask"]
+
+ATTENTION_NAME = "turboquant"
+
+
+# -- mask ---------------------------------------------------------------------------------------------
+def turboquant_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """The mask transformers builds for ``"turboquant"``: the 2D key-padding mask `[B, positions]` (bool)
+    or ``None`` when nothing is padded.
+
+    Models that overlay custom patterns on the causal mask (``or``/``and`` mask functions) get the full
+    4D boolean mask of SDPA instead, which the attention applies on its dequantize path.
+    The returned 2D mask carries ``tq_pads`` (left-padding length per row, host tuple; ``None`` when
+    the padding is not only on the left) and ``tq_pads_dev`` (the same on the device).
+    """
+    if kwargs.get("use_vmap"):
+        from transformers.masking_utils import sdpa_mask
+
+        kwargs.pop("allow_is_causal_skip", None)
+        return sdpa_mask(
+            batch_size=batch_size,
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=q_offset,
+            kv_offset=kv_offset,
+            mask_function=mask_function,
+            attention_mask=attention_mask,
+            allow_is_causal_skip=False,
+            **kwargs,
+        )
+    if attention_mask is None or attention_mask.dim() != 2:
+        return attention_mask
+    mask = attention_mask.to(torch.bool)
+    first = mask.to(torch.int32).argmax(dim=1)
+    count = mask.sum(dim=1)
+    stats = torch.stack([first.to(count.dtype), count]).tolist()  # one sync per forward, like FA's mask
+    length = mask.shape[1]
+    if all(c == length for c in stats[1]):
+        return None
+    left_only = all(c == length - f for f, c in zip(*stats, strict=True))
+    mask.tq_pads = tuple(stats[0]) if left_only else None  # type: ignore[attr-defined]
+    mask.tq_pads_dev = first  # type: ignore[attr-defined]
+    return mask
+
+
+def _pads_of(mask: torch.Tensor) -> tuple[tuple[int, ...] | None, torch.Tensor]:
+    pads = getattr(mask, "tq_pads", "missing")
+    dev = getattr(mask, "tq_pads_dev", None)
+    if isinstance(pads, str) or dev is None:  # a mask that did not come through turboquant_mask
+        first = mask.to(torch.int32).argmax(dim=1)
+        count = mask.sum(dim=1)
+        f, c = torch.stack([first.to(count.dtype), count]).tolist()
+        length = mask.shape[1]
+        pads = tuple(f) if all(ci == length - fi for fi, ci in zip(f, c, strict=True)) else None
+        dev = first
+    return pads, dev
+
+
+# -- plain attention ------------------------------------------------------------------------------------
+def _allowed(t: int, length: int, q_offset: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """bool `[t, length]`: query i (at key index q_offset + i) sees key j."""
+    i = torch.arange(t, device=device)[:, None] + q_offset
+    j = torch.arange(length, device=device)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed &= (i - j) < window
+    return allowed
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    q_offset: int | None = None,
+    key_mask: torch.Tensor | None = None,
+    mask4d: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of queries `[B, H, T, d]` over keys/values `[B, Hkv, L, d]`.
+
+    Query ``i`` sits at key index ``q_offset + i`` (default ``L - T``: the queries are the last keys).
+
+    Args:
+        key_mask: bool `[B, L]`, False for padding keys.
+        mask4d: bool (True = attend) or additive float `[B, 1 or H, T, L]`, applied on top.
+        window: sliding window (key j visible from query position p iff ``p - j < window``).
+        softcap: tanh soft-capping of the scores.
+        sinks: `[H]` attention-sink logits.
+
+    Returns:
+        `[B, T, H, d]` in ``q``'s dtype (the layout transformers' attention functions return).
+    """
+    b, h, t, d = q.shape
+    hkv, length = k.shape[1], k.shape[2]
+    group = h // hkv
+    off = length - t if q_offset is None else q_offset
+    window_cuts = window is not None and off + t - 1 >= window  # some query cannot see key 0
+    plain = key_mask is None and mask4d is None and not window_cuts  # causality is the only mask
+
+    if q.is_cuda and softcap is None and sinks is None:
+        if plain and t == 1 and off == length - 1:
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=group > 1)
+        elif plain and off == 0 and t == length:  # a prompt: the flash kernels' causal mask
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=group > 1)
+        else:
+            attn_mask = _allowed(t, length, off, window, q.device)[None, None]
+            if key_mask is not None:
+                attn_mask = attn_mask & key_mask[:, None, None, :]
+            if mask4d is not None:
+                if mask4d.dtype == torch.bool:
+                    attn_mask = attn_mask & mask4d
+                else:
+                    attn_mask = torch.where(attn_mask, mask4d.to(q.dtype), float("-inf"))
+            if group > 1:  # SDPA's mask-capable kernels do not all take enable_gqa
+                k = k.repeat_interleave(group, dim=1)
+                v = v.repeat_interleave(group, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        return out.transpose(1, 2).contiguous()
+
+    allowed = None
+    if not (t == 1 and off == length - 1 and not window_cuts):
+        allowed = _allowed(t, length, off, window, q.device)[None, None]
+    if key_mask is not None:
+        km = key_mask[:, None, None, :]
+        allowed = km if allowed is None else allowed & km
+    bias = None
+    if mask4d is not None:
+        if mask4d.dtype == torch.bool:
+            allowed = mask4d if allowed is None else allowed & mask4d
+        else:
+            bias = mask4d
+
+    # float32 reference math (CPU, softcap, sinks)
+    def per_group(x: torch.Tensor) -> torch.Tensor:  # [B', 1 or H, T, L] -> [B', hkv or 1, g or 1, T, L]
+        return x[:, :, None] if x.shape[1] == 1 else x.reshape(x.shape[0], hkv, group, t, length)
+
+    qf = q.float().view(b, hkv, group, t, d)
+    s = torch.einsum("bkgtd,bkld->bkgtl", qf, k.float()) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s + per_group(bias.float())
+    if allowed is not None:
+        s = s.masked_fill(~per_group(allowed), float("-inf"))
+    if sinks is not None:
+        col = sinks.float().view(1, hkv, group, 1, 1).expand(b, hkv, group, t, 1)
+        p = torch.softmax(torch.cat([s, col], dim=-1), dim=-1)[..., :length]
+    else:
+        p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # a query that sees no key outputs 0
+    out = torch.einsum("bkgtl,bkld->bkgtd", p, v.float()).reshape(b, h, t, d)
+    return out.transpose(1, 2).contiguous().to(q.dtype)
+
+
+# -- attention over a TurboQuantLayer ----------------------------------------------------------------
+def _split_mask(attention_mask: Any, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if attention_mask is None:
+        return None, None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(
+            f"the turboquant attention takes a 2D padding mask or a 4D tensor mask, got {type(attention_mask).__name__}"
+        )
+    if attention_mask.dim() == 2:
+        if attention_mask.shape[1] != n:
+            raise ValueError(
+                f"the padding mask covers {attention_mask.shape[1]} positions but the cache holds {n} tokens"
+            )
+        return attention_mask.to(torch.bool), None
+    if attention_mask.dim() == 4:
+        return None, attention_mask
+    raise ValueError(f"attention_mask must be 2D or 4D, got shape {tuple(attention_mask.shape)}")
+
+
+def _layer_attention(
+    layer: TurboQuantLayer,
+    q: torch.Tensor,
+    attention_mask: Any,
+    *,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    n, t = layer.cumulative_length, q.shape[2]
+    mask2d, mask4d = _split_mask(attention_mask, n)
+    pads: tuple[int, ...] | None = None
+    pads_dev = None
+    if mask2d is not None:
+        pads, pads_dev = _pads_of(mask2d)
+    if layer.pending is not None:  # the prompt: exact attention, then store it knowing the padding
+        k, v = layer.pending
+        out = dense_attention(
+            q, k, v, scale=scale, key_mask=mask2d, mask4d=mask4d, window=window, softcap=softcap, sinks=sinks
+        )
+        layer.flush_pending(pads, pads_dev)
+        return out
+    if t == 1 and q.is_cuda and layer.backend == "triton" and mask4d is None:
+        plan = _kernel_plan(layer, pads, pads_dev, window)
+        if plan is not None and _fused_path_ok(layer, q, window, softcap):
+            STATS["fused"] += 1
+            return _fused_decode(
+                layer, q, plan, pads, pads_dev, scale=scale, window=window, softcap=softcap, sinks=sinks
+            )
+    STATS["dequantize"] += 1
+    k, v = layer.dequantize()
+    length = k.shape[2]
+    return dense_attention(
+        q,
+        k,
+        v,
+        scale=scale,
+        key_mask=None if mask2d is None else mask2d[:, n - length :],
+        mask4d=None if mask4d is None else mask4d[..., -length:],
+        window=window,
+        softcap=softcap,
+        sinks=sinks,
+    )
+
+
+# how many attention calls over a TurboQuantLayer took each path (prompts excluded)
+STATS = {"fused": 0, "dequantize": 0}
+_VERIFIED: dict[tuple[Any, ...], bool] = {}
+
+
+def _fused_path_ok(
+    layer: TurboQuantLayer, q: torch.Tensor, window: int | None, softcap: float | None
+) -> bool:
+    """Whether the kernel path agrees with the dequantize path on this device for this layer's shape,
+    format and dtype: checked once on a synthetic layer (multi-split, left-padded), so that a kernel or
+    launcher that does not behave as expected costs speed (with a warning), never correctness."""
+    key = (
+        str(q.device),
+        layer.fmt,
+        q.dtype,
+        layer.num_kv_heads,
+        q.shape[1],
+        layer.chunk_tokens,
+        softcap,
+        window,
+    )
+    ok = _VERIFIED.get(key)
+    if ok is None:
+        try:
+            err = _check_fused_path(layer, q, window, softcap)
+            ok = err < 3e-2
+            why = f"relative error {err:.3g} against the dequantize path"
+        except (TypeError, KeyError, AttributeError, ImportError, RuntimeError, ValueError) as e:
+            ok, why = False, f"{type(e).__name__}: {e}"
+        _VERIFIED[key] = ok
+        if not ok:
+            warnings.warn(
+                f"tq_hf: the fused decode path failed its check ({why}) for {layer.fmt.name or 'this format'}, "
+                f"{q.dtype}, on {q.device}; this model's decode attention dequantizes instead (slower)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    return ok
+
+
+def _check_fused_path(
+    layer: TurboQuantLayer, q: torch.Tensor, window: int | None, softcap: float | None
+) -> float:
+    hkv, d, c = layer.num_kv_heads, layer.head_dim, layer.chunk_tokens
+    probe = TurboQuantLayer(
+        layer.fmt,
+        0,
+        num_kv_heads=hkv,
+        sliding_window=None if window is None else min(window, 2 * c),
+        residual_length=max(layer.residual_length, 2),
+        chunk_tokens=c,
+        backend="triton",
+        fused_attention=True,
+    )
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def kv(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = torch.randn(2, hkv, t, d, generator=g).to(q.device, q.dtype)
+        return k, torch.randn(2, hkv, t, d, generator=g).to(q.device, q.dtype)
+
+    prompt = 5 * c + 3
+    probe.update(*kv(prompt))
+    pads = (0, c + 5)
+    pads_dev = torch.tensor(pads, device=q.device)
+    probe.flush_pending(pads, pads_dev)
+    for _ in range(3):
+        probe.update(*kv(1))
+    qq = torch.randn(2, q.shape[1], 1, d, generator=g).to(q.device, q.dtype)
+    win = probe.sliding_window
+    plan = _kernel_plan(probe, pads, pads_dev, win)
+    if not plan:
+        raise RuntimeError("the probe layer has no kernel plan")
+    got = _fused_decode(
+        probe, qq, plan, pads, pads_dev, scale=d**-0.5, window=win, softcap=softcap, sinks=None
+    )
+    k, v = probe.dequantize()
+    n = probe.cumulative_length
+    mask = (torch.arange(n, device=q.device)[None, :] >= pads_dev[:, None])[:, n - k.shape[2] :]
+    want = dense_attention(
+        qq.float(), k.float(), v.float(), scale=d**-0.5, key_mask=mask, window=win, softcap=softcap
+    )
+    if not bool(torch.isfinite(got).all()):
+        return float("inf")
+    return float((got.float() - want).norm() / want.norm())
+
+
+def _kernel_plan(
+    layer: TurboQuantLayer,
+    pads: tuple[int, ...] | None,
+    pads_dev: torch.Tensor | None,
+    window: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, int] | tuple[()] | None:
+    """How the decode kernel sees each row's visible compressed tokens: (block_table, seq_lens,
+    max_seq_len); ``()`` when there are none; ``None`` when a row's first visible token does not start a
+    block (padding the storage was not shifted for), so the caller dequantizes instead.  Memoized until
+    the storage changes."""
+    st = layer.kernel_state
+    key = (pads, window is None)
+    if st.get("plan_key") == key:
+        return st["plan"]
+    c, base, start = layer.chunk_tokens, layer.base, layer.start
+    plan: tuple[torch.Tensor, torch.Tensor, int] | tuple[()] | None = ()
+    if layer.slots is not None and layer.n_comp > start:
+        row_pads = pads if pads is not None else (0,) * layer.batch_size
+        # A row's first visible slot must start a block; for a sliding layer the oldest kept token may
+        # not, but the kernel's window never reaches back to it (a spare chunk is kept before the window).
+        ok = all(
+            (max(p, start) - base + sh) % c == 0 or (window is not None and max(p, start) == start)
+            for p, sh in zip(row_pads, layer.shift, strict=True)
+        )
+        plan = None
+        if ok:
+            dev, b, chunks = layer.device, layer.batch_size, layer.chunks
+            assert layer.shift_dev is not None
+            lo = torch.full((b,), start, device=dev, dtype=torch.int64)
+            if pads is not None and pads_dev is not None:
+                lo = torch.maximum(lo, pads_dev.to(device=dev, dtype=torch.int64))
+            first_block = (lo - base + layer.shift_dev) // c
+            rows = torch.arange(b, device=dev, dtype=torch.int64) * chunks
+            idx = torch.arange(chunks, device=dev, dtype=torch.int64)[None, :] + first_block[:, None]
+            table = (rows[:, None] + idx.clamp_(max=chunks - 1)).to(torch.int32)
+            seq_lens = (layer.n_comp - base + layer.shift_dev - first_block * c).clamp_(min=0).to(torch.int32)
+            plan = (table, seq_lens, layer.n_comp - base + max(layer.shift))
+    st["plan_key"], st["plan"] = key, plan
+    return plan
+
+
+def _residual_part(
+    layer: TurboQuantLayer,
+    q1: torch.Tensor,
+    pads: tuple[int, ...] | None,
+    pads_dev: torch.Tensor | None,
+    *,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of decode queries `[B, H, d]` over the residual window, in float32: (normalized
+    output `[B, H, d]`, log-sum-exp `[B, H]`)."""
+    assert layer.res_k is not None and layer.res_v is not None
+    b, h, d = q1.shape
+    hkv, r = layer.num_kv_heads, layer.r
+    kr, vr = layer.res_k[:, :, :r], layer.res_v[:, :, :r]
+    s = torch.matmul(q1.reshape(b, hkv, h // hkv, d).float() * scale, kr.float().transpose(-1, -2))
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    n0, n = layer.n_comp, layer.cumulative_length
+    cut_pad = pads is not None and pads_dev is not None and max(pads) > n0
+    cut_window = window is not None and n - window > n0
+    if cut_pad or cut_window:  # short prompts with padding, or windows shorter than the residual
+        pos = n0 + torch.arange(r, device=q1.device)
+        ok = torch.ones(b, r, dtype=torch.bool, device=q1.device)
+        if cut_pad:
+            assert pads_dev is not None
+            ok &= pos[None, :] >= pads_dev.to(q1.device)[:, None]
+        if cut_window:
+            assert window is not None
+            ok &= (n - 1 - pos)[None, :] < window
+        s = s.masked_fill(~ok[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)  # [b, hkv, g, 1]
+    out = torch.matmul(torch.exp(s - lse), vr.float())
+    return out.reshape(b, h, d), lse.reshape(b, h)
+
+
+def _fused_decode(
+    layer: TurboQuantLayer,
+    q: torch.Tensor,
+    plan: tuple[torch.Tensor, torch.Tensor, int] | tuple[()],
+    pads: tuple[int, ...] | None,
+    pads_dev: torch.Tensor | None = None,
+    *,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    """One decode step: the compressed tokens through tq_kernels' paged decode kernel, the residual
+    window exactly, merged by their log-sum-exps."""
+    from tq_kernels.ops.decode import tq_decode_attention
+
+    b, h, _, d = q.shape
+    q1 = q[:, :, 0]
+    r = layer.r
+    window_c = None if window is None else window - r  # compressed tokens inside the window
+    out = lse = None
+    if r:
+        out, lse = _residual_part(layer, q1, pads, pads_dev, scale=scale, window=window, softcap=softcap)
+    if plan and (window_c is None or window_c > 0):
+        table, seq_lens, max_len = plan
+        assert layer.slots is not None
+        o_c, lse_c = tq_decode_attention(
+            q1.float(),
+            layer.slots,
+            table,
+            seq_lens,
+            layer.fmt,
+            layer=layer.layer_idx,
+            scale=scale,
+            max_seq_len=max_len,
+            sliding_window=window_c,
+            softcap=softcap,
+            return_lse=True,
+        )
+        if out is None or lse is None:
+            out, lse = o_c, lse_c
+        else:
+            w = torch.sigmoid(lse_c - lse)  # share of the compressed tokens in the softmax mass
+            out = torch.lerp(out, o_c, w.unsqueeze(-1))
+            if sinks is not None:
+                lse = torch.logaddexp(lse, lse_c)
+    if out is None or lse is None:  # nothing visible (residual_length=0 and a window of 0)
+        return q.new_zeros(b, 1, h, d)
+    if sinks is not None:
+        out = out * torch.sigmoid(lse - sinks.float()).unsqueeze(-1)
+    return out.to(q.dtype).view(b, 1, h, d)
+
+
+# -- the AttentionInterface entry point -------------------------------------------------------------
+def turboquant_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function (``AttentionInterface`` signature).
+
+    Args:
+        module: the attention module (``is_causal`` and ``training`` are read).
+        query: `[B, H, T, d]`.
+        key, value: `[B, Hkv, L, d]`, or :class:`~tq_hf.cache.CompressedKV` placeholders from a
+            :class:`~tq_hf.cache.TurboQuantCache` layer.
+        attention_mask: from :func:`turboquant_mask`: the 2D padding mask, ``None``, or a 4D mask.
+        scaling: softmax scale (default ``d ** -0.5``).
+        sliding_window: the layer's window, if any.
+        softcap: logit soft-capping (Gemma 2).
+        kwargs: ``s_aux`` (attention sinks `[H]`) is honored; the rest is ignored.
+
+    Returns:
+        (`[B, T, H, d]`, ``None``): attention weights are never materialized.
+
+    Example:
+        >>> import torch
+        >>> q, k = torch.randn(1, 4, 3, 64), torch.randn(1, 2, 3, 64)
+        >>> m = torch.nn.Module()
+        >>> out, _ = turboquant_attention_forward(m, q, k, k, None)
+        >>> out.shape
+        torch.Size([1, 3, 4, 64])
+    """
+    if dropout and module.training:
+        raise ValueError("the turboquant attention is for inference: dropout is not supported")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if not causal:
+        raise ValueError(
+            f"the turboquant attention serves causal decoder attention only ({type(module).__name__} is not causal)"
+        )
+    if kwargs.get("position_bias") is not None:
+        raise ValueError("the turboquant attention does not support additive position biases (ALiBi, T5)")
+    if kwargs.get("output_attentions"):
+        warnings.warn("the turboquant attention does not return attention weights", stacklevel=2)
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    sinks = kwargs.get("s_aux")
+    if isinstance(key, CompressedKV):
+        window = sliding_window if sliding_window is not None else key.tq_layer.sliding_window
+        out = _layer_attention(
+            key.tq_layer, query, attention_mask, scale=scale, window=window, softcap=softcap, sinks=sinks
+        )
+        return out, None
+    tagged = getattr(key, "tq_layer", None)
+    if isinstance(tagged, TurboQuantLayer):
+        tagged.claim_for_fused_attention()
+        if tagged.pending is not None and tagged.pending[0] is key:
+            return _layer_attention(
+                tagged,
+                query,
+                attention_mask,
+                scale=scale,
+                window=sliding_window if sliding_window is not None else tagged.sliding_window,
+                softcap=softcap,
+                sinks=sinks,
+            ), None
+    mask2d, mask4d = None, None
+    if isinstance(attention_mask, torch.Tensor):
+        if attention_mask.dim() == 2:
+            mask2d = attention_mask.to(torch.bool)[:, -key.shape[2] :]
+        else:
+            mask4d = attention_mask[..., -key.shape[2] :]
+    out = dense_attention(
+        query,
+        key,
+        value,
+        scale=scale,
+        key_mask=mask2d,
+        mask4d=mask4d,
+        window=sliding_window,
+        softcap=softcap,
+        sinks=sinks,
+    )
+    return out, None
+
+
+def register(name: str = ATTENTION_NAME) -> None:
+    """Register the attention function and its mask function with transformers under ``name``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, turboquant_attention_forward)
+    AttentionMaskInterface.register(name, turboquant_mask)
