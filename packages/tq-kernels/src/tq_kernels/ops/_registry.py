@@ -61,9 +61,9 @@ def lookup_format(key: str) -> KVFormat:
             _parse_component(v.removeprefix("v")),
             int(s.removeprefix("s")),
             name=name,
-            rotation=rotation,
+            rotation=rotation,  # type: ignore[arg-type]  # validated by KVFormat itself
             seed=int(seed),
-        )  # type: ignore[arg-type]
+        )
     except ValueError as e:
         raise ValueError(f"malformed TurboQuant format key {key!r}: {e}") from e
     return _FORMATS.setdefault(key, fmt)

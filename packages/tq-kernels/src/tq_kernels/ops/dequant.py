@@ -35,7 +35,7 @@ def _check_dtype(dtype: object) -> torch.dtype:
     if dtype not in FLOAT_DTYPES:
         names = ", ".join(str(t) for t in FLOAT_DTYPES)
         raise ValueError(f"dtype must be one of {names}, got {dtype!r}")
-    return dtype  # type: ignore[return-value]
+    return dtype
 
 
 def _launch(
