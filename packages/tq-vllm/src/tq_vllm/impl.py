@@ -1,0 +1,273 @@
+"""``TurboQuantImpl``: the per-layer store and attention of the CUSTOM backend.
+
+A layer with a ``turboquant_*`` kv-cache dtype:
+
+* ``do_kv_cache_update`` encodes the step's K and V into the compressed cache
+  (:func:`tq_kernels.ops.store.tq_store_paged`; padding slots ``-1`` are skipped);
+* ``forward`` runs the decodes (first in the batch) with the fused split-context decode kernel
+  (:func:`tq_kernels.ops.decode.tq_decode_attention`, which reads the slots in place) and the rest
+  (prefill chunks, chunked prefill, prefix-cache hits, speculative verification) with the extend
+  kernel (:func:`tq_kernels.ops.extend.tq_extend_attention`: cached prefix from the compressed
+  cache, the chunk's own K/V exact, causal).
+
+A layer vLLM keeps at ``"auto"`` runs :class:`tq_vllm.dense.DenseAttention` on a plain cache.
+
+Each layer rotates with its own seed, chosen by the layer number in its vLLM name
+(``model.layers.7.self_attn.attn`` -> 7); a layer that shares another layer's KV cache uses the
+owner's number, since it reads the owner's slots.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.v1.attention.backend import AttentionImpl, AttentionType
+
+from tq_kernels.ops.decode import tq_decode_attention
+from tq_kernels.ops.extend import tq_extend_attention
+from tq_kernels.ops.store import tq_store_paged
+from tq_vllm.dense import DenseAttention
+from tq_vllm.metadata import TurboQuantMetadata
+from tq_vllm.presets import SUPPORTED_HEAD_DIMS, describe_support, kv_format, layer_index
+
+__all__ = ["TurboQuantImpl", "compressed_cache_view"]
+
+
+def compressed_cache_view(kv_cache: torch.Tensor, slot_bytes: int) -> torch.Tensor:
+    """vLLM's ``[num_blocks, num_kv_heads, block_size, C]`` uint8 view as the kernels' cache.
+
+    Returns ``[num_blocks, num_kv_heads, block_size, slot_bytes]`` (a view, no copy) whose (block, head)
+    regions are contiguous, as tq-kernels lays them out (:meth:`tq_core.KVFormat.region_offsets`).
+    ``C`` is ``slot_bytes``, except for a sliding-window layer on vLLM 0.26, which sizes that layer's
+    page at ``2 * head_size`` bytes per token-head; the region then takes the leading bytes.
+
+    Raises:
+        ValueError: when the cache is not uint8, or its (block, head) regions are not contiguous
+            (a KV-cache layout with heads inside tokens, which the backend does not declare).
+    """
+    if kv_cache.dtype != torch.uint8 or kv_cache.dim() != 4 or kv_cache.shape[-1] < slot_bytes:
+        raise ValueError(
+            f"a compressed layer's cache must be uint8 [num_blocks, num_kv_heads, block_size, >= "
+            f"{slot_bytes}], got {kv_cache.dtype} {tuple(kv_cache.shape)}"
+        )
+    block_size, content = kv_cache.shape[2:]
+    if kv_cache.stride(3) != 1 or (block_size > 1 and kv_cache.stride(2) != content):
+        raise ValueError(
+            "a compressed layer needs each (block, head) region of its cache contiguous (KV-cache "
+            f"layout LBHNC or BLHNC); got shape {tuple(kv_cache.shape)} strides {kv_cache.stride()}"
+        )
+    if content == slot_bytes:
+        return kv_cache
+    return kv_cache.flatten(2)[..., : block_size * slot_bytes].unflatten(2, (block_size, slot_bytes))
+
+
+class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
+    """Store and attention of one attention layer (arguments as vLLM's ``AttentionImpl``).
+
+    Raises:
+        NotImplementedError: for what the backend does not serve (ALiBi, encoder or cross attention),
+            at model construction, so vLLM stops at startup.
+        ValueError: for a kv-cache dtype or head dim outside :mod:`tq_vllm.presets`.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        **extra_impl_args: Any,
+    ) -> None:
+        if alibi_slopes is not None:
+            raise NotImplementedError(f"ALiBi is not supported; {describe_support()}")
+        if attn_type != AttentionType.DECODER:
+            raise NotImplementedError(f"attention type {attn_type!r} is not supported; {describe_support()}")
+        if head_size not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"head_dim {head_size} is not supported; {describe_support()}")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap or None
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        # `sinks` is the layer's parameter, filled when weights load; keep the reference.
+        self.sinks: torch.Tensor | None = extra_impl_args.get("sinks")
+        self.fmt = kv_format(kv_cache_dtype, head_size)  # None for an uncompressed layer
+        self.dense = (
+            DenseAttention(
+                num_heads,
+                self.num_kv_heads,
+                head_size,
+                self.scale,
+                sliding_window,
+                self.logits_soft_cap,
+                self.sinks,
+            )
+            if self.fmt is None
+            else None
+        )
+        self.layer: int | None = None  # rotation seed index, from the layer name on first use
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _layer_of(self, layer: Any) -> int:
+        if self.layer is None:
+            name = self.kv_sharing_target_layer_name or getattr(layer, "layer_name", "")
+            self.layer = layer_index(str(name))
+        return self.layer
+
+    def prepare(
+        self, layer_name: str, device: torch.device, block_size: int, *, warm: bool | None = None
+    ) -> None:
+        """Fix the layer number and build the kernels' device tables before any graph capture.
+
+        The kernels cache their rotation and codebook tensors per device on first use; a first use
+        inside a CUDA-graph capture would copy from the host mid-capture.  One tiny store and decode
+        on a scratch block builds them (and compiles the kernels) now.  ``warm`` None does that on
+        CUDA only (tests pass True to run it on the CPU).
+        """
+        if self.layer is None:
+            self.layer = layer_index(self.kv_sharing_target_layer_name or layer_name)
+        device = torch.device(device)
+        if self.fmt is None or not (device.type == "cuda" if warm is None else warm):
+            return
+        fmt = self.fmt
+        cache = fmt.allocate_cache(1, block_size, self.num_kv_heads, device=device)
+        kv = torch.zeros(1, self.num_kv_heads, self.head_size, dtype=torch.float16, device=device)
+        tq_store_paged(kv, kv, cache, torch.zeros(1, dtype=torch.int64, device=device), fmt, layer=self.layer)
+        tq_decode_attention(
+            torch.zeros(1, self.num_heads, self.head_size, dtype=torch.float16, device=device),
+            cache,
+            torch.zeros(1, 1, dtype=torch.int32, device=device),
+            torch.ones(1, dtype=torch.int32, device=device),
+            fmt,
+            layer=self.layer,
+            num_splits=1,
+        )
+
+    # -- write path -------------------------------------------------------------------------------
+    def do_kv_cache_update(
+        self,
+        layer: Any,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Write the step's K/V `[num_tokens, num_kv_heads, head_size]` into the layer's cache.
+
+        ``slot_mapping`` has one entry per real token (and ``-1`` for padding tokens when vLLM pads);
+        rows of ``key`` beyond it are CUDA-graph padding.
+        """
+        num_tokens = slot_mapping.shape[0]
+        if num_tokens == 0:
+            return
+        key, value = key[:num_tokens], value[:num_tokens]
+        if self.fmt is None:
+            assert self.dense is not None
+            self.dense.write(layer, key, value, kv_cache.transpose(1, 2), slot_mapping)
+            return
+        cache = compressed_cache_view(kv_cache, self.fmt.slot_bytes)
+        tq_store_paged(key, value, cache, slot_mapping, self.fmt, layer=self._layer_of(layer))
+
+    # -- attention --------------------------------------------------------------------------------
+    def forward(
+        self,
+        layer: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: TurboQuantMetadata | None,
+        output: torch.Tensor | None = None,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention of the step's queries `[num_tokens, num_heads, head_size]` into ``output``.
+
+        The cache already holds this step's K/V (``do_kv_cache_update`` runs first).  ``output`` is
+        `[num_tokens, num_heads, head_size]` or `[num_tokens, num_heads * head_size]`; rows beyond
+        ``num_actual_tokens`` are padding and are left alone.
+        """
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError(f"fused output quantization is not supported; {describe_support()}")
+        if output is None:
+            output = torch.empty(
+                query.shape[0], self.num_heads, self.head_size, dtype=query.dtype, device=query.device
+            )
+        if attn_metadata is None:  # vLLM's profiling run
+            return output.fill_(0)
+        meta = attn_metadata
+        n = meta.num_actual_tokens
+        out = output.view(-1, self.num_heads, self.head_size)[:n]
+        query = query[:n]
+        if self.fmt is None:
+            assert self.dense is not None
+            self.dense.forward(layer, query, kv_cache.transpose(1, 2), meta, out)
+            return output
+        self._forward_compressed(layer, query, key[:n], value[:n], kv_cache, meta, out)
+        return output
+
+    def _forward_compressed(
+        self,
+        layer: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: TurboQuantMetadata,
+        out: torch.Tensor,
+    ) -> None:
+        fmt = self.fmt
+        assert fmt is not None
+        cache = compressed_cache_view(kv_cache, fmt.slot_bytes)
+        common: dict[str, Any] = dict(
+            layer=self._layer_of(layer),
+            scale=self.scale,
+            sliding_window=self.sliding_window,
+            softcap=self.logits_soft_cap,
+            sinks=self.sinks,
+        )
+        # Decode rows are requests 0..nd-1, one token each (trailing zero-token padding requests of
+        # a padded batch own no row).
+        nd = meta.num_decode_tokens
+        if nd > 0:
+            tq_decode_attention(
+                query[:nd],
+                cache,
+                meta.block_table[:nd],
+                meta.seq_lens[:nd],
+                fmt,
+                num_splits=meta.decode_num_splits,
+                max_seq_len=meta.max_seq_len,
+                out=out[:nd],
+                **common,
+            )
+        if meta.num_prefills > 0 and query.shape[0] > nd:
+            first = meta.num_decodes
+            qsl = meta.query_start_loc[first:] - nd
+            # Tokens already cached before each chunk; computed on the device (no host sync).
+            prefix_lens = meta.seq_lens[first:] - (qsl[1:] - qsl[:-1])
+            tq_extend_attention(
+                query[nd:],
+                key[nd:],
+                value[nd:],
+                cache,
+                meta.block_table[first:],
+                prefix_lens,
+                qsl,
+                meta.max_query_len,
+                fmt,
+                out=out[nd:],
+                **common,
+            )

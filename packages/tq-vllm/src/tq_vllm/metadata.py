@@ -1,0 +1,140 @@
+"""Per-step attention metadata of the CUSTOM backend and the builder vLLM calls every step.
+
+vLLM builds one :class:`TurboQuantMetadataBuilder` per attention group (compressed layers and
+uncompressed boundary layers are separate groups), reorders each batch so requests with one new token
+(decodes) come first (``reorder_batch_threshold = 1``, as vLLM's own TurboQuant backend), and calls
+:meth:`TurboQuantMetadataBuilder.build` once per step.  The metadata only holds views of vLLM's
+persistent tensors plus host integers: anything derived from tensors is computed inside ``forward``,
+so a full CUDA graph captured for a decode batch reads the replayed step's values.
+
+Decodes run the split-context kernel with a number of splits that depends only on the batch size and
+the model's maximum length, never on the step's sequence lengths: a captured graph keeps its grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from vllm.v1.attention.backend import (
+    AttentionCGSupport,
+    AttentionMetadata,
+    AttentionMetadataBuilder,
+    CommonAttentionMetadata,
+)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+__all__ = ["TurboQuantMetadata", "TurboQuantMetadataBuilder"]
+
+_MAX_SPLITS = 64  # tq-kernels' own cap on context splits
+
+
+@dataclass
+class TurboQuantMetadata(AttentionMetadata):
+    """What ``TurboQuantImpl.forward`` needs for one step; decodes first, then prefill chunks.
+
+    Attributes:
+        num_actual_tokens: tokens of real requests (rows of ``query`` beyond it are padding).
+        max_query_len: longest new chunk of the batch (host int; sizes the extend grid).
+        max_seq_len: longest context, new tokens included (host int, may be an upper bound).
+        query_start_loc: int32 `[num_reqs + 1]` on the device, cumulative new-token counts.
+        query_start_loc_cpu: the same on the host.
+        seq_lens: int32 `[num_reqs]` on the device, context length including the new tokens.
+        block_table: int32 `[num_reqs, max_blocks]`, the kernel block ids of each request.
+        slot_mapping: int64 `[num_tokens]`, cache slot of each new token (-1 for padding).
+        num_decodes, num_decode_tokens: requests (first in the batch) with at most one new token.
+        num_prefills, num_prefill_tokens: the remaining requests (chunked prefill, prefix-cache hits).
+        decode_num_splits: context splits of the decode kernel (fixed per batch size).
+    """
+
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor
+    query_start_loc_cpu: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    num_decodes: int
+    num_decode_tokens: int
+    num_prefills: int
+    num_prefill_tokens: int
+    decode_num_splits: int
+
+
+class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
+    """Builds :class:`TurboQuantMetadata` from vLLM's ``CommonAttentionMetadata``.
+
+    Full CUDA graphs are supported for uniform decode batches (``UNIFORM_BATCH``); mixed and prefill
+    batches run with piecewise graphs, attention eager between them.
+    """
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
+    reorder_batch_threshold: int | None = 1
+
+    def __init__(
+        self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device
+    ) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # Speculative decoding's multi-token verification runs as prefill (extend), exactly.
+        self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
+        model_config = getattr(vllm_config, "model_config", None)
+        self.max_model_len: int = int(getattr(model_config, "max_model_len", 0) or 0)
+        self.num_kv_heads: int = int(kv_cache_spec.num_kv_heads)
+        self._splits: dict[int, int] = {}
+        self._prepare_layers(layer_names, device)
+
+    def _prepare_layers(self, layer_names: list[str], device: torch.device) -> None:
+        """Let each layer's impl learn its name and warm its device tables before graph capture."""
+        from tq_vllm.impl import TurboQuantImpl
+
+        compilation = getattr(self.vllm_config, "compilation_config", None)
+        context = getattr(compilation, "static_forward_context", None) or {}
+        for name in layer_names:
+            impl = getattr(context.get(name), "impl", None)
+            if isinstance(impl, TurboQuantImpl):
+                impl.prepare(name, device, self.kv_cache_spec.block_size)
+
+    def decode_num_splits(self, batch: int, bound: int) -> int:
+        """Context splits for a decode batch of ``batch`` requests (cached; no step-dependent input)."""
+        splits = self._splits.get(batch)
+        if splits is None:
+            from tq_kernels.ops.decode import default_num_splits
+
+            splits = default_num_splits(batch, self.num_kv_heads, bound, torch.device(self.device))
+            # The split count is a compile-time constant of the kernel: rounding it up to a power of
+            # two bounds the variants compiled while vLLM captures a graph per batch size to 7.
+            splits = min(1 << (splits - 1).bit_length(), _MAX_SPLITS)
+            self._splits[batch] = splits
+        return splits
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> TurboQuantMetadata:
+        cam = common_attn_metadata
+        if not (isinstance(cam.causal, bool) and cam.causal):
+            raise NotImplementedError("tq-vllm serves causal attention only")
+        assert self.reorder_batch_threshold is not None
+        num_decodes, num_prefills, num_decode_tokens, num_prefill_tokens = split_decodes_and_prefills(
+            cam, decode_threshold=self.reorder_batch_threshold
+        )
+        bound = self.max_model_len or cam.block_table_tensor.shape[1] * self.kv_cache_spec.block_size
+        return TurboQuantMetadata(
+            num_actual_tokens=cam.num_actual_tokens,
+            max_query_len=cam.max_query_len,
+            max_seq_len=cam.max_seq_len,
+            query_start_loc=cam.query_start_loc,
+            query_start_loc_cpu=cam.query_start_loc_cpu,
+            seq_lens=cam.seq_lens,
+            block_table=cam.block_table_tensor,
+            slot_mapping=cam.slot_mapping,
+            num_decodes=num_decodes,
+            num_decode_tokens=num_decode_tokens,
+            num_prefills=num_prefills,
+            num_prefill_tokens=num_prefill_tokens,
+            decode_num_splits=self.decode_num_splits(max(num_decode_tokens, 1), bound),
+        )

@@ -1,0 +1,229 @@
+"""The impl's store and forward on CPU (Triton interpreter) against tq_core's reference attention.
+
+Each case is one engine step of mixed requests (decodes first, then a prefill chunk over a cached
+prefix and a fresh prefill), written through ``do_kv_cache_update`` into a cache shaped and strided
+the way vLLM allocates it, then attended with ``forward`` into a NaN-filled output buffer.
+
+Compressed layers: the cache must hold exactly the bytes tq_core's reference store writes, untouched
+slots (padding tokens, spare blocks) must keep their fill, and the output must match
+``paged_decode_attention_ref`` / ``paged_extend_attention_ref`` on the reference cache.
+Uncompressed (boundary) layers: the output must match exact attention on the unpaged K/V.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch
+from _steps import (
+    FILL,
+    PAD,
+    TOL,
+    Layer,
+    attention_kwargs,
+    build_layer,
+    make_step,
+    rel_err,
+    run_uncompressed_step,
+    vllm_cache,
+)
+from vllm.config import VllmConfig, set_current_vllm_config
+
+from tq_core import (
+    named_format,
+    paged_decode_attention_ref,
+    paged_extend_attention_ref,
+)
+from tq_vllm.backend import TurboQuantBackend
+from tq_vllm.impl import TurboQuantImpl, compressed_cache_view
+
+LAYER_NAME = "model.layers.7.self_attn.attn"
+LAYER = 7
+BLOCK = 16
+STORE_TOL = 1e-3  # decoded K/V of the kernel's slots vs the reference's (boundary ties only)
+# decodes (one new token over a cached context), a chunk over a cached prefix, a fresh prefill
+REQUESTS = [(20, 1), (37, 1), (16, 9), (0, 13)]
+
+
+def _case_id(case: dict) -> str:
+    parts = [
+        case["kv"].removeprefix("turboquant_"),
+        f"D{case['d']}",
+        f"H{case['h']}-{case['hkv']}",
+        str(case["dtype"]).removeprefix("torch.").replace("bfloat", "bf").replace("float", "fp"),
+    ]
+    parts += [k for k in ("window", "softcap", "sinks") if case.get(k)]
+    if case.get("layout", "LBHNC") != "LBHNC":
+        parts.append(case["layout"])
+    return "-".join(parts)
+
+
+COMPRESSED_CASES = [
+    dict(kv="turboquant_k8v4", d=128, h=4, hkv=2, dtype=torch.bfloat16),
+    dict(kv="turboquant_4bit_nc", d=128, h=4, hkv=2, dtype=torch.bfloat16),
+    dict(kv="turboquant_k3v4_nc", d=128, h=4, hkv=2, dtype=torch.bfloat16),
+    dict(kv="turboquant_3bit_nc", d=128, h=4, hkv=2, dtype=torch.bfloat16),
+    dict(kv="turboquant_4bit_nc", d=128, h=4, hkv=2, dtype=torch.bfloat16, layout="BLHNC"),
+    dict(kv="turboquant_4bit_nc", d=64, h=4, hkv=1, dtype=torch.float16, window=8, softcap=30.0),
+    dict(kv="turboquant_3bit_nc", d=96, h=6, hkv=2, dtype=torch.bfloat16, sinks=True),
+    dict(kv="turboquant_k8v4", d=256, h=2, hkv=2, dtype=torch.float16),
+]
+DENSE_CASES = [
+    dict(kv="auto", d=128, h=4, hkv=2, dtype=torch.bfloat16),
+    dict(kv="auto", d=64, h=4, hkv=1, dtype=torch.float16, window=8, softcap=30.0, sinks=True),
+    dict(kv="auto", d=80, h=6, hkv=3, dtype=torch.bfloat16, layout="LBNHC"),
+    dict(kv="auto", d=128, h=8, hkv=8, dtype=torch.float16, layout="BLHNC"),
+]
+
+
+@pytest.mark.parametrize("case", COMPRESSED_CASES, ids=_case_id)
+def test_compressed_layer_matches_reference(case: dict) -> None:
+    d, h, hkv, dtype = case["d"], case["h"], case["hkv"], case["dtype"]
+    fmt = named_format(case["kv"], d)
+    step = make_step(
+        REQUESTS, num_heads=h, num_kv_heads=hkv, head_size=d, block_size=BLOCK, dtype=dtype, seed=d + h
+    )
+    builder, impl, spec, sinks = build_layer(case, LAYER_NAME, BLOCK)
+    assert isinstance(impl, TurboQuantImpl) and impl.fmt == fmt
+    assert spec.page_size_bytes == BLOCK * hkv * fmt.slot_bytes
+    layer = Layer(LAYER_NAME)
+    _, kv_cache = vllm_cache(
+        step.num_blocks, BLOCK, hkv, fmt.slot_bytes, torch.uint8, case.get("layout", "LBHNC")
+    )
+
+    # earlier steps' tokens, then this step's (with padding tokens at slot -1)
+    hist_k, hist_v = step.history()
+    impl.do_kv_cache_update(layer, hist_k, hist_v, kv_cache, step.history_slots)
+    impl.do_kv_cache_update(layer, step.new_keys, step.new_values, kv_cache, step.new_slots)
+
+    ref_cache = torch.full(fmt.cache_shape(step.num_blocks, BLOCK, hkv), FILL, dtype=torch.uint8)
+    n = step.num_tokens
+    all_k = torch.cat([hist_k, step.new_keys[:n]]).float()
+    all_v = torch.cat([hist_v, step.new_values[:n]]).float()
+    all_slots = torch.cat([step.history_slots, step.new_slots[:n]])
+    fmt.store_paged(ref_cache, all_k, all_v, all_slots, layer=LAYER)
+    # Bytes the reference writes for these slots: the same in a cache filled with 0x00 and with 0xFF.
+    lo, hi = torch.zeros_like(ref_cache), torch.full_like(ref_cache, 0xFF)
+    for blank in (lo, hi):
+        fmt.store_paged(blank, all_k, all_v, all_slots, layer=LAYER)
+    unwritten = lo != hi
+    view = compressed_cache_view(kv_cache, fmt.slot_bytes)
+    assert bool((view[unwritten] == FILL).all()), "a byte outside the slot mapping's slots was written"
+    # The kernel and the reference may round a coordinate sitting on a code boundary differently
+    # (tq-kernels' store tests bound those ties): few bytes differ, and the slots decode alike.
+    assert float((view != ref_cache)[~unwritten].float().mean()) < 0.01
+    for b in range(len(REQUESTS)):
+        seq = int(step.seq_lens[b])
+        got = fmt.gather_paged(view, step.block_table[b], seq, layer=LAYER)
+        want = fmt.gather_paged(ref_cache, step.block_table[b], seq, layer=LAYER)
+        assert rel_err(got[0], want[0]) < STORE_TOL and rel_err(got[1], want[1]) < STORE_TOL
+
+    meta = builder.build(0, step.common_metadata())
+    assert (meta.num_decodes, meta.num_prefills) == (2, 2)
+    output = torch.full((n + PAD, h * d), float("nan"), dtype=dtype)
+    impl.forward(layer, step.query, step.new_keys, step.new_values, kv_cache, meta, output=output)
+    out = output.view(-1, h, d)
+
+    kw = attention_kwargs(case, sinks)
+    nd = meta.num_decode_tokens
+    ref_dec = paged_decode_attention_ref(
+        step.query[:nd], ref_cache, step.block_table[:nd], step.seq_lens[:nd], fmt, layer=LAYER, **kw
+    )
+    qsl = step.query_start_loc[nd:] - nd
+    ref_pre = paged_extend_attention_ref(
+        step.query[nd:n],
+        step.new_keys[nd:n],
+        step.new_values[nd:n],
+        ref_cache,
+        step.block_table[nd:],
+        step.cached_lens[nd:],
+        qsl,
+        fmt,
+        layer=LAYER,
+        **kw,
+    )
+    assert bool(out[:n].isfinite().all()), "a row of the step was not written"
+    assert bool(out[n:].isnan().all()), "padding rows were written"
+    assert rel_err(out[:nd], ref_dec) < TOL[dtype]
+    assert rel_err(out[nd:n], ref_pre) < TOL[dtype]
+
+
+@pytest.mark.parametrize("case", DENSE_CASES, ids=_case_id)
+def test_uncompressed_layer_matches_exact_attention(case: dict) -> None:
+    """Boundary layers on the CPU path (torch); `test_vllm_kernels.py` runs vLLM's Triton path."""
+    output, ref, n = run_uncompressed_step(case, REQUESTS, LAYER_NAME, BLOCK)
+    assert bool(output[:n].isfinite().all())
+    assert bool(output[n:].isnan().all())
+    assert rel_err(output[:n], ref) < TOL[case["dtype"]]
+
+
+def test_compressed_layer_rejects_a_token_major_layout() -> None:
+    """LBNHC interleaves heads inside tokens; the region layout cannot live there (the backend does
+    not declare it, so vLLM never picks it), and the impl says so instead of writing garbage."""
+    case = COMPRESSED_CASES[1]
+    _, impl, _, _ = build_layer(case, LAYER_NAME, BLOCK)
+    _, kv_cache = vllm_cache(4, BLOCK, case["hkv"], 134, torch.uint8, "LBNHC")
+    kv = torch.zeros(2, case["hkv"], case["d"], dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="LBHNC"):
+        impl.do_kv_cache_update(Layer(LAYER_NAME), kv, kv, kv_cache, torch.tensor([0, 1]))
+
+
+def test_profiling_run_without_metadata_returns_zeros() -> None:
+    case = COMPRESSED_CASES[1]
+    _, impl, _, _ = build_layer(case, LAYER_NAME, BLOCK)
+    output = torch.full((3, case["h"] * case["d"]), float("nan"), dtype=torch.bfloat16)
+    q = torch.zeros(3, case["h"], case["d"], dtype=torch.bfloat16)
+    kv = torch.zeros(3, case["hkv"], case["d"], dtype=torch.bfloat16)
+    cache = torch.zeros(4, case["hkv"], BLOCK, 134, dtype=torch.uint8)
+    assert impl.forward(Layer(LAYER_NAME), q, kv, kv, cache, None, output=output) is output
+    assert bool((output == 0).all())
+
+
+def test_builder_prepares_its_layers_before_graph_capture() -> None:
+    """The builder finds its layers' impls in vLLM's static forward context and prepares them (on
+    CUDA that warms the kernels' device tables; here the warm-up runs under the interpreter)."""
+    case = COMPRESSED_CASES[1]
+    _, impl, spec, _ = build_layer(case, LAYER_NAME, BLOCK)
+    module = Layer(LAYER_NAME)
+    module.impl = impl
+    config = VllmConfig()
+    config.compilation_config.static_forward_context[LAYER_NAME] = module
+    impl.layer = None  # as constructed by vLLM: the impl learns its layer from the builder
+    with set_current_vllm_config(config):
+        TurboQuantBackend.get_builder_cls()(spec, [LAYER_NAME], config, torch.device("cpu"))
+    assert impl.layer == LAYER
+    impl.prepare(LAYER_NAME, torch.device("cpu"), BLOCK, warm=True)
+
+
+def test_shared_kv_layer_reads_with_the_owner_rotation() -> None:
+    """A layer that reuses another layer's cache must decode it with the owner's layer number."""
+    with set_current_vllm_config(VllmConfig()):
+        impl = TurboQuantImpl(
+            4, 128, 128**-0.5, 2, kv_cache_dtype="turboquant_4bit_nc",
+            kv_sharing_target_layer_name="model.layers.3.self_attn.attn",
+        )  # fmt: skip
+    impl.prepare("model.layers.11.self_attn.attn", torch.device("cpu"), BLOCK)
+    assert impl.layer == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(alibi_slopes=[0.5] * 4), "ALiBi"),
+        (dict(attn_type="encoder_only"), "attention type"),
+        (dict(head_size=48), "head_dim 48"),
+        (dict(kv_cache_dtype="fp8"), "kv_cache_dtype 'fp8'"),
+    ],
+    ids=["alibi", "encoder", "head48", "fp8"],
+)
+def test_impl_rejects_what_it_does_not_serve(kwargs: dict, match: str) -> None:
+    args = dict(num_heads=4, head_size=128, scale=0.1, num_kv_heads=2, kv_cache_dtype="turboquant_4bit_nc")
+    args.update(kwargs)
+    with (
+        set_current_vllm_config(VllmConfig()),
+        pytest.raises((ValueError, NotImplementedError), match=match) as err,
+    ):
+        TurboQuantImpl(**args)
+    assert "head_dim 64, 80, 96" in str(err.value)  # the message lists what is supported
