@@ -1,14 +1,13 @@
 """What a kernel needs to know about a :class:`tq_core.formats.KVFormat`, in launch-ready form.
 
-Compile-time constants (bits, extra-bit coordinates, byte offsets, norm dtypes) become ``tl.constexpr``
-arguments; per-format tables (centroids for decoding, decision boundaries for encoding) and per-layer
-rotations are small device tensors cached per device.
+Compile-time constants (bits, code and norm bytes, where the fields of a paged cache's regions live,
+norm dtypes) become ``tl.constexpr`` arguments; per-format tables (centroids for decoding, decision
+boundaries for encoding) and per-layer rotations are small device tensors cached per device.
 
-Code layout inside one component (key or value) of a slot, with ``b`` bits and ``h`` extra-bit
-coordinates: coordinate ``j`` starts at bit ``j * b + min(j, h)`` of the component's code bytes and is
-``b + (j < h)`` bits wide (little-endian bit stream, see :mod:`tq_core.packing`).  Centroid tables are
-``[2, 256]`` float32: row 0 for ``b``-bit codes, row 1 for ``(b + 1)``-bit codes; boundary tables are
-``[2, 256]`` float32 padded with ``+inf``.
+The kernels serve one code width per component (no extra-bit coordinates) and head dims that are
+multiples of 8, with codes in the plane layout of :func:`tq_core.packing.pack_planes`.  Centroid and
+boundary tables are ``[2, 256]`` float32 (row 0 holds the component's codebook; boundaries are padded
+with ``+inf``).
 """
 
 from __future__ import annotations
@@ -30,13 +29,9 @@ NORM_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
 @dataclass(frozen=True)
 class KernelComponent:
     bits: int
-    hi: int
-    code_offset: int
     code_bytes: int
-    norm_offset: int
     norm_code: int
     norm_bytes: int
-    two_bytes: bool  # a code may straddle a byte boundary (bits not in 1, 2, 4, 8, or mixed widths)
 
 
 @dataclass(frozen=True)
@@ -68,20 +63,6 @@ class KernelFormat:
             "V_NORM": self.value.norm_code,
         }
 
-    def constexprs(self) -> dict[str, int]:
-        """Keyword constexprs shared by every kernel, prefixed K_ and V_."""
-        out = {"HEAD_DIM": self.head_dim, "BLOCK_D": self.block_d, "SLOT_BYTES": self.slot_bytes}
-        for p, c in (("K", self.key), ("V", self.value)):
-            out |= {
-                f"{p}_BITS": c.bits,
-                f"{p}_HI": c.hi,
-                f"{p}_CODE_OFF": c.code_offset,
-                f"{p}_NORM_OFF": c.norm_offset,
-                f"{p}_NORM": c.norm_code,
-                f"{p}_TWO_BYTES": int(c.two_bytes),
-            }
-        return out
-
     def centroids(
         self, device: torch.device, dtype: torch.dtype = torch.float32
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,16 +78,9 @@ class KernelFormat:
         return _tables(self.fmt, str(device), "boundaries")
 
 
-def _component(c: ComponentFormat, d: int, code_offset: int, norm_offset: int) -> KernelComponent:
+def _component(c: ComponentFormat, d: int) -> KernelComponent:
     return KernelComponent(
-        bits=c.bits,
-        hi=c.hi_bits_coords,
-        code_offset=code_offset,
-        code_bytes=c.code_bytes(d),
-        norm_offset=norm_offset,
-        norm_code=NORM_CODES[c.norm_dtype],
-        norm_bytes=c.norm_bytes,
-        two_bytes=bool(c.hi_bits_coords) or c.bits not in (1, 2, 4, 8),
+        bits=c.bits, code_bytes=c.code_bytes(d), norm_code=NORM_CODES[c.norm_dtype], norm_bytes=c.norm_bytes
     )
 
 
@@ -133,8 +107,8 @@ def kernel_format(fmt: KVFormat) -> KernelFormat:
         head_dim=d,
         block_d=1 << (d - 1).bit_length(),
         slot_bytes=fmt.slot_bytes,
-        key=_component(fmt.key, d, fmt.key_code_offset, fmt.key_norm_offset),
-        value=_component(fmt.value, d, fmt.value_code_offset, fmt.value_norm_offset),
+        key=_component(fmt.key, d),
+        value=_component(fmt.value, d),
     )
 
 

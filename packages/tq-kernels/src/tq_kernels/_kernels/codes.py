@@ -1,36 +1,12 @@
 """Device helpers shared by every kernel that reads or writes TurboQuant slots.
 
-A component (key or value) stores coordinate ``j`` at bit ``j * BITS + min(j, HI)`` of its code bytes,
-``BITS + (j < HI)`` bits wide; its scale ``gamma`` is a float16/bfloat16/float32 at ``NORM_OFF``.
+A component (key or value) stores its ``BITS``-bit codes in the plane layout of
+:func:`tq_core.packing.pack_planes` and its scale ``gamma`` as float16/bfloat16/float32; where rows and
+fields live in a cache is :meth:`tq_core.formats.KVFormat.region_offsets`.
 """
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _bit_offset(offs_d, BITS: tl.constexpr, HI: tl.constexpr):
-    return offs_d * BITS + tl.minimum(offs_d, HI)
-
-
-@triton.jit
-def _tq_load_codes(
-    slot_ptrs,
-    offs_d,
-    mask,
-    CODE_OFF: tl.constexpr,
-    BITS: tl.constexpr,
-    HI: tl.constexpr,
-    TWO_BYTES: tl.constexpr,
-):
-    """Code indices (int32) of tile `[N, BLOCK_D]`; ``slot_ptrs`` `[N, 1]` point at slot starts."""
-    bit = _bit_offset(offs_d, BITS, HI)[None, :]
-    byte_ptrs = slot_ptrs + CODE_OFF + (bit >> 3)
-    word = tl.load(byte_ptrs, mask=mask, other=0).to(tl.int32)
-    if TWO_BYTES:
-        word = word | (tl.load(byte_ptrs + 1, mask=mask, other=0).to(tl.int32) << 8)
-    width = BITS + (offs_d < HI).to(tl.int32)[None, :]
-    return (word >> (bit & 7)) & ((1 << width) - 1)
 
 
 @triton.jit
@@ -101,10 +77,10 @@ def _tq_load_plane_codes(
 
 
 @triton.jit
-def _tq_centroids(lut_ptr, idx, offs_d, HI: tl.constexpr):
-    """Centroid values (float32) for code indices ``idx`` `[N, BLOCK_D]` from a `[2, 256]` table."""
-    row = (offs_d < HI).to(tl.int32)[None, :] * 256
-    return tl.load(lut_ptr + row + idx)
+def _tq_centroids(lut_ptr, idx):
+    """Centroid values for code indices ``idx`` `[N, BLOCK_D]`, from row 0 of a `[2, 256]` table (the
+    kernels serve one code width per component)."""
+    return tl.load(lut_ptr + idx)
 
 
 @triton.jit

@@ -13,7 +13,7 @@ of the sequence and writes ``(acc, m, l)``; ``_tq_decode_reduce_kernel`` merges 
 import triton
 import triton.language as tl
 
-from tq_kernels._kernels.codes import _tq_load_norm_rows, _tq_load_plane_codes
+from tq_kernels._kernels.codes import _tq_centroids, _tq_load_norm_rows, _tq_load_plane_codes
 
 
 @triton.jit
@@ -110,7 +110,7 @@ def _tq_decode_attention_kernel(
         if ABLATE == 1 or ABLATE == 3:
             k_c = k_idx.to(tl.float16)
         else:
-            k_c = tl.where(tile_mask, tl.load(k_lut_ptr + k_idx), 0.0).to(tl.float16)
+            k_c = tl.where(tile_mask, _tq_centroids(k_lut_ptr, k_idx), 0.0).to(tl.float16)
         k_gamma = _tq_load_norm_rows(region, row, n_mask, K_NORM_OFF, K_NORM)
         s = tl.dot(q, tl.trans(k_c)) * k_gamma[None, :]
         if USE_SOFTCAP:
@@ -131,7 +131,7 @@ def _tq_decode_attention_kernel(
         if ABLATE == 1 or ABLATE == 3:
             v_c = v_idx.to(tl.float16)
         else:
-            v_c = tl.where(tile_mask, tl.load(v_lut_ptr + v_idx), 0.0).to(tl.float16)
+            v_c = tl.where(tile_mask, _tq_centroids(v_lut_ptr, v_idx), 0.0).to(tl.float16)
         v_gamma = _tq_load_norm_rows(region, row, n_mask, V_NORM_OFF, V_NORM)
         v_gamma = tl.where(n_mask, v_gamma, 0.0)
         acc = acc * alpha[:, None] + tl.dot((p * v_gamma[None, :]).to(tl.float16), v_c)

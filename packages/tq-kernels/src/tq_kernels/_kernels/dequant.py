@@ -39,7 +39,7 @@ def _tq_dequant_component(
     idx = _tq_load_plane_codes(code_ptrs, valid, 0, BITS, HEAD_DIM, BLOCK_D, BLOCK_N)
     gamma = _tq_load_norm(norm_ptrs, valid, 0, NORM)
     mask = valid[:, None] & d_ok[None, :]
-    c = tl.where(mask, _tq_centroids(lut_ptr, idx, offs_d, 0) * gamma[:, None], 0.0)
+    c = tl.where(mask, _tq_centroids(lut_ptr, idx) * gamma[:, None], 0.0)
     rot = tl.load(
         rot_ptr + offs_d[:, None] * HEAD_DIM + offs_d[None, :], mask=d_ok[:, None] & d_ok[None, :], other=0.0
     )

@@ -11,7 +11,7 @@ the chunk's rotated float32 K/V with the causal mask.  The launcher rotates the 
 import triton
 import triton.language as tl
 
-from tq_kernels._kernels.codes import _tq_load_norm_rows, _tq_load_plane_codes
+from tq_kernels._kernels.codes import _tq_centroids, _tq_load_norm_rows, _tq_load_plane_codes
 from tq_kernels._kernels.decode import _softcap
 
 
@@ -101,7 +101,7 @@ def _tq_extend_attention_kernel(
             k_idx = _tq_load_plane_codes(
                 region + K_CODE_OFF + row * K_ROW, n_mask, 0, K_BITS, HEAD_DIM, BLOCK_D, BLOCK_N
             )
-            k_c = tl.where(tile_mask, tl.load(k_lut_ptr + k_idx), 0.0).to(tl.float16)
+            k_c = tl.where(tile_mask, _tq_centroids(k_lut_ptr, k_idx), 0.0).to(tl.float16)
             k_gamma = _tq_load_norm_rows(region, row, n_mask, K_NORM_OFF, K_NORM)
             s = tl.dot(q, tl.trans(k_c)) * k_gamma[None, :]
             if USE_SOFTCAP:
@@ -118,7 +118,7 @@ def _tq_extend_attention_kernel(
             v_idx = _tq_load_plane_codes(
                 region + V_CODE_OFF + row * V_ROW, n_mask, 0, V_BITS, HEAD_DIM, BLOCK_D, BLOCK_N
             )
-            v_c = tl.where(tile_mask, tl.load(v_lut_ptr + v_idx), 0.0).to(tl.float16)
+            v_c = tl.where(tile_mask, _tq_centroids(v_lut_ptr, v_idx), 0.0).to(tl.float16)
             v_gamma = tl.where(n_mask, _tq_load_norm_rows(region, row, n_mask, V_NORM_OFF, V_NORM), 0.0)
             acc = acc * alpha[:, None] + tl.dot((p * v_gamma[None, :]).to(tl.float16), v_c)
             m_i = m_new

@@ -70,7 +70,7 @@ def _tq_store_component(
     idx = _tq_quantize(y, bnd_ptr, offs_d, BITS, 0)
     idx = tl.where(bad[:, None] | ~d_ok[None, :], 0, idx)
     if NORM_CORRECTION:
-        c = tl.where(d_ok[None, :], _tq_centroids(lut_ptr, idx, offs_d, 0), 0.0)
+        c = tl.where(d_ok[None, :], _tq_centroids(lut_ptr, idx), 0.0)
         gamma = tl.div_rn(norm, tl.maximum(tl.sqrt_rn(tl.sum(c * c, axis=1)), 1e-30))
     else:
         gamma = norm

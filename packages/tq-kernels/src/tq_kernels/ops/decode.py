@@ -15,8 +15,6 @@ from tq_kernels.tuning import LaunchConfig, decode_config
 
 __all__ = ["tq_decode_attention", "default_num_splits"]
 
-_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
-
 
 def default_num_splits(
     batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device, block_n: int = 64
