@@ -51,6 +51,15 @@ def random_cache(fmt, num_blocks: int) -> torch.Tensor:
     return cache
 
 
+def decode_inputs(batch: int, ctx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block table (each sequence its own run of blocks), lengths and queries of one decode step."""
+    blocks_per_seq = ctx // PAGE
+    table = torch.arange(batch * blocks_per_seq, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
+    seq_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    q = torch.randn(batch, H, D, device="cuda", dtype=torch.bfloat16)
+    return table, seq_lens, q
+
+
 def decode_rows(batch: int, ctx: int, copy_gbps: float) -> list[dict]:
     rows = []
     base = flash_decode_ms(batch, ctx)
@@ -68,13 +77,10 @@ def decode_rows(batch: int, ctx: int, copy_gbps: float) -> list[dict]:
             speedup_vs_baseline=1.0,
         )
     )
-    blocks_per_seq = ctx // PAGE
-    table = torch.arange(batch * blocks_per_seq, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
-    seq_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
-    q = torch.randn(batch, H, D, device="cuda", dtype=torch.bfloat16)
+    table, seq_lens, q = decode_inputs(batch, ctx)
     for name in FORMATS:
         fmt = named_format(name, D)
-        cache = random_cache(fmt, batch * blocks_per_seq)
+        cache = random_cache(fmt, table.numel())
         out = torch.empty_like(q)
         ms = bench_ms(
             lambda fmt=fmt, cache=cache, out=out: tq_decode_attention(
@@ -104,11 +110,8 @@ def tune_decode(batch: int, ctx: int, name: str) -> list[dict]:
     from tq_kernels.tuning import LaunchConfig
 
     fmt = named_format(name, D)
-    blocks_per_seq = ctx // PAGE
-    table = torch.arange(batch * blocks_per_seq, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
-    seq_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
-    q = torch.randn(batch, H, D, device="cuda", dtype=torch.bfloat16)
-    cache = random_cache(fmt, batch * blocks_per_seq)
+    table, seq_lens, q = decode_inputs(batch, ctx)
+    cache = random_cache(fmt, table.numel())
     rows = []
     for bn in (32, 64, 128):
         for warps in (2, 4, 8):
@@ -134,11 +137,8 @@ def ablate_decode(batch: int, ctx: int, name: str) -> list[dict]:
     from tq_kernels.tuning import LaunchConfig
 
     fmt = named_format(name, D)
-    blocks_per_seq = ctx // PAGE
-    table = torch.arange(batch * blocks_per_seq, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
-    seq_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
-    q = torch.randn(batch, H, D, device="cuda", dtype=torch.bfloat16)
-    cache = random_cache(fmt, batch * blocks_per_seq)
+    table, seq_lens, q = decode_inputs(batch, ctx)
+    cache = random_cache(fmt, table.numel())
     rows = []
     for cfg in (LaunchConfig(64, 4, 2), LaunchConfig(128, 4, 2), LaunchConfig(32, 2, 2)):
         for ab in (0, 1, 2, 3):
