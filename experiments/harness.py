@@ -36,6 +36,23 @@ def bench_ms(fn, *, warmup: int = 25, rep: int = 100) -> tuple[float, float, flo
     return float(med), float(p20), float(p80)
 
 
+def graph_ms(fn, *, warmup: int = 3) -> float:
+    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph: the GPU time of the
+    launches without the host's launch overhead, which is how vLLM runs decode (full CUDA graphs)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compile, caches) off the capturing stream
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench_ms(graph.replay)[0]
+
+
 def copy_bandwidth_gbps(nbytes: int = 4 << 30) -> float:
     """Measured device-to-device copy bandwidth (bytes read + written per second), GB/s."""
     import torch

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness import bench_ms, copy_bandwidth_gbps, gpu_name, line_plot, out_path, write_result
+from harness import bench_ms, copy_bandwidth_gbps, gpu_name, graph_ms, line_plot, out_path, write_result
 
 from tq_core import named_format
 from tq_kernels.ops.decode import tq_decode_attention
@@ -28,7 +28,8 @@ H, HKV, D, PAGE = 32, 8, 128, 16
 FORMATS = ["turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc"]
 
 
-def flash_decode_ms(batch: int, ctx: int) -> float:
+def flash_decode_ms(batch: int, ctx: int) -> tuple[float, float]:
+    """(eager ms, CUDA-graph replay ms) of torch's flash SDPA decode on the same shape."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     g = H // HKV
@@ -36,7 +37,11 @@ def flash_decode_ms(batch: int, ctx: int) -> float:
     k = torch.randn(batch, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))[0]
+
+        def fn():
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+        return bench_ms(fn)[0], graph_ms(fn)
 
 
 def random_cache(fmt, num_blocks: int) -> torch.Tensor:
@@ -62,7 +67,7 @@ def decode_inputs(batch: int, ctx: int) -> tuple[torch.Tensor, torch.Tensor, tor
 
 def decode_rows(batch: int, ctx: int, copy_gbps: float) -> list[dict]:
     rows = []
-    base = flash_decode_ms(batch, ctx)
+    base, base_graph = flash_decode_ms(batch, ctx)
     bf16_bytes = batch * ctx * HKV * D * 2 * 2
     rows.append(
         dict(
@@ -75,6 +80,9 @@ def decode_rows(batch: int, ctx: int, copy_gbps: float) -> list[dict]:
             baseline="torch flash SDPA bf16",
             baseline_ms=base,
             speedup_vs_baseline=1.0,
+            ms_graph=base_graph,
+            baseline_ms_graph=base_graph,
+            speedup_vs_baseline_graph=1.0,
         )
     )
     table, seq_lens, q = decode_inputs(batch, ctx)
@@ -82,11 +90,11 @@ def decode_rows(batch: int, ctx: int, copy_gbps: float) -> list[dict]:
         fmt = named_format(name, D)
         cache = random_cache(fmt, table.numel())
         out = torch.empty_like(q)
-        ms = bench_ms(
-            lambda fmt=fmt, cache=cache, out=out: tq_decode_attention(
-                q, cache, table, seq_lens, fmt, out=out, max_seq_len=ctx
-            )
-        )[0]
+
+        def fn(fmt=fmt, cache=cache, out=out):
+            return tq_decode_attention(q, cache, table, seq_lens, fmt, out=out, max_seq_len=ctx)
+
+        ms, ms_graph = bench_ms(fn)[0], graph_ms(fn)
         nbytes = batch * ctx * HKV * fmt.slot_bytes
         rows.append(
             dict(
@@ -99,6 +107,11 @@ def decode_rows(batch: int, ctx: int, copy_gbps: float) -> list[dict]:
                 baseline="torch flash SDPA bf16",
                 baseline_ms=base,
                 speedup_vs_baseline=base / ms,
+                ms_graph=ms_graph,
+                gbps_graph=nbytes / ms_graph / 1e6,
+                bw_fraction_graph=nbytes / ms_graph / 1e6 / copy_gbps,
+                baseline_ms_graph=base_graph,
+                speedup_vs_baseline_graph=base_graph / ms_graph,
             )
         )
         del cache
@@ -255,7 +268,13 @@ def main() -> None:
         print(
             f"{r['op']:7s} {r['shape']:14s} {r['format']:20s} {r['ms']:8.3f} ms  "
             f"{(r['bw_fraction'] or 0) * 100:5.1f}% bw  base {r['baseline_ms']:8.3f} ms  "
-            f"x{r['speedup_vs_baseline']:.2f}",
+            f"x{r['speedup_vs_baseline']:.2f}"
+            + (
+                f"   graph {r['ms_graph']:7.3f} ms vs {r['baseline_ms_graph']:7.3f} ms "
+                f"x{r['speedup_vs_baseline_graph']:.2f}"
+                if "ms_graph" in r
+                else ""
+            ),
             flush=True,
         )
     write_result(

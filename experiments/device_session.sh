@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One lease of a 2-GPU device machine (nvidia-h200-x2), driven as a few back-to-back `run` calls:
+# GPU 0 runs what is timed against vLLM's own options (the anchor workload, one engine at a time), GPU 1
+# runs a background queue (reference-model training, the transformers benchmark, the consistency check,
+# the quality harness) whose logs are collected by later calls.  Each call's command is short:
+#
+#   bash experiments/device_session.sh part 0        # carry .device-bundle/part0.d; starts the GPU-1 queue
+#   bash experiments/device_session.sh part 1        # carry .device-bundle/part1.d
+#   bash experiments/device_session.sh part 2        # carry .device-bundle/part2.d
+#   bash experiments/device_session.sh install       # carry .device-bundle/part3.d + experiments/vllm/.whl-tq
+#   bash experiments/device_session.sh anchor bf16 fp8 ...   # GPU 0, names of anchor_ours.sh
+#   bash experiments/device_session.sh kernels       # GPU 0: kernel benchmarks
+#   bash experiments/device_session.sh tp2           # both GPUs, after the queue is done
+#   bash experiments/device_session.sh collect       # pack the queue's logs into $OUT
+#
+# The queue (experiments/gpu1_queue.sh) waits for the vLLM install before its vLLM steps.  Everything
+# lands in /tmp/res; `collect` (and every `anchor` call) copies it back as one tarball plus the JSONs.
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+RES=/tmp/res
+mkdir -p "$RES" /tmp/b
+export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
+
+pack() {  # at most 8 files come back: one tarball of logs + the small result files
+  [ -n "${OUT:-}" ] || return 0
+  tar -C "$RES" -czf "$OUT/res.tgz" . 2>/dev/null
+  ls -la "$RES"
+}
+
+case "${1:?phase}" in
+  part)
+    cp "$ROOT/.device-bundle/part$2.d/part$2" /tmp/b/ && ls /tmp/b
+    if [ "$2" = 0 ] && [ ! -e $RES/queue.started ]; then
+      touch $RES/queue.started
+      (setsid nohup bash "$ROOT/experiments/gpu1_queue.sh" > $RES/queue.log 2>&1 &)
+      echo "GPU-1 queue started"
+    fi
+    nvidia-smi --query-gpu=index,name,memory.used --format=csv
+    ;;
+  install)
+    cp "$ROOT/.device-bundle/part3.d/part3" /tmp/b/
+    python3 "$ROOT/.device-bundle/part3.d/install-vllm-bundle.py" > $RES/install.log 2>&1
+    tail -2 $RES/install.log
+    python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site "$ROOT"/experiments/vllm/.whl-tq/*.whl
+    PYTHONPATH=/tmp/site python3 -c 'import vllm, tq_vllm; print("vllm", vllm.__version__, "tq_vllm", tq_vllm.__version__)' \
+      && touch $RES/vllm.installed
+    tail -5 $RES/queue.log
+    ;;
+  anchor)
+    shift
+    export PYTHONPATH=/tmp/site CUDA_VISIBLE_DEVICES=0 OUT_SAVE=${OUT:-}
+    OUT=$RES RUN_TIMEOUT=${RUN_TIMEOUT:-300} bash "$ROOT/experiments/vllm/anchor_ours.sh" "$@" > /dev/null
+    grep -h '^RESULT\|Error\|error' $RES/vllm_anchor_ours.log | tail -n 20
+    tail -3 $RES/queue.log
+    OUT=$OUT_SAVE pack
+    ;;
+  kernels)  # GPU 0, after the anchor: kernel benchmarks (eager and CUDA-graph timings)
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=$ROOT/packages/tq-core/src:$ROOT/packages/tq-kernels/src OUT=$RES timeout 300 \
+      python3 "$ROOT/experiments/kernels/bench_kernels.py" --only "${2:-decode,store,extend}" > $RES/kernels_bench.log 2>&1
+    grep -v "^{" $RES/kernels_bench.log | tail -n 40
+    tail -3 $RES/queue.log
+    pack
+    ;;
+  tp2)
+    export PYTHONPATH=/tmp/site
+    while [ ! -e $RES/queue.done ]; do sleep 5; done
+    for args in "auto FLASH_ATTN" "turboquant_4bit_nc CUSTOM"; do
+      echo "== TP2 $args" | tee -a $RES/vllm_anchor_tp2.log
+      # shellcheck disable=SC2086
+      TP=2 timeout 280 python3 "$ROOT/experiments/vllm/anchor_tp.py" $args 2>&1 | tee -a $RES/vllm_anchor_tp2.log \
+        | grep '^RESULT '
+    done
+    pack
+    ;;
+  collect)
+    tail -20 $RES/queue.log
+    pack
+    ;;
+  *) echo "unknown phase $1" >&2; exit 2 ;;
+esac

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Background queue on GPU 1 of a 2-GPU lease (started by device_session.sh `part 0`): train the reference
+# model, the transformers benchmark, then (once vLLM is installed) the preemption/prefix-cache
+# consistency check, the vLLM server check and the quality harness.  Logs and results go to /tmp/res; /tmp/res/queue.done
+# marks the end.  Steps can be skipped with SKIP="train hf consistency serve quality".
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+RES=/tmp/res
+MODEL=/tmp/refmodel
+SRC=$ROOT/packages/tq-core/src:$ROOT/packages/tq-kernels/src:$ROOT/packages/tq-hf/src
+export CUDA_VISIBLE_DEVICES=1 PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 OUT=$RES
+cd "$ROOT"
+step() { echo "== $(date +%T) $*"; }
+want() { [[ " ${SKIP:-} " != *" $1 "* ]]; }
+
+if want train; then
+  step train
+  timeout "${TRAIN_TIMEOUT:-330}" python3 experiments/reference-model/train.py --out "$MODEL" \
+    --minutes "${TRAIN_MINUTES:-3.5}" > $RES/train.log 2>&1
+  echo "train exit $?"; tail -5 $RES/train.log
+fi
+if want hf; then
+  step hf bench
+  PYTHONPATH=$SRC timeout 300 python3 experiments/hf/bench_hf.py > $RES/hf_bench.log 2>&1
+  echo "hf exit $?"; tail -8 $RES/hf_bench.log
+fi
+step waiting for vLLM
+while [ ! -e $RES/vllm.installed ]; do sleep 5; done
+if want consistency; then
+  step consistency
+  model_arg=(); [ -e $MODEL/config.json ] && model_arg=(--model $MODEL)
+  PYTHONPATH=/tmp/site timeout 420 python3 experiments/vllm/consistency.py 4bit_nc bf16-flash "${model_arg[@]}" \
+    > $RES/consistency.log 2>&1
+  echo "consistency exit $?"; grep '^RESULT' $RES/consistency.log | cut -c1-400
+fi
+if want serve; then
+  step serve
+  PYTHONPATH=/tmp/site timeout 300 bash experiments/vllm/serve_check.sh "$([ -e $MODEL/tokenizer.json ] && echo $MODEL)" \
+    > $RES/serve_check.out 2>&1
+  echo "serve exit $?"; tail -3 $RES/serve_check.out | cut -c1-600
+fi
+if want quality && [ -e $MODEL/config.json ]; then
+  step quality
+  PYTHONPATH=/tmp/site:$SRC timeout 600 bash experiments/quality/run.sh $MODEL > $RES/quality.log 2>&1
+  echo "quality exit $?"; tail -20 $RES/quality.log
+fi
+step done
+touch $RES/queue.done
