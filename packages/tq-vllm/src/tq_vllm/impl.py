@@ -8,7 +8,11 @@ A layer with a ``turboquant_*`` kv-cache dtype:
   (:func:`tq_kernels.ops.decode.tq_decode_attention`, which reads the slots in place) and the rest
   (prefill chunks, chunked prefill, prefix-cache hits, speculative verification) with the extend
   kernel (:func:`tq_kernels.ops.extend.tq_extend_attention`: cached prefix from the compressed
-  cache, the chunk's own K/V exact, causal).
+  cache, the chunk's own K/V exact, causal).  Batches whose prefill chunks have no cached prefix
+  (first chunks: nothing to read from the compressed cache) run those chunks with vLLM's
+  FlashAttention varlen kernel on the exact K/V instead, on CUDA where vLLM has it; the result is the
+  same attention (the extend kernel computes exactly this for an empty prefix), only faster.
+  ``TQ_VLLM_PREFILL_FLASH=0`` turns that off.
 
 A layer vLLM keeps at ``"auto"`` runs :class:`tq_vllm.dense.DenseAttention` on a plain cache.
 
@@ -19,6 +23,8 @@ owner's number, since it reads the owner's slots.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,6 +66,37 @@ def compressed_cache_view(kv_cache: torch.Tensor, slot_bytes: int) -> torch.Tens
     if content == slot_bytes:
         return kv_cache
     return kv_cache.flatten(2)[..., : block_size * slot_bytes].unflatten(2, (block_size, slot_bytes))
+
+
+def _flash_varlen(head_size: int) -> Callable[..., Any] | None:
+    """vLLM's FlashAttention varlen function bound to its FA version, or None (not CUDA, not built,
+    or ``TQ_VLLM_PREFILL_FLASH=0``)."""
+    if os.environ.get("TQ_VLLM_PREFILL_FLASH", "1") == "0":
+        return None
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cuda():
+            return None
+        from vllm.v1.attention.backends.fa_utils import (
+            flash_attn_varlen_func,
+            get_flash_attn_version,
+            is_flash_attn_varlen_func_available,
+        )
+    except ImportError:
+        return None
+    if not is_flash_attn_varlen_func_available():
+        return None
+    version = get_flash_attn_version(head_size=head_size)
+
+    def flash(**kw: Any) -> Any:
+        return (
+            flash_attn_varlen_func(**kw)
+            if version is None
+            else flash_attn_varlen_func(**kw, fa_version=version)
+        )
+
+    return flash
 
 
 class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
@@ -118,6 +155,8 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             else None
         )
         self.layer: int | None = None  # rotation seed index, from the layer name on first use
+        # First prefill chunks (no cached prefix) on FlashAttention; sinks stay on our kernel.
+        self.flash = _flash_varlen(head_size) if self.fmt is not None and self.sinks is None else None
 
     # -- setup ------------------------------------------------------------------------------------
     def _layer_of(self, layer: Any) -> int:
@@ -256,6 +295,23 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         if meta.num_prefills > 0 and query.shape[0] > nd:
             first = meta.num_decodes
             qsl = meta.query_start_loc[first:] - nd
+            if self.flash is not None and not meta.prefill_has_prefix and query.dtype != torch.float32:
+                window = [-1, -1] if self.sliding_window is None else [self.sliding_window - 1, 0]
+                self.flash(
+                    q=query[nd:],
+                    k=key[nd:],
+                    v=value[nd:],
+                    cu_seqlens_q=qsl,
+                    cu_seqlens_k=qsl,
+                    max_seqlen_q=meta.max_query_len,
+                    max_seqlen_k=meta.max_query_len,
+                    softmax_scale=self.scale,
+                    causal=True,
+                    window_size=window,
+                    softcap=self.logits_soft_cap or 0.0,
+                    out=out[nd:],
+                )
+                return
             # Tokens already cached before each chunk; computed on the device (no host sync).
             prefix_lens = meta.seq_lens[first:] - (qsl[1:] - qsl[:-1])
             tq_extend_attention(

@@ -46,6 +46,10 @@ class TurboQuantMetadata(AttentionMetadata):
         num_decodes, num_decode_tokens: requests (first in the batch) with at most one new token.
         num_prefills, num_prefill_tokens: the remaining requests (chunked prefill, prefix-cache hits).
         decode_num_splits: context splits of the decode kernel (fixed per batch size).
+        prefill_has_prefix: whether any prefill request attends to tokens cached before its chunk
+            (a continued chunked prefill or a prefix-cache hit).  False only when the host knows
+            every chunk is the whole context so far (first chunks), which lets the impl run them with
+            FlashAttention on the exact K/V.
     """
 
     num_actual_tokens: int
@@ -61,6 +65,7 @@ class TurboQuantMetadata(AttentionMetadata):
     num_prefills: int
     num_prefill_tokens: int
     decode_num_splits: int
+    prefill_has_prefix: bool = True
 
 
 class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
@@ -124,6 +129,7 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         )
         bound = self.max_model_len or cam.block_table_tensor.shape[1] * self.kv_cache_spec.block_size
         return TurboQuantMetadata(
+            prefill_has_prefix=_prefill_has_prefix(cam, num_decodes, num_prefills),
             num_actual_tokens=cam.num_actual_tokens,
             max_query_len=cam.max_query_len,
             max_seq_len=cam.max_seq_len,
@@ -138,3 +144,17 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             num_prefill_tokens=num_prefill_tokens,
             decode_num_splits=self.decode_num_splits(max(num_decode_tokens, 1), bound),
         )
+
+
+def _prefill_has_prefix(cam: CommonAttentionMetadata, num_decodes: int, num_prefills: int) -> bool:
+    """Whether a prefill request of the batch has context before its chunk, decided on the host.
+
+    ``seq_lens_cpu_upper_bound`` is exact for prefill rows (vLLM's contract); without it the answer is
+    the safe True.  Reads host tensors only: no device synchronization.
+    """
+    upper = getattr(cam, "seq_lens_cpu_upper_bound", None)
+    if num_prefills == 0 or upper is None:
+        return True
+    lo, hi = num_decodes, num_decodes + num_prefills
+    qsl = cam.query_start_loc_cpu
+    return bool((upper[lo:hi] != qsl[lo + 1 : hi + 1] - qsl[lo:hi]).any())
