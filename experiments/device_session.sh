@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One lease of a 2-GPU device machine (nvidia-h200-x2), driven as a few back-to-back `run` calls:
-# GPU 0 runs what is timed against vLLM's own options (the anchor workload, one engine at a time), GPU 1
-# runs a background queue (reference-model training, the transformers benchmark, the consistency check,
-# the quality harness) whose logs are collected by later calls.  Each call's command is short:
+# GPU 0 runs what is timed (the anchor workload against vLLM's own options, one engine at a time, then
+# the kernel and transformers benchmarks), GPU 1 runs a background queue (reference-model training, the
+# consistency check, the server check, the quality harness) whose logs are collected by later calls.  Each call's command is short:
 #
 #   bash experiments/device_session.sh part 0        # carry .device-bundle/part0.d; starts the GPU-1 queue
 #   bash experiments/device_session.sh part 1        # carry .device-bundle/part1.d
@@ -10,6 +10,8 @@
 #   bash experiments/device_session.sh install       # carry .device-bundle/part3.d + experiments/vllm/.whl-tq
 #   bash experiments/device_session.sh anchor bf16 fp8 ...   # GPU 0, names of anchor_ours.sh
 #   bash experiments/device_session.sh kernels       # GPU 0: kernel benchmarks
+#   bash experiments/device_session.sh hf            # GPU 0: tq-hf's benchmark
+#   bash experiments/device_session.sh model         # the trained reference model's files
 #   bash experiments/device_session.sh tp2           # both GPUs, after the queue is done
 #   bash experiments/device_session.sh collect       # pack the queue's logs into $OUT
 #
@@ -49,18 +51,31 @@ case "${1:?phase}" in
   anchor)
     shift
     export PYTHONPATH=/tmp/site CUDA_VISIBLE_DEVICES=0 OUT_SAVE=${OUT:-}
-    OUT=$RES RUN_TIMEOUT=${RUN_TIMEOUT:-300} bash "$ROOT/experiments/vllm/anchor_ours.sh" "$@" > /dev/null
+    OUT=$RES RUN_TIMEOUT=${RUN_TIMEOUT:-240} bash "$ROOT/experiments/vllm/anchor_ours.sh" "$@" > /dev/null
     grep -h '^RESULT\|Error\|error' $RES/vllm_anchor_ours.log | tail -n 20
     tail -3 $RES/queue.log
     OUT=$OUT_SAVE pack
     ;;
-  kernels)  # GPU 0, after the anchor: kernel benchmarks (eager and CUDA-graph timings)
+  kernels)  # GPU 0, after the anchor: kernel benchmarks (eager and CUDA-graph timings), then tq-hf's
     export CUDA_VISIBLE_DEVICES=0
-    PYTHONPATH=$ROOT/packages/tq-core/src:$ROOT/packages/tq-kernels/src OUT=$RES timeout 300 \
+    src=$ROOT/packages/tq-core/src:$ROOT/packages/tq-kernels/src:$ROOT/packages/tq-hf/src
+    PYTHONPATH=$src OUT=$RES timeout "${KERNELS_TIMEOUT:-240}" \
       python3 "$ROOT/experiments/kernels/bench_kernels.py" --only "${2:-decode,store,extend}" > $RES/kernels_bench.log 2>&1
     grep -v "^{" $RES/kernels_bench.log | tail -n 40
     tail -3 $RES/queue.log
     pack
+    ;;
+  hf)  # GPU 0: tq-hf against DynamicCache + SDPA
+    export CUDA_VISIBLE_DEVICES=0
+    src=$ROOT/packages/tq-core/src:$ROOT/packages/tq-kernels/src:$ROOT/packages/tq-hf/src
+    PYTHONPATH=$src OUT=$RES timeout "${HF_TIMEOUT:-300}" python3 "$ROOT/experiments/hf/bench_hf.py" > $RES/hf_bench.log 2>&1
+    tail -n 14 $RES/hf_bench.log
+    tail -3 $RES/queue.log
+    pack
+    ;;
+  model)  # the reference model's exported files (each < 16 MiB), once the queue has trained it
+    ls -la /tmp/refmodel_export && cp /tmp/refmodel_export/* "$OUT"/
+    tail -5 $RES/queue.log
     ;;
   tp2)
     export PYTHONPATH=/tmp/site
@@ -73,7 +88,9 @@ case "${1:?phase}" in
     done
     pack
     ;;
-  collect)
+  collect)  # waits up to ${2:-0} s for the queue to finish
+    t0=$(date +%s)
+    while [ ! -e $RES/queue.done ] && [ $(($(date +%s) - t0)) -lt "${2:-0}" ]; do sleep 5; done
     tail -20 $RES/queue.log
     pack
     ;;

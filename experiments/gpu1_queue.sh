@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Background queue on GPU 1 of a 2-GPU lease (started by device_session.sh `part 0`): train the reference
-# model, the transformers benchmark, then (once vLLM is installed) the preemption/prefix-cache
-# consistency check, the vLLM server check and the quality harness.  Logs and results go to /tmp/res; /tmp/res/queue.done
-# marks the end.  Steps can be skipped with SKIP="train hf consistency serve quality".
+# model (weights exported to /tmp/refmodel_export, fetched by `device_session.sh model`), then, once
+# vLLM is installed, the preemption/prefix-cache consistency check, the vLLM server check and the
+# quality harness.  Logs and results go to /tmp/res; /tmp/res/queue.done
+# marks the end.  Steps can be skipped with SKIP="train consistency serve quality".
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RES=/tmp/res
@@ -15,14 +16,9 @@ want() { [[ " ${SKIP:-} " != *" $1 "* ]]; }
 
 if want train; then
   step train
-  timeout "${TRAIN_TIMEOUT:-330}" python3 experiments/reference-model/train.py --out "$MODEL" \
-    --minutes "${TRAIN_MINUTES:-3.5}" > $RES/train.log 2>&1
+  timeout "${TRAIN_TIMEOUT:-420}" python3 experiments/reference-model/train.py --out "$MODEL" \
+    --export /tmp/refmodel_export --minutes "${TRAIN_MINUTES:-3.5}" > $RES/train.log 2>&1
   echo "train exit $?"; tail -5 $RES/train.log
-fi
-if want hf; then
-  step hf bench
-  PYTHONPATH=$SRC timeout 300 python3 experiments/hf/bench_hf.py > $RES/hf_bench.log 2>&1
-  echo "hf exit $?"; tail -8 $RES/hf_bench.log
 fi
 step waiting for vLLM
 while [ ! -e $RES/vllm.installed ]; do sleep 5; done
