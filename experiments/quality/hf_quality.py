@@ -236,6 +236,7 @@ def run_config(model, name: str, cfg: Config, work: wl.Workload, device: torch.d
         cache=type(cache).__name__,
         attn=cfg.attn,
         seconds=round(time.perf_counter() - t0, 1),
+        protocol=work.describe(),
         **evidence,
     )
 
