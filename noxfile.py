@@ -125,12 +125,20 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy", *session.posargs)
 
 
+REFERENCE_MODEL = ROOT / "experiments" / "reference-model"
+
+
 @nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
-    """The quick start: install tq-core[eval] and run `turboquant eval`."""
+    """The quick start: `turboquant eval`, then text from the reference model with and without compression."""
     session.install(TORCH)
     session.install("-e", "./packages/tq-core[eval]")
     session.run("turboquant", "eval", *session.posargs)
+    if not (REFERENCE_MODEL / "model" / "config.json").exists():
+        session.warn("no reference model weights in experiments/reference-model/model/: skipping generation")
+        return
+    session.install("-e", "./packages/tq-kernels", "-e", "./packages/tq-hf")
+    session.run("python", str(REFERENCE_MODEL / "generate.py"))
 
 
 _CHECK_INSTALLED = """

@@ -1,0 +1,282 @@
+"""Quality of KV-cache configs through transformers + tq-hf on the reference model (see README.md).
+
+    python experiments/quality/hf_quality.py MODEL_DIR [--small] [--configs bf16,ours-4bit_nc,...]
+
+Runs every config in this process (one model, a fresh cache per task) and prints one ``RESULT {json}``
+line per config; ``--jsonl FILE`` also appends them there.  On CUDA ``TurboQuantCache`` uses the tq_kernels
+store / dequantize / fused decode kernels; on CPU the tq_core reference path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import workload as wl
+
+PRESETS = ("turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc")
+
+
+@dataclass
+class Config:
+    kv: str
+    bytes_per_token_head: float
+    make_cache: Callable[[Any], Any]
+    attn: str  # attention implementation for this config
+    note: str = ""
+
+
+# -- quantize-dequantize caches, for configs TurboQuantCache's slot layout cannot hold -----------------
+def qdq_cache(model, qdq: Callable[[torch.Tensor, int, str], torch.Tensor]):
+    """A cache whose layers store ``qdq(K)``, ``qdq(V)`` (rounded on write, kept in the model dtype).
+
+    Like ``TurboQuantCache`` with ``residual_length=0``: the first forward (the prompt's first chunk)
+    attends to its exact K/V; every later forward reads only rounded K/V, its own tokens included.
+    """
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class QDQLayer(DynamicLayer):
+        def __init__(self, idx: int) -> None:
+            super().__init__()
+            self.idx = idx
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            first = not self.is_initialized
+            kq = qdq(key_states, self.idx, "k").to(key_states.dtype)
+            vq = qdq(value_states, self.idx, "v").to(value_states.dtype)
+            keys, values = super().update(kq, vq, *args, **kwargs)
+            return (key_states, value_states) if first else (keys, values)
+
+    return Cache(layers=[QDQLayer(i) for i in range(model.config.num_hidden_layers)])
+
+
+def fp8_qdq(x: torch.Tensor, layer: int, which: str) -> torch.Tensor:
+    # vLLM's fp8 KV cache without calibration: e4m3 with scale 1 (saturating at +-448)
+    return x.clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype)
+
+
+def tq_qdq(build: Callable[[torch.Tensor, int, str], Any]):
+    """qdq through tq_core quantizers built lazily per (layer, K/V, KV head) from the first K/V seen."""
+    quantizers: dict[tuple[int, str, int], Any] = {}
+
+    def qdq(x: torch.Tensor, layer: int, which: str) -> torch.Tensor:
+        out = torch.empty_like(x)
+        for h in range(x.shape[1]):  # x: [B, Hkv, T, d]
+            key = (layer, which, h)
+            if key not in quantizers:
+                quantizers[key] = build(x[:, h], layer, which)
+            q = quantizers[key]
+            out[:, h] = q.dequantize(q.quantize(x[:, h].float())).to(x.dtype)
+        return out
+
+    return qdq
+
+
+def outlier_builder(bits_out: int, bits: int, n_out: int):
+    from tq_core.quantizers import OutlierSplitQuantizer, top_rms_channels
+
+    def build(x: torch.Tensor, layer: int, which: str):
+        # outlier channels calibrated on the first tokens this layer/head sees (the first prompt chunk)
+        ch = top_rms_channels(x.reshape(-1, x.shape[-1]), n_out).cpu()
+        return OutlierSplitQuantizer(x.shape[-1], ch, bits_out, bits, seed=layer, norm_correction=True)
+
+    return build
+
+
+def qjl_builder(bits: int):
+    from tq_core.quantizers import TurboQuantMSE, TurboQuantProd
+
+    def build(x: torch.Tensor, layer: int, which: str):
+        d = x.shape[-1]
+        if which == "k":  # keys: (bits-1)-bit MSE + 1-bit QJL on the residual (unbiased inner products)
+            return TurboQuantProd(d, bits, seed=layer)
+        return TurboQuantMSE(d, bits, seed=layer, norm_correction=True)
+
+    return build
+
+
+def configs(head_dim: int, residual: int) -> dict[str, Config]:
+    from transformers import DynamicCache
+
+    import tq_hf
+    from tq_core import ComponentFormat, KVFormat, named_format
+
+    def tq_cache(fmt):
+        def make(model):
+            try:
+                return tq_hf.TurboQuantCache(model.config, fmt, residual_length=residual)
+            except ValueError:  # a layout the tq_kernels kernels do not serve: tq_core reference path
+                return tq_hf.TurboQuantCache(model.config, fmt, residual_length=residual, backend="torch")
+
+        return make
+
+    d = head_dim
+    out = {
+        "bf16": Config("bf16", 4 * d, lambda m: DynamicCache(config=m.config), "sdpa"),
+        "fp8": Config("fp8_e4m3", 2 * d, lambda m: qdq_cache(m, fp8_qdq), "sdpa", "qdq: e4m3, scale 1"),
+    }
+    for name in PRESETS:
+        fmt = named_format(name, d)
+        out[f"ours-{name.removeprefix('turboquant_')}"] = Config(
+            name, fmt.slot_bytes, tq_cache(fmt), "turboquant"
+        )
+    # 2.5 / 3.5 bits per coordinate, two ways: TurboQuantCache's own mixed width (the first half of the
+    # rotated coordinates get one more bit), and the paper's outlier-channel split (qdq, not a cache layout)
+    for bits in (2, 3):
+        comp = ComponentFormat(bits, d // 2)
+        fmt = KVFormat(d, comp, comp, 0, name=f"tq_{bits}.5bit")
+        out[f"ours-{bits}.5bit"] = Config(
+            f"{bits}.5 bits ({bits}b+{d // 2} rotated coords)", fmt.slot_bytes, tq_cache(fmt), "turboquant"
+        )
+        nbytes = 2 * ((bits * d + d // 2 + 7) // 8 + 4)  # K and V: codes + two float16 norms each
+        out[f"ours-{bits}.5bit-outlier"] = Config(
+            f"{bits}.5 bits (outlier split {d // 2}@{bits + 1}b + {d // 2}@{bits}b)",
+            nbytes,
+            lambda m, b=bits: qdq_cache(m, tq_qdq(outlier_builder(b + 1, b, d // 2))),
+            "sdpa",
+            "qdq with tq_core.OutlierSplitQuantizer; channels calibrated on the first chunk per layer/head",
+        )
+    # QJL variant in the 134 B budget: K = TurboQuantProd 4 bits (3-bit MSE + 1-bit QJL, float16 norm and
+    # residual norm), V = TurboQuantMSE 4 bits + float16 norm
+    out["ours-qjl-4bit"] = Config(
+        "K prod 4b (3b MSE + 1b QJL), V MSE 4b",
+        (4 * d // 8 + 4) + (4 * d // 8 + 2),
+        lambda m: qdq_cache(m, tq_qdq(qjl_builder(4))),
+        "sdpa",
+        "qdq with tq_core.TurboQuantProd / TurboQuantMSE",
+    )
+    return out
+
+
+# -- the protocol -------------------------------------------------------------------------------------
+def prefill(model, cache, ids: torch.Tensor, first: int, chunk: int, keep_all: bool = False):
+    """Feed `[B, T]` ids: ``first`` tokens in one forward, then chunks; returns the logits of each chunk
+    after the first (all positions if ``keep_all``, else only the last)."""
+    outs = []
+    starts = [0, *range(first, ids.shape[1], chunk)]
+    for i, s in enumerate(starts):
+        e = starts[i + 1] if i + 1 < len(starts) else ids.shape[1]
+        logits = model(
+            input_ids=ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=0 if keep_all else 1
+        ).logits
+        outs.append((s, logits))
+    return outs
+
+
+def greedy(model, cache, last_logits: torch.Tensor, steps: int) -> torch.Tensor:
+    tok = last_logits[:, -1].argmax(-1, keepdim=True)
+    out = [tok]
+    for _ in range(steps - 1):
+        logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(tok)
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def run_config(model, name: str, cfg: Config, work: wl.Workload, device: torch.device) -> dict:
+    from tq_hf.attention import STATS
+
+    p = work.protocol
+    model.set_attn_implementation(cfg.attn)
+    stats0 = dict(STATS)
+    t0 = time.perf_counter()
+    # perplexity: targets at positions prefix+1 .. ppl_len-1, each predicted by a chunk forward
+    ids = torch.tensor(work.ppl, device=device)
+    nll, scored = 0.0, 0
+    for s, logits in prefill(model, cfg.make_cache(model), ids, p.prefix, p.chunk, keep_all=True)[1:]:
+        tgt = ids[:, s + 1 : s + logits.shape[1] + 1]
+        lg = logits[:, : tgt.shape[1]].float()
+        nll += F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="sum").item()
+        scored += tgt.numel()
+    # needles: all prompts of one length in one batch; greedy answer through the cache
+    hits: dict[int, list[bool]] = {}
+    for length in p.needle_lengths:
+        group = [s for n, s in work.needles if n == length]
+        x = torch.tensor([s.prompt for s in group], device=device)
+        cache = cfg.make_cache(model)
+        last = prefill(model, cache, x, p.chunk, p.chunk)[-1][1]
+        gen = greedy(model, cache, last, max(len(s.answer) for s in group)).tolist()
+        hits[length] = [wl.needle_hits(g, s) for g, s in zip(gen, group, strict=True)]
+    # agreement: greedy continuations of held-out prompts
+    x = torch.tensor(work.agree, device=device)
+    cache = cfg.make_cache(model)
+    last = prefill(model, cache, x, p.chunk, p.chunk)[-1][1]
+    agree = greedy(model, cache, last, p.agree_steps).tolist()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    # evidence that the measured tokens read compressed K/V: tokens held compressed at the end, and how
+    # many attention calls took the fused-kernel / dequantize paths
+    layers = getattr(cache, "tq_layers", None)
+    evidence = {
+        "compressed_tokens_layer0": layers[0].n_comp - layers[0].start if layers else None,
+        "attention_paths": {k: STATS[k] - stats0[k] for k in STATS},
+    }
+    return wl.summarize(
+        name,
+        "hf",
+        nll,
+        scored,
+        hits,
+        agree,
+        kv=cfg.kv,
+        bytes_per_token_head=cfg.bytes_per_token_head,
+        note=cfg.note,
+        cache=type(cache).__name__,
+        attn=cfg.attn,
+        seconds=round(time.perf_counter() - t0, 1),
+        protocol=work.describe(),
+        **evidence,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("--small", action="store_true", help="CPU smoke protocol (short lengths)")
+    ap.add_argument("--configs", default="", help="comma-separated subset (bf16 first is implied)")
+    ap.add_argument("--residual", type=int, default=0, help="TurboQuantCache residual_length")
+    ap.add_argument("--jsonl", type=Path, help="append RESULT rows here")
+    args = ap.parse_args()
+    # transformers >= 5.2x renames past_key_values to cache; 5.17 (the GPU machine) knows only the old name
+    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+
+    from transformers import AutoModelForCausalLM
+
+    import tq_hf  # noqa: F401  (registers the "turboquant" attention)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype).to(device).eval()
+    work = wl.build(args.model_dir, wl.SMALL if args.small else wl.FULL)
+    all_cfgs = configs(model.config.head_dim, args.residual)
+    names = [n for n in args.configs.split(",") if n] or list(all_cfgs)
+    if "bf16" not in names:
+        names.insert(0, "bf16")
+    print("WORKLOAD " + json.dumps(work.describe()), flush=True)
+    for name in names:
+        try:
+            row = run_config(model, name, all_cfgs[name], work, device)
+            row |= {"residual_length": args.residual, "dtype": str(dtype), "device": str(device)}
+        except Exception as exc:  # one broken config must not lose the others' rows
+            row = {"engine": "hf", "config": name, "error": repr(exc)[-2000:]}
+        line = json.dumps(row)
+        print("RESULT " + line, flush=True)
+        if args.jsonl:
+            with args.jsonl.open("a") as f:
+                f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,492 @@
+"""Train the reference model: a small Llama (head_dim 128, GQA) on the machine's own Python sources and docs.
+
+    python experiments/reference-model/train.py --out /tmp/ref --minutes 4 --export "$OUT"   # H200
+    python experiments/reference-model/train.py --out /tmp/ref-tiny --tiny --minutes 0.3     # CPU check
+
+Steps: collect text files (stdlib + site-packages *.py/*.md/*.rst/*.txt, sorted, deduplicated, capped),
+hold out ~2% of them by path hash, train a byte-level BPE tokenizer (`tokenizers`), tokenize, then train
+``LlamaForCausalLM`` for a wall-clock budget on sequences of 1K..16K tokens, ~40% of them carrying the
+passkey task of ``needle.py`` (loss = LM loss + loss on the answer ids).  Writes a transformers model
+directory (bf16 safetensors in <=15 MB shards, tokenizer.json, provenance.json, train.log, heldout.txt);
+``--export DIR`` also writes the few-file form the device machine can return: the shards plus one
+``ref-model-files.tar.gz`` with everything else (unpack it beside the shards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import sysconfig
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from needle import build_needle, needle_suite
+
+EXTENSIONS = (".py", ".md", ".rst", ".txt")
+EOS = "<|endoftext|>"
+LOG: list[str] = []
+
+
+def log(msg: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    LOG.append(line)
+
+
+def _hash(text: str) -> int:
+    return int(hashlib.sha1(text.encode()).hexdigest()[:12], 16)
+
+
+def collect_corpus(max_bytes: int, max_file_bytes: int, heldout_per_mille: int):
+    """(train texts, held-out texts, manifest): text files of the interpreter's stdlib and site-packages.
+
+    Files are named by root label + relative path, so the split (by hash of that name) and the selection
+    (in hash order, until ``max_bytes``) are the same on any machine holding the same files.
+    """
+    paths = sysconfig.get_paths()
+    roots = {"stdlib": paths["stdlib"], "purelib": paths["purelib"], "platlib": paths["platlib"]}
+    seen_dirs: set[str] = set()
+    names: dict[str, Path] = {}
+    for label, root in sorted(roots.items()):
+        real = os.path.realpath(root)
+        if real in seen_dirs or not os.path.isdir(real):
+            continue
+        seen_dirs.add(real)
+        for dirpath, dirnames, filenames in os.walk(real):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and not d.startswith("."))
+            # site-packages lives under stdlib on some layouts; walk it once, under its own label
+            if label == "stdlib":
+                dirnames[:] = [d for d in dirnames if d not in ("site-packages", "dist-packages")]
+            for fn in sorted(filenames):
+                if fn.endswith(EXTENSIONS):
+                    full = Path(dirpath, fn)
+                    names[f"{label}/{full.relative_to(real)}"] = full
+    order = sorted(names, key=lambda n: (_hash(n), n))
+    seen_content: set[str] = set()
+    train, heldout, manifest = [], [], {"train": [], "heldout": []}
+    total = skipped_dupe = skipped_big = 0
+    for name in order:
+        path = names[name]
+        try:
+            size = path.stat().st_size
+            if size > max_file_bytes or size == 0:
+                skipped_big += 1
+                continue
+            text = path.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        digest = hashlib.sha1(text.encode()).hexdigest()
+        if digest in seen_content:
+            skipped_dupe += 1
+            continue
+        seen_content.add(digest)
+        split = "heldout" if _hash("split:" + name) % 1000 < heldout_per_mille else "train"
+        (heldout if split == "heldout" else train).append(text)
+        manifest[split].append(name)
+        total += len(text.encode())
+        if total >= max_bytes:
+            break
+    stats = {
+        "candidates": len(names),
+        "files_train": len(train),
+        "files_heldout": len(heldout),
+        "bytes_train": sum(len(t.encode()) for t in train),
+        "bytes_heldout": sum(len(t.encode()) for t in heldout),
+        "skipped_duplicates": skipped_dupe,
+        "skipped_empty_or_over_max_file_bytes": skipped_big,
+        "roots": roots,
+    }
+    return train, heldout, manifest, stats
+
+
+def train_tokenizer(texts: list[str], vocab: int, sample_bytes: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    sample, n = [], 0
+    for t in texts:  # already in hash order: a spread of packages, not the alphabet's first few
+        sample.append(t)
+        n += len(t)
+        if n >= sample_bytes:
+            break
+    tok.train_from_iterator(sample, trainer=trainer)
+    return tok
+
+
+def tokenize(tok, texts: list[str]) -> np.ndarray:
+    eos = tok.token_to_id(EOS)
+    parts = []
+    for i in range(0, len(texts), 2048):
+        for enc in tok.encode_batch(texts[i : i + 2048]):
+            parts.append(np.asarray(enc.ids, dtype=np.int32))
+            parts.append(np.asarray([eos], dtype=np.int32))
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+
+def length_choices(frac: float, max_len: int, min_len: int) -> list[int]:
+    """Sequence lengths allowed at this point of training: a curriculum from min_len up to max_len."""
+    lengths = [min_len]
+    while lengths[-1] < max_len:
+        lengths.append(min(max_len, lengths[-1] * 2))
+    # the longest length unlocks at ~55% of the budget; earlier ones in even steps before it
+    n = max(1, min(len(lengths), 1 + int(frac / 0.55 * (len(lengths) - 1) + 1e-9)))
+    return lengths[:n]
+
+
+def make_batch(corpus, tok, length, rows, needle_frac, rng):
+    """`(rows, length)` ids and a same-shape mask of answer ids (the passkey task's targets)."""
+    ids = np.empty((rows, length), dtype=np.int64)
+    answer_mask = np.zeros((rows, length), dtype=bool)
+    for r in range(rows):
+        start = int(rng.integers(0, len(corpus) - length - 1))
+        window = corpus[start : start + length]
+        if rng.random() < needle_frac:
+            s = build_needle(
+                tok, window, length - 8, float(rng.uniform(0, 1)), rng, distractors=int(rng.integers(0, 3))
+            )
+            seq = s.prompt + s.answer
+            ids[r, : len(seq)] = seq
+            # after the answer, more corpus ids so every row is full length (scored as LM loss only)
+            ids[r, len(seq) :] = window[: length - len(seq)]
+            answer_mask[r, len(s.prompt) : len(seq)] = True
+        else:
+            ids[r] = window
+    return torch.from_numpy(ids), torch.from_numpy(answer_mask)
+
+
+def losses(model, ids, answer_mask):
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    targets = ids[:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    ce = ce.view_as(targets)
+    m = answer_mask[:, 1:]
+    lm = ce.mean()
+    ans = (ce * m).sum() / m.sum().clamp(min=1)
+    return lm, ans, m.any().item()
+
+
+@torch.no_grad()
+def needle_accuracy(model, samples, device) -> dict[int, float]:
+    """Exact greedy-answer accuracy per length, teacher-forced: greedy decoding emits the answer ids iff the
+    argmax at every answer position (given the right prefix) is the next answer id."""
+    hits: dict[int, list[bool]] = {}
+    for length, s in samples:
+        seq = torch.tensor([s.prompt + s.answer], device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=seq).logits[0]
+        n = len(s.answer)
+        pred = logits[len(s.prompt) - 1 : len(s.prompt) - 1 + n].argmax(-1).tolist()
+        hits.setdefault(length, []).append(pred == s.answer)
+    return {k: sum(v) / len(v) for k, v in hits.items()}
+
+
+@torch.no_grad()
+def heldout_ppl(model, heldout, seq_len, n_seqs, device) -> float:
+    n = min(n_seqs, len(heldout) // seq_len)
+    if n == 0:
+        return float("nan")
+    nll, count = 0.0, 0
+    for i in range(n):
+        x = torch.from_numpy(heldout[i * seq_len : (i + 1) * seq_len].astype(np.int64))[None].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=x).logits[0, :-1].float()
+        nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+        count += seq_len - 1
+    return math.exp(nll / count)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="model directory to write")
+    ap.add_argument("--export", type=Path, help="also write shards + one tar.gz here (for $OUT)")
+    ap.add_argument("--minutes", type=float, default=4.0, help="wall-clock training budget (loop only)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny corpus, model and lengths")
+    ap.add_argument("--corpus-mb", type=float, default=160.0)
+    ap.add_argument("--tokenizer-mb", type=float, default=30.0, help="text the BPE trainer sees")
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--max-len", type=int, default=16384)
+    ap.add_argument("--min-len", type=int, default=1024)
+    ap.add_argument("--tokens-per-step", type=int, default=131072)
+    ap.add_argument("--needle-frac", type=float, default=0.4)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--hidden", type=int, default=384)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--intermediate", type=int, default=768)
+    ap.add_argument("--eval-every", type=float, default=30.0, help="seconds between evals")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
+    args = ap.parse_args()
+    if args.tiny:
+        args.corpus_mb, args.tokenizer_mb, args.vocab = (
+            min(args.corpus_mb, 4.0),
+            min(args.tokenizer_mb, 2.0),
+            2048,
+        )
+        args.max_len, args.min_len, args.tokens_per_step = min(args.max_len, 512), 128, 2048
+        args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate = 256, 2, 2, 1, 512
+        args.eval_every = min(args.eval_every, 5.0)
+
+    t_start = time.time()
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    # ---- data ----
+    t0 = time.time()
+    train_texts, heldout_texts, manifest, corpus_stats = collect_corpus(
+        int(args.corpus_mb * 1e6), 2_000_000, heldout_per_mille=20
+    )
+    log(
+        f"corpus: {json.dumps({k: v for k, v in corpus_stats.items() if k != 'roots'})} in {time.time() - t0:.1f}s"
+    )
+    t0 = time.time()
+    tok = train_tokenizer(train_texts, args.vocab, int(args.tokenizer_mb * 1e6))
+    t_tok_train = time.time() - t0
+    log(f"tokenizer trained in {t_tok_train:.1f}s (vocab {tok.get_vocab_size()})")
+    t0 = time.time()
+    corpus = tokenize(tok, train_texts)
+    heldout = tokenize(tok, heldout_texts)
+    t_tokenize = time.time() - t0
+    log(
+        f"tokenized {len(corpus):,} train + {len(heldout):,} "
+        f"held-out tokens in {t_tokenize:.1f}s ({corpus_stats['bytes_train'] / max(len(corpus), 1):.2f} bytes/token)"
+    )
+
+    # ---- model ----
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    eos_id = tok.token_to_id(EOS)
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=128,
+        max_position_embeddings=max(16384, args.max_len) * 2,
+        rope_parameters={"rope_type": "default", "rope_theta": 500_000.0},
+        tie_word_embeddings=True,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params / 1e6:.2f}M parameters, {json.dumps(config.to_diff_dict())}")
+    step_model = torch.compile(model, dynamic=True) if args.compile else model
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
+    )
+    eval_lengths = [
+        n for n in (args.max_len // 8, args.max_len // 4, args.max_len // 2, args.max_len) if n >= 256
+    ]
+    quick_eval = needle_suite(
+        tok,
+        heldout if len(heldout) > args.max_len else corpus,
+        eval_lengths,
+        [0.1, 0.5, 0.9],
+        2,
+        base_seed=99,
+    )
+
+    # ---- train ----
+    budget = args.minutes * 60
+    warmup = 30
+    step = tokens_seen = 0
+    lm_ema = ans_ema = None
+    t_train = time.time()
+    last_eval = t_train
+    model.train()
+    while True:
+        frac = (time.time() - t_train) / budget
+        if frac >= 1.0:
+            break
+        lengths = length_choices(frac, args.max_len, args.min_len)
+        # half of the steps at the longest allowed length, so long contexts get a fair share of training
+        length = lengths[-1] if rng.random() < 0.5 else int(rng.choice(lengths))
+        rows = max(1, args.tokens_per_step // length)
+        ids, amask = make_batch(corpus, tok, length, rows, args.needle_frac, rng)
+        ids, amask = ids.to(device, non_blocking=True), amask.to(device, non_blocking=True)
+        lr = (
+            args.lr
+            * min(1.0, (step + 1) / warmup)
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+        )
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            lm, ans, has_ans = losses(step_model, ids, amask)
+        loss = lm + ans if has_ans else lm
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        tokens_seen += ids.numel()
+        lm_v = lm.item()
+        lm_ema = lm_v if lm_ema is None else 0.95 * lm_ema + 0.05 * lm_v
+        if has_ans:
+            ans_ema = ans.item() if ans_ema is None else 0.9 * ans_ema + 0.1 * ans.item()
+        if time.time() - last_eval >= args.eval_every:
+            last_eval = time.time()
+            model.eval()
+            acc = needle_accuracy(model, quick_eval, device)
+            model.train()
+            el = time.time() - t_train
+            log(
+                f"step {step} t={el:.0f}s len={length} lr={lr:.2e} lm={lm_ema:.3f} ans={ans_ema or 0:.3f} "
+                f"tok/s={tokens_seen / el:,.0f} needle={json.dumps(acc)}"
+            )
+    train_seconds = time.time() - t_train
+    log(
+        f"trained {step} steps, {tokens_seen:,} tokens in {train_seconds:.0f}s ({tokens_seen / train_seconds:,.0f} tok/s)"
+    )
+
+    # ---- final evaluation ----
+    model.eval()
+    ppl_len = min(2048, args.max_len)
+    ppl = heldout_ppl(model, heldout, ppl_len, 32, device)
+    final_lengths = [2048, 4096, 8192, 16384] if not args.tiny else [128, 256, 512]
+    suite = needle_suite(
+        tok,
+        heldout if len(heldout) > max(final_lengths) else corpus,
+        final_lengths,
+        [0.1, 0.3, 0.5, 0.7, 0.9],
+        4,
+    )
+    acc = needle_accuracy(model, suite, device)
+    log(
+        f"held-out ppl@{ppl_len}={ppl:.3f}; needle accuracy (5 depths x 4 seeds, 2 distractors) {json.dumps(acc)}"
+    )
+
+    # ---- write ----
+    model.to(torch.bfloat16).save_pretrained(args.out, max_shard_size="15MB")
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        model_max_length=config.max_position_embeddings,
+    )
+    hf_tok.save_pretrained(args.out)
+    # held-out text for the quality harness's perplexity (the first ~1 MB of held-out files, in split order)
+    held_text, n = [], 0
+    for t in heldout_texts:
+        held_text.append(t)
+        n += len(t)
+        if n > 1_000_000:
+            break
+    (args.out / "heldout.txt").write_text(EOS.join(held_text))
+    import tokenizers
+    import transformers
+
+    provenance = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "seed": args.seed,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "data": {
+            **corpus_stats,
+            "tokens_train": len(corpus),
+            "tokens_heldout": len(heldout),
+            "extensions": EXTENSIONS,
+            "selection": "files named <root label>/<relative path>; visited in sha1(name) order, deduplicated "
+            "by content sha1, files over 2 MB skipped, stop at corpus-mb; held out where "
+            "sha1('split:'+name) % 1000 < 20",
+            "heldout_files": manifest["heldout"],
+            "train_files_count": len(manifest["train"]),
+            "train_files_sha1_of_sorted_list": hashlib.sha1(
+                "\n".join(sorted(manifest["train"])).encode()
+            ).hexdigest(),
+            "heldout_txt": "heldout.txt: the first ~1 MB of held-out files joined by <|endoftext|>",
+        },
+        "tokenizer": {
+            "type": "byte-level BPE (tokenizers)",
+            "vocab_size": tok.get_vocab_size(),
+            "trained_on_bytes": int(args.tokenizer_mb * 1e6),
+            "train_seconds": round(t_tok_train, 1),
+            "tokenize_seconds": round(t_tokenize, 1),
+        },
+        "architecture": {"class": "LlamaForCausalLM", "parameters": n_params, **config.to_diff_dict()},
+        "training": {
+            "steps": step,
+            "tokens_seen": tokens_seen,
+            "train_seconds": round(train_seconds, 1),
+            "tokens_per_second": round(tokens_seen / max(train_seconds, 1e-9)),
+            "final_train_lm_loss_ema": lm_ema,
+            "final_answer_loss_ema": ans_ema,
+            "optimizer": f"AdamW lr {args.lr} betas (0.9, 0.95) wd 0.1, {warmup}-step warmup, cosine to 10% over "
+            "the wall-clock budget, grad clip 1.0, bf16 autocast, SDPA attention",
+            "lengths": f"curriculum {args.min_len}..{args.max_len} (doubling; longest unlocked at 55% of budget, "
+            f"then half the steps at it); {args.tokens_per_step} tokens/step; needle rows {args.needle_frac:.0%} "
+            "(0-2 distractors, loss = LM + mean CE on answer ids)",
+        },
+        "eval": {
+            "heldout_ppl": None if math.isnan(ppl) else ppl,
+            "heldout_ppl_seq_len": ppl_len,
+            "heldout_ppl_seqs": min(32, len(heldout) // ppl_len),
+            "needle_accuracy_bf16": {str(k): v for k, v in acc.items()},
+            "needle_protocol": "5 depths (0.1..0.9) x 4 seeds per length, 2 distractor facts, exact greedy "
+            "answer (teacher-forced argmax)",
+        },
+        "wall_seconds_total": round(time.time() - t_start, 1),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+        },
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+    }
+    (args.out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    log(f"wrote {args.out} in {time.time() - t_start:.0f}s total")
+    (args.out / "train.log").write_text("\n".join(LOG) + "\n")
+    if args.export:
+        export(args.out, args.export)
+
+
+def export(model_dir: Path, dest: Path) -> None:
+    """Shards as they are, everything else in one tar.gz: few files, each small (the $OUT limits)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(dest / "ref-model-files.tar.gz", "w:gz") as tar:
+        for f in sorted(model_dir.iterdir()):
+            if f.suffix == ".safetensors":
+                shutil.copy2(f, dest / f.name)
+            else:
+                tar.add(f, arcname=f.name)
+    for f in sorted(dest.iterdir()):
+        print(f"export: {f.name} {f.stat().st_size / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    main()
