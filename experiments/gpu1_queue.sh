@@ -17,15 +17,21 @@ want() { [[ " ${SKIP:-} " != *" $1 "* ]]; }
 if want train; then
   step train
   timeout "${TRAIN_TIMEOUT:-420}" python3 experiments/reference-model/train.py --out "$MODEL" \
-    --export /tmp/refmodel_export --minutes "${TRAIN_MINUTES:-3.5}" > $RES/train.log 2>&1
+    --export /tmp/refmodel_export --minutes "${TRAIN_MINUTES:-3}" > $RES/train.log 2>&1
   echo "train exit $?"; tail -5 $RES/train.log
 fi
 step waiting for vLLM
 while [ ! -e $RES/vllm.installed ]; do sleep 5; done
+if want quality && [ -e $MODEL/config.json ]; then
+  step quality vllm
+  TQ_WHEELS_INSTALLED=1 QUALITY_JOBS=${QUALITY_JOBS:-3} timeout 540 bash experiments/quality/run.sh $MODEL vllm \
+    > $RES/quality_vllm_run.log 2>&1
+  echo "quality vllm exit $?"; tail -5 $RES/quality_vllm_run.log
+fi
 if want consistency; then
   step consistency
   model_arg=(); [ -e $MODEL/config.json ] && model_arg=(--model $MODEL)
-  PYTHONPATH=/tmp/site timeout 420 python3 experiments/vllm/consistency.py 4bit_nc bf16-flash "${model_arg[@]}" \
+  PYTHONPATH=/tmp/site timeout 300 python3 experiments/vllm/consistency.py 4bit_nc "${model_arg[@]}" \
     > $RES/consistency.log 2>&1
   echo "consistency exit $?"; grep '^RESULT' $RES/consistency.log | cut -c1-400
 fi
@@ -36,9 +42,9 @@ if want serve; then
   echo "serve exit $?"; tail -3 $RES/serve_check.out | cut -c1-600
 fi
 if want quality && [ -e $MODEL/config.json ]; then
-  step quality
-  PYTHONPATH=/tmp/site:$SRC timeout 600 bash experiments/quality/run.sh $MODEL > $RES/quality.log 2>&1
-  echo "quality exit $?"; tail -20 $RES/quality.log
+  step quality hf
+  timeout 420 bash experiments/quality/run.sh $MODEL hf > $RES/quality_hf_run.log 2>&1
+  echo "quality hf exit $?"; tail -5 $RES/quality_hf_run.log
 fi
 step done
 touch $RES/queue.done

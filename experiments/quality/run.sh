@@ -28,7 +28,8 @@ fi
 if [[ $PART == vllm || $PART == all ]]; then
   echo "== vLLM path"
   # the plugin's entry point needs installed distributions (wheels built on the dev machine)
-  if compgen -G "experiments/vllm/.whl-tq/*.whl" > /dev/null; then
+  # (TQ_WHEELS_INSTALLED=1: already installed, e.g. while other engines are importing from /tmp/site)
+  if [ -z "${TQ_WHEELS_INSTALLED:-}" ] && compgen -G "experiments/vllm/.whl-tq/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site experiments/vllm/.whl-tq/*.whl
   fi
   PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} VLLM_USE_FLASHINFER_SAMPLER=0 \
