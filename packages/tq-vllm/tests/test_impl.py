@@ -197,6 +197,26 @@ def test_builder_prepares_its_layers_before_graph_capture() -> None:
     impl.prepare(LAYER_NAME, torch.device("cpu"), BLOCK, warm=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prepare_compiles_every_kernel_with_the_model_dtype(monkeypatch, dtype) -> None:
+    """vLLM captures decode batches only, so the warm-up must also run the extend kernel, with K/V of
+    the model's dtype (Triton compiles one variant per dtype), or it compiles inside a timed prefill."""
+    import tq_vllm.impl
+
+    seen: dict[str, torch.dtype] = {}
+    for name in ("tq_store_paged", "tq_decode_attention", "tq_extend_attention"):
+        real = getattr(tq_vllm.impl, name)
+
+        def record(*args, _name=name, _real=real, **kwargs):
+            seen[_name] = args[0].dtype
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(tq_vllm.impl, name, record)
+    _, impl, _, _ = build_layer(COMPRESSED_CASES[1], LAYER_NAME, BLOCK)
+    impl.prepare(LAYER_NAME, torch.device("cpu"), BLOCK, warm=True, dtype=dtype)
+    assert seen == dict.fromkeys(("tq_store_paged", "tq_decode_attention", "tq_extend_attention"), dtype)
+
+
 def test_shared_kv_layer_reads_with_the_owner_rotation() -> None:
     """A layer that reuses another layer's cache must decode it with the owner's layer number."""
     with set_current_vllm_config(VllmConfig()):

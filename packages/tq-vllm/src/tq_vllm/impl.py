@@ -166,14 +166,22 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         return self.layer
 
     def prepare(
-        self, layer_name: str, device: torch.device, block_size: int, *, warm: bool | None = None
+        self,
+        layer_name: str,
+        device: torch.device,
+        block_size: int,
+        *,
+        warm: bool | None = None,
+        dtype: torch.dtype = torch.bfloat16,
     ) -> None:
         """Fix the layer number and build the kernels' device tables before any graph capture.
 
         The kernels cache their rotation and codebook tensors per device on first use; a first use
-        inside a CUDA-graph capture would copy from the host mid-capture.  One tiny store and decode
-        on a scratch block builds them (and compiles the kernels) now.  ``warm`` None does that on
-        CUDA only (tests pass True to run it on the CPU).
+        inside a CUDA-graph capture would copy from the host mid-capture.  One tiny store, decode and
+        extend on a scratch block, with K/V of the model's ``dtype``, build them and compile the
+        kernels now (vLLM's capture runs decode batches only, so without this the extend kernel would
+        compile inside the first timed prefill).  ``warm`` None does that on CUDA only (tests pass
+        True to run it on the CPU).
         """
         if self.layer is None:
             self.layer = layer_index(self.kv_sharing_target_layer_name or layer_name)
@@ -182,17 +190,14 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             return
         fmt = self.fmt
         cache = fmt.allocate_cache(1, block_size, self.num_kv_heads, device=device)
-        kv = torch.zeros(1, self.num_kv_heads, self.head_size, dtype=torch.float16, device=device)
+        kv = torch.zeros(1, self.num_kv_heads, self.head_size, dtype=dtype, device=device)
+        q = torch.zeros(1, self.num_heads, self.head_size, dtype=dtype, device=device)
+        table = torch.zeros(1, 1, dtype=torch.int32, device=device)
+        one = torch.ones(1, dtype=torch.int32, device=device)
         tq_store_paged(kv, kv, cache, torch.zeros(1, dtype=torch.int64, device=device), fmt, layer=self.layer)
-        tq_decode_attention(
-            torch.zeros(1, self.num_heads, self.head_size, dtype=torch.float16, device=device),
-            cache,
-            torch.zeros(1, 1, dtype=torch.int32, device=device),
-            torch.ones(1, dtype=torch.int32, device=device),
-            fmt,
-            layer=self.layer,
-            num_splits=1,
-        )
+        tq_decode_attention(q, cache, table, one, fmt, layer=self.layer, num_splits=1)
+        qsl = torch.tensor([0, 1], dtype=torch.int32, device=device)
+        tq_extend_attention(q, kv, kv, cache, table, one, qsl, 1, fmt, layer=self.layer)
 
     # -- write path -------------------------------------------------------------------------------
     def do_kv_cache_update(

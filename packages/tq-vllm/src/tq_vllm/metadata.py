@@ -99,7 +99,12 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         for name in layer_names:
             impl = getattr(context.get(name), "impl", None)
             if isinstance(impl, TurboQuantImpl):
-                impl.prepare(name, device, self.kv_cache_spec.block_size)
+                impl.prepare(name, device, self.kv_cache_spec.block_size, dtype=self._model_dtype())
+
+    def _model_dtype(self) -> torch.dtype:
+        """The model's activation dtype (the K/V the store and extend kernels receive)."""
+        dtype = getattr(getattr(self.vllm_config, "model_config", None), "dtype", None)
+        return dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
 
     def decode_num_splits(self, batch: int, bound: int) -> int:
         """Context splits for a decode batch of ``batch`` requests (cached; no step-dependent input)."""
