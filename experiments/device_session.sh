@@ -4,10 +4,11 @@
 # the kernel and transformers benchmarks), GPU 1 runs a background queue (reference-model training, the
 # consistency check, the server check, the quality harness) whose logs are collected by later calls.  Each call's command is short:
 #
-#   bash experiments/device_session.sh part 0        # carry .device-bundle/part0.d; starts the GPU-1 queue
-#   bash experiments/device_session.sh part 1        # carry .device-bundle/part1.d
-#   bash experiments/device_session.sh part 2        # carry .device-bundle/part2.d
-#   bash experiments/device_session.sh install       # carry .device-bundle/part3.d + experiments/vllm/.whl-tq
+#   bash experiments/device_session.sh piece part0.00   # carry .device-bundle/pieces/part0.00.d; the first
+#   ...                                                 #   call starts the GPU-1 queue (NO_QUEUE=1: not)
+#   bash experiments/device_session.sh piece part3.01   # (pieces: experiments/device_bundle_split.sh)
+#   bash experiments/device_session.sh install       # carry .device-bundle/part3.d/install-vllm-bundle.py,
+#                                                    #   .device-bundle/part3.d/SHA256, experiments/vllm/.whl-tq
 #   bash experiments/device_session.sh anchor bf16 fp8 ...   # GPU 0, names of anchor_ours.sh
 #   bash experiments/device_session.sh kernels       # GPU 0: kernel benchmarks
 #   bash experiments/device_session.sh hf            # GPU 0: tq-hf's benchmark
@@ -29,18 +30,30 @@ pack() {  # at most 8 files come back: one tarball of logs + the small result fi
   ls -la "$RES"
 }
 
+start_queue() {  # once per machine, on its first call
+  if [ ! -e $RES/queue.started ] && [ -z "${NO_QUEUE:-}" ]; then
+    touch $RES/queue.started
+    (setsid nohup bash "$ROOT/experiments/gpu1_queue.sh" > $RES/queue.log 2>&1 &)
+    echo "GPU-1 queue started"
+  fi
+}
+
 case "${1:?phase}" in
-  part)
+  part)  # a whole bundle part (when the working tree is small enough to travel beside 50 MiB)
     cp "$ROOT/.device-bundle/part$2.d/part$2" /tmp/b/ && ls /tmp/b
-    if [ "$2" = 0 ] && [ ! -e $RES/queue.started ]; then
-      touch $RES/queue.started
-      (setsid nohup bash "$ROOT/experiments/gpu1_queue.sh" > $RES/queue.log 2>&1 &)
-      echo "GPU-1 queue started"
-    fi
+    start_queue
     nvidia-smi --query-gpu=index,name,memory.used --format=csv
     ;;
-  install)
-    cp "$ROOT/.device-bundle/part3.d/part3" /tmp/b/
+  piece)  # a piece of a part (experiments/device_bundle_split.sh), e.g. part0.00
+    mkdir -p /tmp/b/pieces && cp "$ROOT/.device-bundle/pieces/$2.d/$2" /tmp/b/pieces/ && ls /tmp/b/pieces
+    start_queue
+    ;;
+  install)  # carry .device-bundle/part3.d/install-vllm-bundle.py, .device-bundle/part3.d/SHA256 and the
+    # wheels (plus .device-bundle/part3.d/part3 itself when the parts travel whole)
+    [ -e "$ROOT/.device-bundle/part3.d/part3" ] && cp "$ROOT/.device-bundle/part3.d/part3" /tmp/b/
+    if compgen -G "/tmp/b/pieces/part?.??" > /dev/null; then
+      for k in 0 1 2 3; do cat /tmp/b/pieces/part$k.?? > /tmp/b/part$k; done
+    fi
     python3 "$ROOT/.device-bundle/part3.d/install-vllm-bundle.py" > $RES/install.log 2>&1
     tail -2 $RES/install.log
     python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site "$ROOT"/experiments/vllm/.whl-tq/*.whl

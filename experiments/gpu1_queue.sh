@@ -14,6 +14,11 @@ cd "$ROOT"
 step() { echo "== $(date +%T) $*"; }
 want() { [[ " ${SKIP:-} " != *" $1 "* ]]; }
 
+# The committed reference model, unless RETRAIN=1 asks for a fresh one.
+if [ -e "$ROOT/experiments/reference-model/model/config.json" ] && [ -z "${RETRAIN:-}" ]; then
+  MODEL=$ROOT/experiments/reference-model/model
+  SKIP="${SKIP:-} train"
+fi
 if want train; then
   step train
   timeout "${TRAIN_TIMEOUT:-420}" python3 experiments/reference-model/train.py --out "$MODEL" \
