@@ -14,6 +14,13 @@ A layer with a ``turboquant_*`` kv-cache dtype:
   same attention (the extend kernel computes exactly this for an empty prefix), only faster.
   ``TQ_VLLM_PREFILL_FLASH=0`` turns that off.
 
+``TQ_VLLM_CHUNK_KV`` chooses what a prefill chunk's queries see of the chunk itself: ``exact`` (the
+default: its own K/V as computed) or ``compressed`` (its own K/V quantized and decoded exactly as the
+cache holds them).  With ``compressed`` every token attends to the same representation of every
+earlier token however the scheduler cut the prompt into chunks, so chunk boundaries, preemption with
+recompute and prefix-cache hits do not change the attention (beyond float rounding); ``exact`` is
+more precise inside a chunk and does not pay the extra encode/decode of the chunk.
+
 A layer vLLM keeps at ``"auto"`` runs :class:`tq_vllm.dense.DenseAttention` on a plain cache.
 
 Each layer rotates with its own seed, chosen by the layer number in its vLLM name
@@ -31,8 +38,9 @@ import torch
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from tq_kernels.ops.decode import tq_decode_attention
+from tq_kernels.ops.dequant import tq_dequantize
 from tq_kernels.ops.extend import tq_extend_attention
-from tq_kernels.ops.store import tq_store_paged
+from tq_kernels.ops.store import tq_store, tq_store_paged
 from tq_vllm.dense import DenseAttention
 from tq_vllm.metadata import TurboQuantMetadata
 from tq_vllm.presets import SUPPORTED_HEAD_DIMS, describe_support, kv_format, layer_index
@@ -66,6 +74,16 @@ def compressed_cache_view(kv_cache: torch.Tensor, slot_bytes: int) -> torch.Tens
     if content == slot_bytes:
         return kv_cache
     return kv_cache.flatten(2)[..., : block_size * slot_bytes].unflatten(2, (block_size, slot_bytes))
+
+
+CHUNK_KV_MODES = ("exact", "compressed")
+
+
+def _chunk_kv_mode() -> str:
+    mode = os.environ.get("TQ_VLLM_CHUNK_KV", "exact")
+    if mode not in CHUNK_KV_MODES:
+        raise ValueError(f"TQ_VLLM_CHUNK_KV must be one of {', '.join(CHUNK_KV_MODES)}, got {mode!r}")
+    return mode
 
 
 def _flash_varlen(head_size: int) -> Callable[..., Any] | None:
@@ -157,6 +175,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.layer: int | None = None  # rotation seed index, from the layer name on first use
         # First prefill chunks (no cached prefix) on FlashAttention; sinks stay on our kernel.
         self.flash = _flash_varlen(head_size) if self.fmt is not None and self.sinks is None else None
+        self.chunk_kv = _chunk_kv_mode()
 
     # -- setup ------------------------------------------------------------------------------------
     def _layer_of(self, layer: Any) -> int:
@@ -198,6 +217,9 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         tq_decode_attention(q, cache, table, one, fmt, layer=self.layer, num_splits=1)
         qsl = torch.tensor([0, 1], dtype=torch.int32, device=device)
         tq_extend_attention(q, kv, kv, cache, table, one, qsl, 1, fmt, layer=self.layer)
+        if self.chunk_kv == "compressed":
+            slots = torch.empty(1, self.num_kv_heads, fmt.slot_bytes, dtype=torch.uint8, device=device)
+            tq_dequantize(tq_store(kv, kv, slots, fmt, layer=self.layer), fmt, layer=self.layer, dtype=dtype)
 
     # -- write path -------------------------------------------------------------------------------
     def do_kv_cache_update(
@@ -300,12 +322,17 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         if meta.num_prefills > 0 and query.shape[0] > nd:
             first = meta.num_decodes
             qsl = meta.query_start_loc[first:] - nd
+            key, value = key[nd:], value[nd:]
+            if self.chunk_kv == "compressed":  # the chunk sees itself as the cache holds it
+                slots = torch.empty(*key.shape[:-1], fmt.slot_bytes, dtype=torch.uint8, device=key.device)
+                tq_store(key, value, slots, fmt, layer=common["layer"])
+                key, value = tq_dequantize(slots, fmt, layer=common["layer"], dtype=query.dtype)
             if self.flash is not None and not meta.prefill_has_prefix and query.dtype != torch.float32:
                 window = [-1, -1] if self.sliding_window is None else [self.sliding_window - 1, 0]
                 self.flash(
                     q=query[nd:],
-                    k=key[nd:],
-                    v=value[nd:],
+                    k=key,
+                    v=value,
                     cu_seqlens_q=qsl,
                     cu_seqlens_k=qsl,
                     max_seqlen_q=meta.max_query_len,
@@ -321,8 +348,8 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             prefix_lens = meta.seq_lens[first:] - (qsl[1:] - qsl[:-1])
             tq_extend_attention(
                 query[nd:],
-                key[nd:],
-                value[nd:],
+                key,
+                value,
                 cache,
                 meta.block_table[first:],
                 prefix_lens,
