@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -87,7 +88,7 @@ def run(model, ids, cache_name: str, attn: str, args) -> tuple[dict, torch.Tenso
                 nxt = model(input_ids=nxt, **kw).logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             times.append((time.perf_counter() - t0) / args.steps)
-    step_s = sorted(times)[len(times) // 2]
+    step_s = statistics.median(times)  # (with 2 runs, their mean: a one-off spike counts half)
     kv = (
         cache.nbytes
         if cache_name != "DynamicCache"
