@@ -126,22 +126,27 @@ def tune_decode(batch: int, ctx: int, name: str) -> list[dict]:
     table, seq_lens, q = decode_inputs(batch, ctx)
     cache = random_cache(fmt, table.numel())
     rows = []
-    for bn in (32, 64, 128):
-        for warps in (2, 4, 8):
-            for stages in (1, 2, 3):
-                cfg = LaunchConfig(bn, warps, stages)
-                try:
-                    ms = bench_ms(
-                        lambda cfg=cfg: tq_decode_attention(
-                            q, cache, table, seq_lens, fmt, config=cfg, max_seq_len=ctx
-                        ),
-                        rep=50,
-                    )[0]
-                except Exception as e:  # out of shared memory / registers for this config
-                    print(f"tune {cfg}: {type(e).__name__}", flush=True)
-                    continue
-                rows.append(dict(block_n=bn, num_warps=warps, num_stages=stages, ms=ms))
-                print(f"tune B{batch}xL{ctx} {name} {cfg}: {ms:.3f} ms", flush=True)
+    configs = [
+        LaunchConfig(bn, warps, stages, split_d)
+        for bn in (64, 128)
+        for warps in (4, 8)
+        for stages in (2, 3)
+        for split_d in (False, True)
+    ]
+    for cfg in configs:
+        out = torch.empty_like(q)
+        try:
+            ms = graph_ms(  # GPU time, as vLLM runs decode (full CUDA graphs)
+                lambda cfg=cfg, out=out: tq_decode_attention(
+                    q, cache, table, seq_lens, fmt, config=cfg, max_seq_len=ctx, out=out
+                )
+            )
+        except Exception as e:  # out of shared memory / registers for this config
+            print(f"tune {cfg}: {type(e).__name__}", flush=True)
+            continue
+        rows.append(dict(block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                         split_d=cfg.split_d, ms_graph=ms))  # fmt: skip
+        print(f"tune B{batch}xL{ctx} {name} {cfg}: {ms:.3f} ms (CUDA graph)", flush=True)
     return rows
 
 

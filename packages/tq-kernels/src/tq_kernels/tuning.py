@@ -18,6 +18,9 @@ class LaunchConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    # decode only: the even/odd half-tile loop for formats whose K and V codes are single 4- or 8-bit
+    # planes (see tq_kernels._kernels.decode); ignored for other formats and kernels.
+    split_d: bool = False
 
 
 def _arch(device: torch.device) -> tuple[int, int]:

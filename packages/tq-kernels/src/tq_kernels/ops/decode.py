@@ -140,6 +140,7 @@ def tq_decode_attention(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         ABLATE=_ablate,  # experiments only: drop a stage to time the rest
+        SPLIT_D=bool(cfg.split_d and _ablate == 0 and kf.key.bits in (4, 8) and kf.value.bits in (4, 8)),
     )
     o_rot = torch.empty(batch, num_heads, bd, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device) if return_lse else o_rot

@@ -1,0 +1,110 @@
+"""Compile the decode kernel for a GPU target without a GPU and report what limits it on paper.
+
+    python experiments/kernels/aot_report.py [--formats turboquant_4bit_nc,...] [--configs 128x4,64x4]
+                                              [--arch 90] [--ablate 0] [--dump DIR]
+
+Triton lowers the kernel to TTGIR and PTX on the CPU and its bundled ``ptxas`` assembles it for
+``sm_<arch>``; ``ptxas -v`` then prints registers per thread and spills.  Per format and launch config
+(BLOCK_N x num_warps, ``s`` for the SPLIT_D loop) this prints: registers, spill bytes, shared memory, the resident programs per SM
+that the registers allow, and how many layout conversions and shared-memory staging buffers the TTGIR
+holds.  It runs in seconds on the development machine and needs no device time, so a kernel change
+can be screened for register blow-ups before it is timed on the GPU (experiments/kernels/bench_kernels.py).
+
+Shapes are the benchmark's: Llama-8B heads (GQA group 4 padded to 16 rows), head_dim 128, page 16,
+2 context splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "packages/tq-core/src"), str(ROOT / "packages/tq-kernels/src")]
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from tq_core import named_format  # noqa: E402
+from tq_kernels._format import kernel_format  # noqa: E402
+from tq_kernels._kernels.decode import _tq_decode_attention_kernel  # noqa: E402
+
+ARGS = [("q_ptr", "*fp32"), ("cache_ptr", "*u8"), ("block_table_ptr", "*i32"), ("seq_lens_ptr", "*i32"),
+        ("k_lut_ptr", "*fp16"), ("v_lut_ptr", "*fp16"), ("part_o_ptr", "*fp32"), ("part_ml_ptr", "*fp32"),
+        *((n, "i64") for n in ("stride_q_b", "stride_q_h", "stride_cache_blk", "stride_cache_head",
+                               "stride_bt_b", "stride_po_b", "stride_po_h", "stride_po_s")),
+        ("softcap", "fp32"), ("sliding_window", "i32"), ("max_seq_len", "i32")]  # fmt: skip
+REGISTERS_PER_SM = 65536
+
+
+def compile_decode(
+    name: str, block_n: int, warps: int, arch: int, ablate: int, dump: Path | None, split_d: bool = False
+) -> dict:
+    kf = kernel_format(named_format(name, 128))
+    split_d = split_d and kf.key.bits in (4, 8) and kf.value.bits in (4, 8)  # as the launcher decides
+    page = 16
+    constexprs = dict(NUM_HEADS=32, NUM_SPLITS=2, GROUP=4, BLOCK_G=16, BLOCK_N=block_n, USE_SOFTCAP=False,
+                      USE_WINDOW=False, ABLATE=ablate, SPLIT_D=split_d, **kf.region_constexprs(page))  # fmt: skip
+    signature = {n: t for n, t in ARGS} | dict.fromkeys(constexprs, "constexpr")
+    # pointers and strides 16-byte aligned/divisible, as Triton specializes them at a real launch
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(16)}
+    src = ASTSource(fn=_tq_decode_attention_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=2)
+    )
+    ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp, "k.ptx")
+        p.write_text(ptx)
+        out = subprocess.run([str(ptxas), "-v", "--gpu-name", f"sm_{arch}a", str(p), "-o", str(Path(tmp, "k.cubin"))],
+                             capture_output=True, text=True, check=True).stderr  # fmt: skip
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    if dump:
+        dump.mkdir(parents=True, exist_ok=True)
+        stem = f"decode_{name}_{block_n}x{warps}{'s' if split_d else ''}_a{ablate}"
+        (dump / f"{stem}.ttgir").write_text(ttgir)
+        (dump / f"{stem}.ptx").write_text(ptx)
+    return dict(format=name, block_n=block_n, warps=warps, split_d=split_d, ablate=ablate, registers=regs,
+                spill_store_bytes=int(spill.group(1)), spill_load_bytes=int(spill.group(2)),
+                shared_bytes=kernel.metadata.shared, programs_per_sm=REGISTERS_PER_SM // (regs * 32 * warps),
+                convert_layouts=ttgir.count("ttg.convert_layout"), smem_staging=ttgir.count("ttg.local_alloc"))  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument(
+        "--formats", default="turboquant_k8v4,turboquant_4bit_nc,turboquant_k3v4_nc,turboquant_3bit_nc"
+    )
+    ap.add_argument(
+        "--configs",
+        default="128x4,128x4s,64x4,64x4s,128x8,128x8s",
+        help="BLOCK_N x num_warps[s], comma-separated; a trailing s selects the SPLIT_D loop",
+    )
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument(
+        "--ablate", type=int, default=0, help="the kernel's ABLATE constexpr (0: the real kernel)"
+    )
+    ap.add_argument("--dump", type=Path, help="write each variant's TTGIR and PTX here")
+    args = ap.parse_args()
+    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="tq-aot-"))
+    print(f"{'format':20s} {'config':>7s} {'regs':>5s} {'spill st/ld':>11s} {'smem':>6s} {'prog/SM':>7s} "
+          f"{'converts':>8s} {'staging':>7s}")  # fmt: skip
+    for name in args.formats.split(","):
+        for cfg in args.configs.split(","):
+            bn, w = (int(x) for x in cfg.removesuffix("s").split("x"))
+            r = compile_decode(name, bn, w, args.arch, args.ablate, args.dump, cfg.endswith("s"))
+            print(f"{name:20s} {cfg:>7s} {r['registers']:5d} {r['spill_store_bytes']:5d}/{r['spill_load_bytes']:<5d} "
+                  f"{r['shared_bytes']:6d} {r['programs_per_sm']:7d} {r['convert_layouts']:8d} {r['smem_staging']:7d}",
+                  flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
