@@ -242,3 +242,38 @@ def test_decode_returns_log_sum_exp():
     torch.testing.assert_close(
         out, tq_decode_attention(q, cache, table, seq_lens, fmt, num_splits=3, softcap=5.0)
     )
+
+
+def test_decode_custom_op_passes_opcheck():
+    """tq::decode_attention is a registered custom op (schema, fake tensor and mutation checks)."""
+    from tq_kernels.ops._registry import format_key
+
+    fmt = FORMATS["4bit"]
+    cache, table, _, _ = make_paged(fmt, [20, 5], 2, 16, seed=13)
+    q = torch.randn(2, 4, 64)
+    seq_lens = torch.tensor([20, 5], dtype=torch.int32)
+    out, lse = torch.empty_like(q), torch.empty(2, 4)
+    args = (
+        q,
+        cache,
+        table,
+        seq_lens,
+        format_key(fmt),
+        0,
+        0.125,
+        0,
+        0.0,
+        None,
+        2,
+        32,
+        4,
+        1,
+        False,
+        0,
+        out,
+        lse,
+    )
+    torch.library.opcheck(torch.ops.tq.decode_attention.default, args)
+    ref = paged_decode_attention_ref(q, cache, table, seq_lens, fmt, scale=0.125)
+    torch.ops.tq.decode_attention(*args)
+    assert rel_err(out, ref) < TOL[torch.float32]

@@ -127,3 +127,38 @@ def test_extend_gpu_matrix(d, page, group, fmt_name):
         )
         assert not out.isnan().any()
         assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+def test_extend_custom_op_passes_opcheck():
+    """tq::extend_attention is a registered custom op (schema, fake tensor and mutation checks)."""
+    from tq_kernels.ops._registry import format_key
+
+    fmt, cache, table, k_new, v_new, plens, qsl, q = _setup(
+        [9, 0], [5, 7], 4, 2, 16, "turboquant_4bit_nc", seed=6
+    )
+    out = torch.empty_like(q)
+    args = (
+        q,
+        k_new,
+        v_new,
+        cache,
+        table,
+        plens,
+        qsl,
+        7,
+        format_key(fmt),
+        1,
+        0.125,
+        0,
+        0.0,
+        None,
+        32,
+        32,
+        4,
+        1,
+        out,
+    )
+    torch.library.opcheck(torch.ops.tq.extend_attention.default, args)
+    torch.ops.tq.extend_attention(*args)
+    ref = paged_extend_attention_ref(q, k_new, v_new, cache, table, plens, qsl, fmt, layer=1, scale=0.125)
+    assert rel_err(out, ref) < TOL[torch.float32]

@@ -11,6 +11,7 @@ from tq_core.formats import KVFormat
 from tq_kernels._format import kernel_format, rotation_for
 from tq_kernels._kernels.decode import _tq_decode_attention_kernel, _tq_decode_reduce_kernel
 from tq_kernels.ops._attn_checks import check_attention_common, check_paged_cache, sm_count
+from tq_kernels.ops._registry import format_key, lookup_format
 from tq_kernels.tuning import LaunchConfig, decode_config
 
 __all__ = ["tq_decode_attention", "default_num_splits"]
@@ -27,6 +28,121 @@ def default_num_splits(
     programs = max(batch * num_kv_heads, 1)
     want = max(1, math.ceil(2 * sm_count(device) / programs))
     return int(max(1, min(want, math.ceil(max(max_seq_len, 1) / block_n), 64)))
+
+
+# -- custom op --------------------------------------------------------------------------------------
+@torch.library.custom_op("tq::decode_attention", mutates_args=("out", "lse"))
+def _decode_op(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    fmt_key: str,
+    layer: int,
+    scale: float,
+    sliding_window: int,
+    softcap: float,
+    sinks: torch.Tensor | None,
+    num_splits: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+    split_d: bool,
+    ablate: int,
+    out: torch.Tensor,
+    lse: torch.Tensor | None,
+) -> None:
+    """Launch the decode and reduce kernels on validated inputs (``tq_decode_attention`` checks them);
+    ``sliding_window`` 0 and ``softcap`` 0.0 mean none; ``lse`` None skips the log-sum-exp."""
+    fmt = lookup_format(fmt_key)
+    kf = kernel_format(fmt)
+    batch, num_heads = q.shape[0], q.shape[1]
+    num_kv_heads = cache.shape[1]
+    group = num_heads // num_kv_heads
+    d, bd = kf.head_dim, kf.block_d
+    rot = rotation_for(fmt, layer, q.device)
+    q_rot = ((q.to(torch.float32) @ rot.T) * scale).contiguous()
+    part_o = torch.empty(batch, num_heads, num_splits, bd, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(batch, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
+    k_lut, v_lut = kf.centroids(q.device, torch.float16)
+    block_g = max(16, triton.next_power_of_2(group))
+    _tq_decode_attention_kernel[(batch, num_kv_heads, num_splits)](
+        q_rot,
+        cache,
+        block_table,
+        seq_lens,
+        k_lut,
+        v_lut,
+        part_o,
+        part_ml,
+        q_rot.stride(0),
+        q_rot.stride(1),
+        cache.stride(0),
+        cache.stride(1),
+        block_table.stride(0),
+        part_o.stride(0),
+        part_o.stride(1),
+        part_o.stride(2),
+        softcap,
+        sliding_window,
+        0,
+        NUM_HEADS=num_heads,
+        NUM_SPLITS=num_splits,
+        GROUP=group,
+        BLOCK_G=block_g,
+        BLOCK_N=block_n,
+        USE_SOFTCAP=softcap != 0.0,
+        USE_WINDOW=sliding_window > 0,
+        **kf.region_constexprs(cache.shape[2]),
+        num_warps=num_warps,
+        num_stages=num_stages,
+        ABLATE=ablate,  # experiments only: drop a stage to time the rest
+        SPLIT_D=bool(split_d and ablate == 0 and kf.key.bits in (4, 8) and kf.value.bits in (4, 8)),
+    )
+    o_rot = torch.empty(batch, num_heads, bd, dtype=torch.float32, device=q.device)
+    _tq_decode_reduce_kernel[(batch, num_heads)](
+        part_o,
+        part_ml,
+        sinks if sinks is not None else part_ml,
+        o_rot,
+        lse if lse is not None else o_rot,
+        part_o.stride(0),
+        part_o.stride(1),
+        part_o.stride(2),
+        o_rot.stride(0),
+        o_rot.stride(1),
+        NUM_HEADS=num_heads,
+        NUM_SPLITS=num_splits,
+        BLOCK_S=triton.next_power_of_2(num_splits),
+        USE_SINKS=sinks is not None,
+        WRITE_LSE=lse is not None,
+        BLOCK_D=bd,
+    )
+    out.copy_(o_rot[..., :d] @ rot)  # rotate the output back once
+
+
+@_decode_op.register_fake
+def _(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    fmt_key: str,
+    layer: int,
+    scale: float,
+    sliding_window: int,
+    softcap: float,
+    sinks: torch.Tensor | None,
+    num_splits: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+    split_d: bool,
+    ablate: int,
+    out: torch.Tensor,
+    lse: torch.Tensor | None,
+) -> None:
+    return None
 
 
 def tq_decode_attention(
@@ -82,7 +198,7 @@ def tq_decode_attention(
         ... )  # doctest: +SKIP
     """
     batch, num_heads, num_kv_heads, group = check_attention_common(q, cache, fmt, "q")
-    kf = kernel_format(fmt)
+    kernel_format(fmt)  # rejects layouts the kernels do not read (raises before any launch)
     check_paged_cache(cache, block_table, seq_lens, batch)
     if sinks is not None and (sinks.shape != (num_heads,) or sinks.device != q.device):
         raise ValueError(f"sinks must be a [{num_heads}] tensor on {q.device}, got {tuple(sinks.shape)}")
@@ -101,70 +217,27 @@ def tq_decode_attention(
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
 
-    d, bd = kf.head_dim, kf.block_d
-    rot = rotation_for(fmt, layer, q.device)
-    scale = d**-0.5 if scale is None else float(scale)
-    q_rot = ((q.to(torch.float32) @ rot.T) * scale).contiguous()
-    part_o = torch.empty(batch, num_heads, num_splits, bd, dtype=torch.float32, device=q.device)
-    part_ml = torch.empty(batch, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
-    k_lut, v_lut = kf.centroids(q.device, torch.float16)
-    block_g = max(16, triton.next_power_of_2(group))
-    _tq_decode_attention_kernel[(batch, num_kv_heads, num_splits)](
-        q_rot,
+    if out is None:
+        out = torch.empty_like(q)
+    lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device) if return_lse else None
+    _decode_op(
+        q,
         cache,
         block_table,
         seq_lens,
-        k_lut,
-        v_lut,
-        part_o,
-        part_ml,
-        q_rot.stride(0),
-        q_rot.stride(1),
-        cache.stride(0),
-        cache.stride(1),
-        block_table.stride(0),
-        part_o.stride(0),
-        part_o.stride(1),
-        part_o.stride(2),
-        float(softcap or 0.0),
+        format_key(fmt),
+        layer,
+        fmt.head_dim**-0.5 if scale is None else float(scale),
         int(sliding_window or 0),
-        int(max_seq_len or 0),
-        NUM_HEADS=num_heads,
-        NUM_SPLITS=num_splits,
-        GROUP=group,
-        BLOCK_G=block_g,
-        BLOCK_N=block_n,
-        USE_SOFTCAP=bool(softcap),
-        USE_WINDOW=sliding_window is not None,
-        **kf.region_constexprs(cache.shape[2]),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        ABLATE=_ablate,  # experiments only: drop a stage to time the rest
-        SPLIT_D=bool(cfg.split_d and _ablate == 0 and kf.key.bits in (4, 8) and kf.value.bits in (4, 8)),
-    )
-    o_rot = torch.empty(batch, num_heads, bd, dtype=torch.float32, device=q.device)
-    lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device) if return_lse else o_rot
-    _tq_decode_reduce_kernel[(batch, num_heads)](
-        part_o,
-        part_ml,
-        sinks if sinks is not None else part_ml,
-        o_rot,
+        float(softcap or 0.0),
+        sinks,
+        num_splits,
+        cfg.block_n,
+        cfg.num_warps,
+        cfg.num_stages,
+        cfg.split_d,
+        _ablate,
+        out,
         lse,
-        part_o.stride(0),
-        part_o.stride(1),
-        part_o.stride(2),
-        o_rot.stride(0),
-        o_rot.stride(1),
-        NUM_HEADS=num_heads,
-        NUM_SPLITS=num_splits,
-        BLOCK_S=triton.next_power_of_2(num_splits),
-        USE_SINKS=sinks is not None,
-        WRITE_LSE=return_lse,
-        BLOCK_D=bd,
     )
-    result = o_rot[..., :d] @ rot  # rotate the output back once
-    if out is None:
-        out = result.to(q.dtype)
-    else:
-        out.copy_(result)
-    return (out, lse) if return_lse else out
+    return (out, lse) if lse is not None else out

@@ -9,9 +9,116 @@ from tq_core.formats import KVFormat
 from tq_kernels._format import kernel_format, rotation_for
 from tq_kernels._kernels.extend import _tq_extend_attention_kernel
 from tq_kernels.ops._attn_checks import check_attention_common, check_paged_cache
+from tq_kernels.ops._registry import format_key, lookup_format
 from tq_kernels.tuning import LaunchConfig, extend_config
 
 __all__ = ["tq_extend_attention"]
+
+
+# -- custom op --------------------------------------------------------------------------------------
+@torch.library.custom_op("tq::extend_attention", mutates_args=("out",))
+def _extend_op(
+    q: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    fmt_key: str,
+    layer: int,
+    scale: float,
+    sliding_window: int,
+    softcap: float,
+    sinks: torch.Tensor | None,
+    block_r: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+    out: torch.Tensor,
+) -> None:
+    """Launch the extend kernel on validated inputs (``tq_extend_attention`` checks them);
+    ``sliding_window`` 0 and ``softcap`` 0.0 mean none."""
+    fmt = lookup_format(fmt_key)
+    kf = kernel_format(fmt)
+    total_q, num_heads = q.shape[0], q.shape[1]
+    batch, num_kv_heads = prefix_lens.shape[0], cache.shape[1]
+    group = num_heads // num_kv_heads
+    d = kf.head_dim
+    rot = rotation_for(fmt, layer, q.device)
+    q_rot = ((q.to(torch.float32) @ rot.T) * scale).contiguous()
+    # the chunk's K/V enter the tensor cores as float16, like the compressed prefix and the queries
+    k_rot = (key.to(torch.float32) @ rot.T).to(torch.float16).contiguous()
+    v_rot = (value.to(torch.float32) @ rot.T).to(torch.float16).contiguous()
+    group_p2 = triton.next_power_of_2(group)
+    block_r = max(block_r, 16, group_p2)
+    m_tok = block_r // group_p2
+    o_rot = torch.zeros(total_q, num_heads, d, dtype=torch.float32, device=q.device)
+    if total_q and max_query_len:
+        k_lut, v_lut = kf.centroids(q.device, torch.float16)
+        grid = (batch, triton.cdiv(max_query_len, m_tok), num_kv_heads)
+        _tq_extend_attention_kernel[grid](
+            q_rot,
+            k_rot,
+            v_rot,
+            cache,
+            block_table,
+            prefix_lens,
+            query_start_loc,
+            k_lut,
+            v_lut,
+            sinks if sinks is not None else q_rot,
+            o_rot,
+            q_rot.stride(0),
+            q_rot.stride(1),
+            k_rot.stride(0),
+            k_rot.stride(1),
+            cache.stride(0),
+            cache.stride(1),
+            block_table.stride(0),
+            o_rot.stride(0),
+            o_rot.stride(1),
+            softcap,
+            sliding_window,
+            GROUP=group,
+            GROUP_P2=group_p2,
+            BLOCK_R=block_r,
+            M_TOK=m_tok,
+            BLOCK_N=block_n,
+            USE_SOFTCAP=softcap != 0.0,
+            USE_WINDOW=sliding_window > 0,
+            USE_SINKS=sinks is not None,
+            **kf.region_constexprs(cache.shape[2]),
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
+    out.copy_(o_rot @ rot)
+
+
+@_extend_op.register_fake
+def _(
+    q: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    fmt_key: str,
+    layer: int,
+    scale: float,
+    sliding_window: int,
+    softcap: float,
+    sinks: torch.Tensor | None,
+    block_r: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+    out: torch.Tensor,
+) -> None:
+    return None
 
 
 def tq_extend_attention(
@@ -54,7 +161,7 @@ def tq_extend_attention(
         `[total_q, num_heads, head_dim]` in ``q``'s dtype.
     """
     total_q, num_heads, num_kv_heads, group = check_attention_common(q, cache, fmt, "q")
-    kf = kernel_format(fmt)
+    kernel_format(fmt)  # rejects layouts the kernels do not read (raises before any launch)
     batch = prefix_lens.shape[0] if isinstance(prefix_lens, torch.Tensor) else -1
     check_paged_cache(cache, block_table, prefix_lens, batch)
     for name, t in (("key", key), ("value", value)):
@@ -81,59 +188,28 @@ def tq_extend_attention(
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}")
 
-    d = kf.head_dim
-    rot = rotation_for(fmt, layer, q.device)
-    scale = d**-0.5 if scale is None else float(scale)
-    q_rot = ((q.to(torch.float32) @ rot.T) * scale).contiguous()
-    # the chunk's K/V enter the tensor cores as float16, like the compressed prefix and the queries
-    k_rot = (key.to(torch.float32) @ rot.T).to(torch.float16).contiguous()
-    v_rot = (value.to(torch.float32) @ rot.T).to(torch.float16).contiguous()
     cfg = config or extend_config(fmt.head_dim, group, q.device)
-    block_n = cfg.block_n
-    group_p2 = triton.next_power_of_2(group)
-    block_r = max(block_r, 16, group_p2)
-    m_tok = block_r // group_p2
-    o_rot = torch.zeros(total_q, num_heads, d, dtype=torch.float32, device=q.device)
-    if total_q and max_query_len:
-        k_lut, v_lut = kf.centroids(q.device, torch.float16)
-        grid = (batch, triton.cdiv(max_query_len, m_tok), num_kv_heads)
-        _tq_extend_attention_kernel[grid](
-            q_rot,
-            k_rot,
-            v_rot,
-            cache,
-            block_table,
-            prefix_lens,
-            query_start_loc,
-            k_lut,
-            v_lut,
-            sinks if sinks is not None else q_rot,
-            o_rot,
-            q_rot.stride(0),
-            q_rot.stride(1),
-            k_rot.stride(0),
-            k_rot.stride(1),
-            cache.stride(0),
-            cache.stride(1),
-            block_table.stride(0),
-            o_rot.stride(0),
-            o_rot.stride(1),
-            float(softcap or 0.0),
-            int(sliding_window or 0),
-            GROUP=group,
-            GROUP_P2=group_p2,
-            BLOCK_R=block_r,
-            M_TOK=m_tok,
-            BLOCK_N=block_n,
-            USE_SOFTCAP=bool(softcap),
-            USE_WINDOW=sliding_window is not None,
-            USE_SINKS=sinks is not None,
-            **kf.region_constexprs(cache.shape[2]),
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-    result = o_rot @ rot
     if out is None:
-        return result.to(q.dtype)
-    out.copy_(result)
+        out = torch.empty_like(q)
+    _extend_op(
+        q,
+        key,
+        value,
+        cache,
+        block_table,
+        prefix_lens,
+        query_start_loc,
+        max_query_len,
+        format_key(fmt),
+        layer,
+        fmt.head_dim**-0.5 if scale is None else float(scale),
+        int(sliding_window or 0),
+        float(softcap or 0.0),
+        sinks,
+        block_r,
+        cfg.block_n,
+        cfg.num_warps,
+        cfg.num_stages,
+        out,
+    )
     return out
