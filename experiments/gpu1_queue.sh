@@ -36,7 +36,8 @@ fi
 if want consistency; then
   step consistency
   model_arg=(); [ -e $MODEL/config.json ] && model_arg=(--model $MODEL)
-  PYTHONPATH=/tmp/site timeout 300 python3 experiments/vllm/consistency.py 4bit_nc "${model_arg[@]}" \
+  PYTHONPATH=/tmp/site timeout 480 python3 experiments/vllm/consistency.py bf16-flash 4bit_nc 4bit_nc-compressed \
+    "${model_arg[@]}" \
     > $RES/consistency.log 2>&1
   echo "consistency exit $?"; grep '^RESULT' $RES/consistency.log | cut -c1-400
 fi

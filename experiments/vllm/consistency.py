@@ -1,7 +1,8 @@
 """Preemption and prefix-cache hits must not change greedy tokens: one config, two engines, same prompts.
 
     PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 python3 experiments/vllm/consistency.py \\
-        [--model DIR] [NAME ...]        # NAME: 4bit_nc (default), bf16-flash, k8v4, k3v4_nc, 3bit_nc
+        [--model DIR] [NAME ...]        # NAME: 4bit_nc (default), bf16-flash, k8v4, k3v4_nc, 3bit_nc,
+                                        # any of them + "-compressed" (TQ_VLLM_CHUNK_KV=compressed)
 
 For each NAME (a config of gpu_smoke.py), engine A runs with ample KV memory and no prefix caching;
 engine B runs with prefix caching on and so few KV blocks (``num_gpu_blocks_override``) that the
@@ -100,13 +101,16 @@ def main() -> None:
     from harness import write_result
 
     rows = []
-    for name in args.names:
+    for full_name in args.names:
+        name = full_name.removesuffix("-compressed")
+        chunk_kv = "compressed" if full_name.endswith("-compressed") else "exact"
         res, errors = {}, {}
         for mode in ("A", "B"):
             cmd = [sys.executable, __file__, "--one", name, mode] + (
                 ["--model", args.model] if args.model else []
             )
-            env = dict(os.environ, TQ_VLLM_FULL_CAPACITY="1" if CONFIGS[name][3] else "0")
+            full = "1" if CONFIGS[name][3] else "0"
+            env = dict(os.environ, TQ_VLLM_FULL_CAPACITY=full, TQ_VLLM_CHUNK_KV=chunk_kv)
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
                 out, err = p.stdout, p.stderr
@@ -117,7 +121,12 @@ def main() -> None:
                 errors[mode] = (err or out)[-2500:]
             else:
                 res[mode] = json.loads(line.removeprefix("RESULT "))
-        row: dict = {"name": name, "kv": CONFIGS[name][1], "backend": CONFIGS[name][2]}
+        row: dict = {
+            "name": full_name,
+            "kv": CONFIGS[name][1],
+            "backend": CONFIGS[name][2],
+            "chunk_kv": chunk_kv,
+        }
         if errors:
             row["error"] = errors
         else:
