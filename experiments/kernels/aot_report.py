@@ -1,7 +1,7 @@
-"""Compile the decode kernel for a GPU target without a GPU and report what limits it on paper.
+"""Compile the decode or store kernel for a GPU target without a GPU and report what limits it on paper.
 
-    python experiments/kernels/aot_report.py [--formats turboquant_4bit_nc,...] [--configs 128x4,64x4]
-                                              [--arch 90] [--ablate 0] [--dump DIR]
+    python experiments/kernels/aot_report.py [--kernel decode|store] [--formats turboquant_4bit_nc,...]
+                                              [--configs 128x4,64x4] [--arch 90] [--ablate 0] [--dump DIR]
 
 Triton lowers the kernel to TTGIR and PTX on the CPU and its bundled ``ptxas`` assembles it for
 ``sm_<arch>``; ``ptxas -v`` then prints registers per thread and spills.  Per format and launch config
@@ -11,12 +11,14 @@ holds.  It runs in seconds on the development machine and needs no device time, 
 can be screened for register blow-ups before it is timed on the GPU (experiments/kernels/bench_kernels.py).
 
 Shapes are the benchmark's: Llama-8B heads (GQA group 4 padded to 16 rows), head_dim 128, page 16,
-2 context splits.
+2 context splits.  For ``--kernel store`` a config is rows (token-heads) per program x num_warps; the
+launcher today uses 16x4 (tq_kernels.ops.store).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import subprocess
@@ -34,6 +36,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from tq_core import named_format  # noqa: E402
 from tq_kernels._format import kernel_format  # noqa: E402
 from tq_kernels._kernels.decode import _tq_decode_attention_kernel  # noqa: E402
+from tq_kernels._kernels.store import _tq_store_kernel  # noqa: E402
+from tq_kernels.ops._slot_checks import field_constexprs  # noqa: E402
 
 ARGS = [("q_ptr", "*fp32"), ("cache_ptr", "*u8"), ("block_table_ptr", "*i32"), ("seq_lens_ptr", "*i32"),
         ("k_lut_ptr", "*fp16"), ("v_lut_ptr", "*fp16"), ("part_o_ptr", "*fp32"), ("part_ml_ptr", "*fp32"),
@@ -55,6 +59,35 @@ def compile_decode(
     # pointers and strides 16-byte aligned/divisible, as Triton specializes them at a real launch
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(16)}
     src = ASTSource(fn=_tq_decode_attention_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    stem = f"decode_{name}_{block_n}x{warps}{'s' if split_d else ''}_a{ablate}"
+    return dict(format=name, block_n=block_n, warps=warps, split_d=split_d, ablate=ablate,
+                **_measure(src, arch, warps, dump, stem))  # fmt: skip
+
+
+def compile_store(name: str, rows: int, warps: int, arch: int, dump: Path | None) -> dict:
+    fmt = named_format(name, 128)
+    kf = kernel_format(fmt)
+    constexprs = dict(HAS_SLOT_MAPPING=True, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=rows, K_BITS=kf.key.bits,
+                      K_NORM=kf.key.norm_code, K_NC=fmt.key.norm_correction, V_BITS=kf.value.bits,
+                      V_NORM=kf.value.norm_code, V_NC=fmt.value.norm_correction, DOT_PRECISION="tf32x3",
+                      **field_constexprs(fmt, 16))  # fmt: skip
+    pointers = {"k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*u8", "slot_mapping_ptr": "*i64",
+                "rot_ptr": "*fp32", "k_bnd_ptr": "*fp32", "v_bnd_ptr": "*fp32", "k_lut_ptr": "*fp32",
+                "v_lut_ptr": "*fp32"}  # fmt: skip
+    signature = {}
+    for p in inspect.signature(_tq_store_kernel.fn).parameters:
+        if p in constexprs:
+            signature[p] = "constexpr"
+        else:
+            signature[p] = pointers.get(p) or ("i64" if p.startswith("stride") else "i32")
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(pointers))}
+    src = ASTSource(fn=_tq_store_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return dict(format=name, block_n=rows, warps=warps, split_d=False, ablate=0,
+                **_measure(src, arch, warps, dump, f"store_{name}_{rows}x{warps}"))  # fmt: skip
+
+
+def _measure(src: ASTSource, arch: int, warps: int, dump: Path | None, stem: str) -> dict:
+    """Compile ``src`` for ``sm_<arch>`` and read registers and spills off ``ptxas -v``."""
     kernel = triton.compile(
         src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=2)
     )
@@ -69,10 +102,9 @@ def compile_decode(
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     if dump:
         dump.mkdir(parents=True, exist_ok=True)
-        stem = f"decode_{name}_{block_n}x{warps}{'s' if split_d else ''}_a{ablate}"
         (dump / f"{stem}.ttgir").write_text(ttgir)
         (dump / f"{stem}.ptx").write_text(ptx)
-    return dict(format=name, block_n=block_n, warps=warps, split_d=split_d, ablate=ablate, registers=regs,
+    return dict(registers=regs,
                 spill_store_bytes=int(spill.group(1)), spill_load_bytes=int(spill.group(2)),
                 shared_bytes=kernel.metadata.shared, programs_per_sm=REGISTERS_PER_SM // (regs * 32 * warps),
                 convert_layouts=ttgir.count("ttg.convert_layout"), smem_staging=ttgir.count("ttg.local_alloc"))  # fmt: skip
@@ -80,6 +112,7 @@ def compile_decode(
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--kernel", choices=("decode", "store"), default="decode")
     ap.add_argument(
         "--formats", default="turboquant_k8v4,turboquant_4bit_nc,turboquant_k3v4_nc,turboquant_3bit_nc"
     )
@@ -100,7 +133,10 @@ def main() -> None:
     for name in args.formats.split(","):
         for cfg in args.configs.split(","):
             bn, w = (int(x) for x in cfg.removesuffix("s").split("x"))
-            r = compile_decode(name, bn, w, args.arch, args.ablate, args.dump, cfg.endswith("s"))
+            if args.kernel == "store":
+                r = compile_store(name, bn, w, args.arch, args.dump)
+            else:
+                r = compile_decode(name, bn, w, args.arch, args.ablate, args.dump, cfg.endswith("s"))
             print(f"{name:20s} {cfg:>7s} {r['registers']:5d} {r['spill_store_bytes']:5d}/{r['spill_load_bytes']:<5d} "
                   f"{r['shared_bytes']:6d} {r['programs_per_sm']:7d} {r['convert_layouts']:8d} {r['smem_staging']:7d}",
                   flush=True)  # fmt: skip
