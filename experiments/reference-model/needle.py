@@ -105,6 +105,17 @@ class NeedleSample:
     depth: float  # where the asked-for fact sits, as a fraction of the filler
     key: str
     value: str
+    facts: tuple[tuple[str, str], ...] = ()  # every planted (key, value), the asked-for one first
+
+
+def question_ids(tok: Encoder, key: str) -> list[int]:
+    """The question about ``key``; the prompt ends with it, and the answer ids follow."""
+    return _encode(tok, f"\nWhat is the passkey of {key}? The passkey of {key} is")
+
+
+def answer_ids(tok: Encoder, value: str) -> list[int]:
+    """The expected answer, the same ids as the value's in the planted fact, then ``.``."""
+    return _encode(tok, f" {value}") + _encode(tok, ".")
 
 
 def _encode(tok: Encoder, text: str) -> list[int]:
@@ -150,12 +161,12 @@ def build_needle(
             keys.append(key)
             facts.append((key, value))
     key, value = facts[0]
-    answer = _encode(tok, f" {value}") + _encode(tok, ".")
+    answer = answer_ids(tok, value)
     fact_ids = [
         _encode(tok, f"\nThe passkey of {k} is") + _encode(tok, f" {v}") + _encode(tok, ".\n")
         for k, v in facts
     ]
-    question = _encode(tok, f"\nWhat is the passkey of {key}? The passkey of {key} is")
+    question = question_ids(tok, key)
     n_filler = length - len(question) - sum(len(f) for f in fact_ids)
     if n_filler < 0 or len(filler) < n_filler:
         raise ValueError(
@@ -169,7 +180,9 @@ def build_needle(
         body += filler[start:cut].tolist() + fact_ids[i]
         start = cut
     body += filler[start:n_filler].tolist()
-    return NeedleSample(prompt=body + question, answer=answer, depth=depth, key=key, value=value)
+    return NeedleSample(
+        prompt=body + question, answer=answer, depth=depth, key=key, value=value, facts=tuple(facts)
+    )
 
 
 def needle_suite(

@@ -5,8 +5,9 @@
 
 Steps: collect text files (stdlib + site-packages *.py/*.md/*.rst/*.txt, sorted, deduplicated, capped),
 hold out ~2% of them by path hash, train a byte-level BPE tokenizer (`tokenizers`), tokenize, then train
-``LlamaForCausalLM`` for a wall-clock budget on sequences of 1K..16K tokens, ~40% of them carrying the
-passkey task of ``needle.py`` (loss = LM loss + loss on the answer ids).  Writes a transformers model
+``LlamaForCausalLM`` for a wall-clock budget on sequences of 512..16K tokens (16K in the last third), ~80% of
+them carrying the passkey task of ``needle.py`` with up to 6 questions each (loss = LM loss + 3x the loss
+on the answer ids).  Writes a transformers model
 directory (bf16 safetensors in <=15 MB shards, tokenizer.json, provenance.json, train.log, heldout.txt);
 ``--export DIR`` also writes the few-file form the device machine can return: the shards plus one
 ``ref-model-files.tar.gz`` with everything else (unpack it beside the shards).
@@ -15,6 +16,7 @@ directory (bf16 safetensors in <=15 MB shards, tokenizer.json, provenance.json, 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from needle import build_needle, needle_suite
+from needle import answer_ids, build_needle, needle_suite, question_ids
 
 EXTENSIONS = (".py", ".md", ".rst", ".txt")
 EOS = "<|endoftext|>"
@@ -143,32 +145,62 @@ def tokenize(tok, texts: list[str]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 
-def length_choices(frac: float, max_len: int, min_len: int) -> list[int]:
-    """Sequence lengths allowed at this point of training: a curriculum from min_len up to max_len."""
+def length_choices(frac: float, max_len: int, min_len: int, short_until: float, long_at: float) -> list[int]:
+    """Sequence lengths allowed at this point of training: a curriculum from min_len up to max_len.
+
+    Only ``min_len`` until ``short_until`` of the budget (short rows: many retrieval targets per step while
+    the copy circuit forms), then the doubled lengths unlock in even steps, ``max_len`` at ``long_at``.
+    """
     lengths = [min_len]
     while lengths[-1] < max_len:
         lengths.append(min(max_len, lengths[-1] * 2))
-    # the longest length unlocks at ~55% of the budget; earlier ones in even steps before it
-    n = max(1, min(len(lengths), 1 + int(frac / 0.55 * (len(lengths) - 1) + 1e-9)))
-    return lengths[:n]
+    if frac < short_until or len(lengths) == 1:
+        return lengths[:1]
+    n = 2 + int((frac - short_until) / max(long_at - short_until, 1e-9) * (len(lengths) - 2) + 1e-9)
+    return lengths[: min(len(lengths), n)]
 
 
-def make_batch(corpus, tok, length, rows, needle_frac, rng):
-    """`(rows, length)` ids and a same-shape mask of answer ids (the passkey task's targets)."""
+class CachedEncoder:
+    """``tok.encode(text).ids`` memoized: the needle rows re-encode the same few phrases thousands of times
+    a step, and the loop builds batches on the host between GPU steps."""
+
+    def __init__(self, tok, size: int = 1 << 16):
+        self.encode = functools.lru_cache(maxsize=size)(lambda text: tuple(tok.encode(text).ids))
+
+
+def make_batch(corpus, tok, length, rows, needle_frac, rng, max_distractors=2, questions=1):
+    """`(rows, length)` ids and a same-shape mask of answer ids (the passkey task's targets).
+
+    A needle row plants 1 + U{0..max_distractors} facts and, after the question of ``needle.py``, asks up
+    to ``questions`` - 1 more questions about the other facts (each followed by its answer): more
+    retrieval targets per row, the same format as the evaluation's single question.
+    """
     ids = np.empty((rows, length), dtype=np.int64)
     answer_mask = np.zeros((rows, length), dtype=bool)
     for r in range(rows):
         start = int(rng.integers(0, len(corpus) - length - 1))
         window = corpus[start : start + length]
         if rng.random() < needle_frac:
+            # facts (~22 ids each) and questions with answers (<= 40 ids each) stay within 3/4 of the row
+            room = 3 * length // 4 - 48
+            d = max(0, min(int(rng.integers(0, max_distractors + 1)), room // 22 - 1))
+            n_extra = max(0, min(questions - 1, d, (room - 22 * (d + 1)) // 40))
             s = build_needle(
-                tok, window, length - 8, float(rng.uniform(0, 1)), rng, distractors=int(rng.integers(0, 3))
+                tok, window, length - 8 - 40 * n_extra, float(rng.uniform(0, 1)), rng, distractors=d
             )
             seq = s.prompt + s.answer
-            ids[r, : len(seq)] = seq
-            # after the answer, more corpus ids so every row is full length (scored as LM loss only)
-            ids[r, len(seq) :] = window[: length - len(seq)]
             answer_mask[r, len(s.prompt) : len(seq)] = True
+            others = list(s.facts[1:])
+            for i in rng.permutation(len(others))[:n_extra]:
+                k, v = others[i]
+                seq += question_ids(tok, k)
+                a = answer_ids(tok, v)
+                answer_mask[r, len(seq) : len(seq) + len(a)] = True
+                seq += a
+            assert len(seq) <= length, (len(seq), length)
+            ids[r, : len(seq)] = seq
+            # after the answers, more corpus ids so every row is full length (scored as LM loss only)
+            ids[r, len(seq) :] = window[: length - len(seq)]
         else:
             ids[r] = window
     return torch.from_numpy(ids), torch.from_numpy(answer_mask)
@@ -182,7 +214,7 @@ def losses(model, ids, answer_mask):
     m = answer_mask[:, 1:]
     lm = ce.mean()
     ans = (ce * m).sum() / m.sum().clamp(min=1)
-    return lm, ans, m.any().item()
+    return lm, ans, m.any()
 
 
 @torch.no_grad()
@@ -226,10 +258,17 @@ def main() -> None:
     ap.add_argument("--tokenizer-mb", type=float, default=30.0, help="text the BPE trainer sees")
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--max-len", type=int, default=16384)
-    ap.add_argument("--min-len", type=int, default=1024)
-    ap.add_argument("--tokens-per-step", type=int, default=131072)
-    ap.add_argument("--needle-frac", type=float, default=0.4)
+    ap.add_argument("--min-len", type=int, default=512)
+    ap.add_argument("--short-until", type=float, default=0.25, help="budget share at --min-len only")
+    ap.add_argument("--long-at", type=float, default=0.65, help="budget share where --max-len unlocks")
+    ap.add_argument("--tokens-per-step", type=int, default=65536)
+    ap.add_argument("--needle-frac", type=float, default=0.8, help="share of rows with the passkey task")
+    ap.add_argument("--distractors", type=int, default=5, help="max distractor facts in a training row")
+    ap.add_argument("--questions", type=int, default=6, help="max questions (with answers) per needle row")
+    ap.add_argument("--ans-weight", type=float, default=3.0, help="loss = LM + this x answer CE")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100, help="warmup steps")
+    ap.add_argument("--decay-at", type=float, default=0.7, help="budget share where the lr starts to decay")
     ap.add_argument("--hidden", type=int, default=384)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--heads", type=int, default=4)
@@ -244,7 +283,8 @@ def main() -> None:
             min(args.tokenizer_mb, 2.0),
             2048,
         )
-        args.max_len, args.min_len, args.tokens_per_step = min(args.max_len, 512), 128, 2048
+        args.max_len, args.min_len, args.tokens_per_step = min(args.max_len, 512), 256, 2048
+        args.warmup = min(args.warmup, 30)
         args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate = 256, 2, 2, 1, 512
         args.eval_every = min(args.eval_every, 5.0)
 
@@ -321,9 +361,10 @@ def main() -> None:
 
     # ---- train ----
     budget = args.minutes * 60
-    warmup = 30
+    warmup = args.warmup
     step = tokens_seen = 0
     lm_ema = ans_ema = None
+    enc = CachedEncoder(tok)
     t_train = time.time()
     last_eval = t_train
     model.train()
@@ -331,34 +372,35 @@ def main() -> None:
         frac = (time.time() - t_train) / budget
         if frac >= 1.0:
             break
-        lengths = length_choices(frac, args.max_len, args.min_len)
+        lengths = length_choices(frac, args.max_len, args.min_len, args.short_until, args.long_at)
         # half of the steps at the longest allowed length, so long contexts get a fair share of training
         length = lengths[-1] if rng.random() < 0.5 else int(rng.choice(lengths))
         rows = max(1, args.tokens_per_step // length)
-        ids, amask = make_batch(corpus, tok, length, rows, args.needle_frac, rng)
-        ids, amask = ids.to(device, non_blocking=True), amask.to(device, non_blocking=True)
-        lr = (
-            args.lr
-            * min(1.0, (step + 1) / warmup)
-            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+        ids, amask = make_batch(
+            corpus, enc, length, rows, args.needle_frac, rng, args.distractors, args.questions
         )
+        has_ans = bool(amask.any())  # on the host: the loop syncs with the GPU only at evals
+        ids, amask = ids.to(device, non_blocking=True), amask.to(device, non_blocking=True)
+        # warmup, constant until decay_at (the curriculum's long lengths train at full lr), cosine to 10%
+        decay = min(1.0, max(0.0, (frac - args.decay_at) / max(1.0 - args.decay_at, 1e-9)))
+        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * decay)))
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            lm, ans, has_ans = losses(step_model, ids, amask)
-        loss = lm + ans if has_ans else lm
+            lm, ans, _ = losses(step_model, ids, amask)
+        loss = lm + args.ans_weight * ans  # ans is 0 without answer ids
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
         tokens_seen += ids.numel()
-        lm_v = lm.item()
-        lm_ema = lm_v if lm_ema is None else 0.95 * lm_ema + 0.05 * lm_v
+        lm_ema = lm.detach() if lm_ema is None else 0.95 * lm_ema + 0.05 * lm.detach()
         if has_ans:
-            ans_ema = ans.item() if ans_ema is None else 0.9 * ans_ema + 0.1 * ans.item()
+            ans_ema = ans.detach() if ans_ema is None else 0.9 * ans_ema + 0.1 * ans.detach()
         if time.time() - last_eval >= args.eval_every:
             last_eval = time.time()
+            lm_ema, ans_ema = float(lm_ema), None if ans_ema is None else float(ans_ema)
             model.eval()
             acc = needle_accuracy(model, quick_eval, device)
             model.train()
@@ -368,6 +410,7 @@ def main() -> None:
                 f"tok/s={tokens_seen / el:,.0f} needle={json.dumps(acc)}"
             )
     train_seconds = time.time() - t_train
+    lm_ema, ans_ema = float(lm_ema), None if ans_ema is None else float(ans_ema)
     log(
         f"trained {step} steps, {tokens_seen:,} tokens in {train_seconds:.0f}s ({tokens_seen / train_seconds:,.0f} tok/s)"
     )
@@ -445,11 +488,14 @@ def main() -> None:
             "tokens_per_second": round(tokens_seen / max(train_seconds, 1e-9)),
             "final_train_lm_loss_ema": lm_ema,
             "final_answer_loss_ema": ans_ema,
-            "optimizer": f"AdamW lr {args.lr} betas (0.9, 0.95) wd 0.1, {warmup}-step warmup, cosine to 10% over "
-            "the wall-clock budget, grad clip 1.0, bf16 autocast, SDPA attention",
-            "lengths": f"curriculum {args.min_len}..{args.max_len} (doubling; longest unlocked at 55% of budget, "
-            f"then half the steps at it); {args.tokens_per_step} tokens/step; needle rows {args.needle_frac:.0%} "
-            "(0-2 distractors, loss = LM + mean CE on answer ids)",
+            "optimizer": f"AdamW lr {args.lr} betas (0.9, 0.95) wd 0.1, {warmup}-step warmup, constant to "
+            f"{args.decay_at:.0%} of the wall-clock budget, then cosine to 10%, grad clip 1.0, bf16 autocast, "
+            "SDPA attention",
+            "lengths": f"curriculum {args.min_len}..{args.max_len} ({args.min_len} only until {args.short_until:.0%} "
+            f"of budget, then doubling, longest unlocked at {args.long_at:.0%}, half the steps at the longest "
+            f"allowed); {args.tokens_per_step} tokens/step; needle rows {args.needle_frac:.0%} (0-{args.distractors} "
+            f"distractors, up to {args.questions} questions each followed by its answer; "
+            f"loss = LM + {args.ans_weight} x mean CE on answer ids)",
         },
         "eval": {
             "heldout_ppl": None if math.isnan(ppl) else ppl,
