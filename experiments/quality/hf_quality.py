@@ -194,12 +194,16 @@ def run_config(model, name: str, cfg: Config, work: wl.Workload, device: torch.d
     t0 = time.perf_counter()
     # perplexity: targets at positions prefix+1 .. ppl_len-1, each predicted by a chunk forward
     ids = torch.tensor(work.ppl, device=device)
-    nll, scored = 0.0, 0
+    nll_seq = torch.zeros(ids.shape[0], dtype=torch.float64, device=device)
+    scored = 0
     for s, logits in prefill(model, cfg.make_cache(model), ids, p.prefix, p.chunk, keep_all=True)[1:]:
         tgt = ids[:, s + 1 : s + logits.shape[1] + 1]
         lg = logits[:, : tgt.shape[1]].float()
-        nll += F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="sum").item()
+        loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none")
+        nll_seq += loss.view(tgt.shape).sum(1).double()
         scored += tgt.numel()
+    nll_per_seq = nll_seq.tolist()
+    nll = sum(nll_per_seq)
     # needles: all prompts of one length in one batch; greedy answer through the cache
     hits: dict[int, list[bool]] = {}
     for length in p.needle_lengths:
@@ -230,6 +234,7 @@ def run_config(model, name: str, cfg: Config, work: wl.Workload, device: torch.d
         scored,
         hits,
         agree,
+        nll_per_seq=nll_per_seq,
         kv=cfg.kv,
         bytes_per_token_head=cfg.bytes_per_token_head,
         note=cfg.note,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
 import sys
 from pathlib import Path
 
@@ -35,6 +37,24 @@ def agreement(tokens: list[list[int]], base: list[list[int]]) -> tuple[float, fl
     return sum(prefix) / len(prefix), sum(same) / len(same)
 
 
+def ppl_delta_ci(r: dict, b: dict, draws: int = 2000, seed: int = 0) -> list[float] | None:
+    """95% interval of the perplexity change (%) against ``b``, by a paired bootstrap over the held-out
+    sequences (both rows scored the same sequences; each draw resamples sequences with replacement).
+    None when a row lacks per-sequence NLLs (results written before they were recorded)."""
+    a, z = r.get("nll_per_seq"), b.get("nll_per_seq")
+    if not a or not z or len(a) != len(z):
+        return None
+    rng = random.Random(seed)
+    per_tok = r["scored_tokens"] / len(a)  # every sequence scores the same number of targets
+    n = len(a)
+    deltas = []
+    for _ in range(draws):
+        idx = [rng.randrange(n) for _ in range(n)]
+        deltas.append(100 * (math.exp(sum(a[i] - z[i] for i in idx) / (per_tok * n)) - 1))
+    deltas.sort()
+    return [deltas[int(0.025 * draws)], deltas[int(0.975 * draws) - 1]]
+
+
 def merge(rows: list[dict]) -> list[dict]:
     base = {r["engine"]: r for r in rows if r.get("config") == "bf16" and "error" not in r}
     out = []
@@ -50,6 +70,7 @@ def merge(rows: list[dict]) -> list[dict]:
             "bytes_per_token_head": r["bytes_per_token_head"],
             "ppl": r["ppl"],
             "ppl_delta_pct": 100 * (r["ppl"] / b["ppl"] - 1) if b else None,
+            "ppl_delta_ci95": ppl_delta_ci(r, b) if b else None,
             "needle_acc": r["needle_acc"],
             "token_agreement": agree,
             "token_agreement_positionwise": pos,
@@ -71,7 +92,9 @@ def targets(rows: list[dict]) -> dict:
             if ours in by and theirs in by:
                 a, b = by[ours]["ppl_delta_pct"], by[theirs]["ppl_delta_pct"]
                 res[f"{ours[0]}:{ours[1]} ppl delta <= half of {theirs[0]}:{theirs[1]}"] = {
-                    "ours": a, "theirs": b, "pass": a <= 0.5 * max(b, 0.0)}  # fmt: skip
+                    "ours": a, "theirs": b, "pass": a <= 0.5 * max(b, 0.0),
+                    "ours_ci95": by[ours].get("ppl_delta_ci95"), "theirs_ci95": by[theirs].get("ppl_delta_ci95"),
+                    "within_noise": _overlap(by[ours].get("ppl_delta_ci95"), by[theirs].get("ppl_delta_ci95"))}  # fmt: skip
     for eng in ("hf", "vllm"):
         r, b = by.get((eng, "ours-4bit_nc")), by.get((eng, "bf16"))
         if r and b:
@@ -87,17 +110,29 @@ def targets(rows: list[dict]) -> dict:
     return res
 
 
+def _overlap(x: list[float] | None, y: list[float] | None) -> bool | None:
+    """Whether two 95% intervals overlap (the two deltas are not told apart); None without intervals."""
+    if x is None or y is None:
+        return None
+    return x[0] <= y[1] and y[0] <= x[1]
+
+
 def table(rows: list[dict]) -> str:
-    head = "| engine | kv | B/token-head | ppl | Δppl % | needle acc | by length | agreement (prefix / positionwise) |"
+    head = (
+        "| engine | kv | B/token-head | ppl | Δppl % [95% CI] | needle acc | by length "
+        "| agreement (prefix / positionwise) |"
+    )
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['engine']} | {r['kv']} | error | | | | | |")
             continue
         by_len = " ".join(f"{k}:{v:.2f}" for k, v in r["needle_acc_by_length"].items())
+        ci = r.get("ppl_delta_ci95")
+        delta = f"{r['ppl_delta_pct']:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
         lines.append(
             f"| {r['engine']} | {r['kv']} | {r['bytes_per_token_head']:g} | {r['ppl']:.3f} | "
-            f"{r['ppl_delta_pct']:+.2f} | {r['needle_acc']:.3f} | {by_len} | "
+            f"{delta} | {r['needle_acc']:.3f} | {by_len} | "
             f"{r['token_agreement']:.3f} / {r['token_agreement_positionwise']:.3f} |"
         )
     return "\n".join(lines) + "\n"

@@ -86,12 +86,14 @@ def run_one(model_dir: Path, name: str, small: bool, eager: bool) -> dict:
     t0 = time.perf_counter()
     # perplexity: one sequence at a time, so every sequence's chunks start at 0, chunk, 2*chunk, ...
     score = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-    nll, scored = 0.0, 0
+    nll_per_seq, scored = [], 0
     for seq in work.ppl:
         (out,) = llm.generate([{"prompt_token_ids": seq}], score, use_tqdm=False)
-        for i in range(p.prefix + 1, len(seq)):
-            nll -= out.prompt_logprobs[i][seq[i]].logprob
-            scored += 1
+        nll_per_seq.append(
+            -sum(out.prompt_logprobs[i][seq[i]].logprob for i in range(p.prefix + 1, len(seq)))
+        )
+        scored += len(seq) - p.prefix - 1
+    nll = sum(nll_per_seq)
     # needles: all prompts at once (greedy answer)
     n_ans = max(len(s.answer) for _, s in work.needles)
     greedy = SamplingParams(max_tokens=n_ans, temperature=0.0, ignore_eos=True, detokenize=False)
@@ -117,6 +119,7 @@ def run_one(model_dir: Path, name: str, small: bool, eager: bool) -> dict:
         scored,
         hits,
         agree,
+        nll_per_seq=nll_per_seq,
         kv=kv,
         bytes_per_token_head=bytes_per_token_head(kv),
         backend=backend or "default",
