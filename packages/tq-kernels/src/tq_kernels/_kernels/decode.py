@@ -29,6 +29,38 @@ def _softcap(s, softcap):
     return softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
 
 
+@triton.jit
+def _tq_tile_rows(cache_ptr, block_table_ptr, b, kvh, tok, hi, stride_bt_b, stride_cache_blk, stride_cache_head,
+                  PAGE: tl.constexpr):  # fmt: skip
+    """(mask, region pointers, row in the page) of the context tokens ``tok`` of sequence ``b``."""
+    n_mask = tok < hi
+    blk = tl.load(block_table_ptr + b * stride_bt_b + tok // PAGE, mask=n_mask, other=0).to(tl.int64)
+    return n_mask, cache_ptr + blk * stride_cache_blk + kvh * stride_cache_head, tok % PAGE
+
+
+@triton.jit
+def _tq_online_softmax(s, k_gamma, n_mask, m_i, l_i, softcap, USE_SOFTCAP: tl.constexpr):
+    """One tile of the online softmax: raw scores ``s`` `[G, N]` scaled by the key norms, soft-capped
+    and masked; returns (new running max, rescale factor of the old state, probabilities, new sum)."""
+    s = s * k_gamma[None, :]
+    if USE_SOFTCAP:
+        s = _softcap(s, softcap)
+    s = tl.where(n_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _tq_store_ml(part_ml_ptr, b, heads, split, g_mask, m_i, l_i, NUM_HEADS: tl.constexpr,
+                 NUM_SPLITS: tl.constexpr):  # fmt: skip
+    """A split's running max and sum, for the reduce kernel."""
+    ml = part_ml_ptr + ((b * NUM_HEADS + heads) * NUM_SPLITS + split) * 2
+    tl.store(ml, m_i, mask=g_mask)
+    tl.store(ml + 1, l_i, mask=g_mask)
+
+
 @triton.jit(do_not_specialize=["max_seq_len"])
 def _tq_decode_attention_kernel(
     q_ptr,
@@ -112,10 +144,18 @@ def _tq_decode_attention_kernel(
 
     for n0 in range(lo, hi, BLOCK_N):
         tok = n0 + offs_n
-        n_mask = tok < hi
-        blk = tl.load(block_table_ptr + b * stride_bt_b + tok // PAGE, mask=n_mask, other=0).to(tl.int64)
-        region = cache_ptr + blk * stride_cache_blk + kvh * stride_cache_head
-        row = tok % PAGE
+        n_mask, region, row = _tq_tile_rows(
+            cache_ptr,
+            block_table_ptr,
+            b,
+            kvh,
+            tok,
+            hi,
+            stride_bt_b,
+            stride_cache_blk,
+            stride_cache_head,
+            PAGE,
+        )
         tile_mask = n_mask[:, None] & d_mask[None, :]
 
         if ABLATE == 2 or ABLATE == 3:
@@ -129,15 +169,8 @@ def _tq_decode_attention_kernel(
         else:
             k_c = tl.where(tile_mask, _tq_centroids(k_lut_ptr, k_idx), 0.0).to(tl.float16)
         k_gamma = _tq_load_norm_rows(region, row, n_mask, K_NORM_OFF, K_NORM)
-        s = tl.dot(q, tl.trans(k_c)) * k_gamma[None, :]
-        if USE_SOFTCAP:
-            s = _softcap(s, softcap)
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        s = tl.dot(q, tl.trans(k_c))
+        m_new, alpha, p, l_i = _tq_online_softmax(s, k_gamma, n_mask, m_i, l_i, softcap, USE_SOFTCAP)
 
         if ABLATE == 2 or ABLATE == 3:
             v_idx = (offs_d[None, :] + tok[:, None] * 3) & 15
@@ -156,9 +189,7 @@ def _tq_decode_attention_kernel(
 
     po = part_o_ptr + b * stride_po_b + heads[:, None] * stride_po_h + split * stride_po_s + offs_d[None, :]
     tl.store(po, acc, mask=g_mask[:, None])
-    ml = part_ml_ptr + ((b * NUM_HEADS + heads) * NUM_SPLITS + split) * 2
-    tl.store(ml, m_i, mask=g_mask)
-    tl.store(ml + 1, l_i, mask=g_mask)
+    _tq_store_ml(part_ml_ptr, b, heads, split, g_mask, m_i, l_i, NUM_HEADS, NUM_SPLITS)
 
 
 @triton.jit
@@ -204,25 +235,26 @@ def _tq_decode_split_d(
     acc_o = tl.zeros([BLOCK_G, BLOCK_H], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         tok = n0 + offs_n
-        n_mask = tok < hi
-        blk = tl.load(block_table_ptr + b * stride_bt_b + tok // PAGE, mask=n_mask, other=0).to(tl.int64)
-        region = cache_ptr + blk * stride_cache_blk + kvh * stride_cache_head
-        row = tok % PAGE
+        n_mask, region, row = _tq_tile_rows(
+            cache_ptr,
+            block_table_ptr,
+            b,
+            kvh,
+            tok,
+            hi,
+            stride_bt_b,
+            stride_cache_blk,
+            stride_cache_head,
+            PAGE,
+        )
         tile_mask = n_mask[:, None] & h_mask[None, :]
 
         ke, ko = _tq_half_codes(region + row * K_ROW, n_mask, K_CODE_OFF, K_BITS, HALF, BLOCK_H)
         k_e = tl.where(tile_mask, _tq_centroids(k_lut_ptr, ke), 0.0).to(tl.float16)
         k_o = tl.where(tile_mask, _tq_centroids(k_lut_ptr, ko), 0.0).to(tl.float16)
         k_gamma = _tq_load_norm_rows(region, row, n_mask, K_NORM_OFF, K_NORM)
-        s = tl.dot(q_o, tl.trans(k_o), acc=tl.dot(q_e, tl.trans(k_e))) * k_gamma[None, :]
-        if USE_SOFTCAP:
-            s = _softcap(s, softcap)
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        s = tl.dot(q_o, tl.trans(k_o), acc=tl.dot(q_e, tl.trans(k_e)))
+        m_new, alpha, p, l_i = _tq_online_softmax(s, k_gamma, n_mask, m_i, l_i, softcap, USE_SOFTCAP)
 
         ve, vo = _tq_half_codes(region + row * V_ROW, n_mask, V_CODE_OFF, V_BITS, HALF, BLOCK_H)
         v_e = tl.where(tile_mask, _tq_centroids(v_lut_ptr, ve), 0.0).to(tl.float16)
@@ -242,9 +274,7 @@ def _tq_decode_split_d(
     )
     tl.store(po, acc_e, mask=g_mask[:, None] & h_mask[None, :])
     tl.store(po + 1, acc_o, mask=g_mask[:, None] & h_mask[None, :])
-    ml = part_ml_ptr + ((b * NUM_HEADS + heads) * NUM_SPLITS + split) * 2
-    tl.store(ml, m_i, mask=g_mask)
-    tl.store(ml + 1, l_i, mask=g_mask)
+    _tq_store_ml(part_ml_ptr, b, heads, split, g_mask, m_i, l_i, NUM_HEADS, NUM_SPLITS)
 
 
 @triton.jit
