@@ -63,6 +63,24 @@ def copy_bandwidth_gbps(nbytes: int = 4 << 30) -> float:
     return 2 * src.numel() / (med * 1e-3) / 1e9
 
 
+def run_result_process(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[dict | None, str, str]:
+    """Run one engine in its own process; (its ``RESULT {json}`` line parsed or None, stdout, stderr).
+
+    A run past ``timeout`` seconds is killed and reported in stderr; what it printed so far is kept."""
+    import subprocess
+
+    def text(x: object) -> str:
+        return x.decode(errors="replace") if isinstance(x, bytes) else str(x or "")
+
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        out, err = proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        out, err = text(exc.stdout), f"timed out after {timeout} s\n{text(exc.stderr)}"
+    line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
+    return (json.loads(line.removeprefix("RESULT ")) if line else None), out, err
+
+
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     """Write ``results/<name>.json`` (plus ``$OUT/<name>.json`` on the device machine)."""
     body = {"command": command_line(), "date": _dt.date.today().isoformat(), **payload}

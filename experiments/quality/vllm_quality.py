@@ -17,14 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workload as wl
+from harness import run_result_process
 
 SHORT = {"k8v4": "turboquant_k8v4", "4bit_nc": "turboquant_4bit_nc", "k3v4_nc": "turboquant_k3v4_nc",
          "3bit_nc": "turboquant_3bit_nc"}  # fmt: skip
@@ -140,21 +141,13 @@ def spawn(model_dir: Path, name: str, small: bool, eager: bool, log: Path | None
     cmd += ["--small"] if small else []
     cmd += [] if eager else ["--cuda-graphs"]
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=TIMEOUT)
-        out, err = proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else str(exc.stdout or "")
-        err = f"timed out after {TIMEOUT} s\n" + (
-            exc.stderr.decode() if isinstance(exc.stderr, bytes) else str(exc.stderr or "")
-        )
+    result, out, err = run_result_process(cmd, env, TIMEOUT)
     if log:
         with log.open("a") as f:
             f.write(f"===== {name} ({time.perf_counter() - t0:.0f} s)\n{out}\n----- stderr\n{err[-20000:]}\n")
-    line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None:
+    if result is None:
         return {"engine": "vllm", "config": name, "error": (err or out)[-3000:]}
-    return json.loads(line.removeprefix("RESULT "))
+    return result
 
 
 def main() -> None:

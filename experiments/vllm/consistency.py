@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -98,7 +97,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_engine(*args.one, args.model)), flush=True)
         return
     from gpu_smoke import CONFIGS
-    from harness import write_result
+    from harness import run_result_process, write_result
 
     rows = []
     for full_name in args.names:
@@ -111,16 +110,11 @@ def main() -> None:
             )
             full = "1" if CONFIGS[name][3] else "0"
             env = dict(os.environ, TQ_VLLM_FULL_CAPACITY=full, TQ_VLLM_CHUNK_KV=chunk_kv)
-            try:
-                p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-                out, err = p.stdout, p.stderr
-            except subprocess.TimeoutExpired as exc:
-                out, err = str(exc.stdout or ""), f"timed out\n{exc.stderr or ''}"
-            line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
+            result, out, err = run_result_process(cmd, env, 300)
+            if result is None:
                 errors[mode] = (err or out)[-2500:]
             else:
-                res[mode] = json.loads(line.removeprefix("RESULT "))
+                res[mode] = result
         row: dict = {
             "name": full_name,
             "kv": CONFIGS[name][1],

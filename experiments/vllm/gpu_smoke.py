@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 import zlib
@@ -144,27 +143,16 @@ def compare(res: dict, base: dict) -> dict:
 
 
 def main(names: list[str]) -> None:
-    from harness import write_result
+    from harness import run_result_process, write_result
 
     results, rows = {}, []
     for name in names or list(CONFIGS):
         env = dict(os.environ, TQ_VLLM_FULL_CAPACITY="1" if CONFIGS[name][3] else "0")
-        try:
-            proc = subprocess.run(
-                [sys.executable, __file__, "--one", name],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=TIMEOUT,
-            )
-            out, err = proc.stdout, proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            out, err = str(exc.stdout or ""), f"timed out after {TIMEOUT} s\n{exc.stderr or ''}"
-        line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
+        res, out, err = run_result_process([sys.executable, __file__, "--one", name], env, TIMEOUT)
+        if res is None:
             row = {"name": name, "error": (err or out)[-3000:]}
         else:
-            res = results[name] = json.loads(line.removeprefix("RESULT "))
+            results[name] = res
             base = results.get(CONFIGS[name][4] or "")
             row = {
                 k: v
