@@ -48,19 +48,23 @@ REGISTERS_PER_SM = 65536
 
 
 def compile_decode(
-    name: str, block_n: int, warps: int, arch: int, ablate: int, dump: Path | None, split_d: bool = False
-) -> dict:
+    name: str, block_n: int, warps: int, arch: int, ablate: int, dump: Path | None, split_d: bool = False,
+    nibble: bool = False,
+) -> dict:  # fmt: skip
     kf = kernel_format(named_format(name, 128))
     split_d = split_d and kf.key.bits in (4, 8) and kf.value.bits in (4, 8)  # as the launcher decides
+    nibble = nibble and kf.key.bits == 4 and kf.value.bits == 4
+    k_asm, v_asm = kf.nibble_asm() if nibble else ("", "")
     page = 16
     constexprs = dict(NUM_HEADS=32, NUM_SPLITS=2, GROUP=4, BLOCK_G=16, BLOCK_N=block_n, USE_SOFTCAP=False,
-                      USE_WINDOW=False, ABLATE=ablate, SPLIT_D=split_d, **kf.region_constexprs(page))  # fmt: skip
+                      USE_WINDOW=False, ABLATE=ablate, SPLIT_D=split_d, NIBBLE=nibble, BLOCK_W=16, K_ASM=k_asm,
+                      V_ASM=v_asm, **kf.region_constexprs(page))  # fmt: skip
     signature = {n: t for n, t in ARGS} | dict.fromkeys(constexprs, "constexpr")
     # pointers and strides 16-byte aligned/divisible, as Triton specializes them at a real launch
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(16)}
     src = ASTSource(fn=_tq_decode_attention_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    stem = f"decode_{name}_{block_n}x{warps}{'s' if split_d else ''}_a{ablate}"
-    return dict(format=name, block_n=block_n, warps=warps, split_d=split_d, ablate=ablate,
+    stem = f"decode_{name}_{block_n}x{warps}{'s' if split_d else ''}{'n' if nibble else ''}_a{ablate}"
+    return dict(format=name, block_n=block_n, warps=warps, split_d=split_d, nibble=nibble, ablate=ablate,
                 **_measure(src, arch, warps, dump, stem))  # fmt: skip
 
 
@@ -98,16 +102,42 @@ def _measure(src: ASTSource, arch: int, warps: int, dump: Path | None, stem: str
         p.write_text(ptx)
         out = subprocess.run([str(ptxas), "-v", "--gpu-name", f"sm_{arch}a", str(p), "-o", str(Path(tmp, "k.cubin"))],
                              capture_output=True, text=True, check=True).stderr  # fmt: skip
+        sass = subprocess.run([str(ptxas.parent / "cuobjdump"), "-sass", str(Path(tmp, "k.cubin"))],
+                              capture_output=True, text=True, check=True).stdout  # fmt: skip
     regs = int(re.search(r"Used (\d+) registers", out).group(1))
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     if dump:
         dump.mkdir(parents=True, exist_ok=True)
         (dump / f"{stem}.ttgir").write_text(ttgir)
         (dump / f"{stem}.ptx").write_text(ptx)
+        (dump / f"{stem}.sass").write_text(sass)
     return dict(registers=regs,
                 spill_store_bytes=int(spill.group(1)), spill_load_bytes=int(spill.group(2)),
                 shared_bytes=kernel.metadata.shared, programs_per_sm=REGISTERS_PER_SM // (regs * 32 * warps),
-                convert_layouts=ttgir.count("ttg.convert_layout"), smem_staging=ttgir.count("ttg.local_alloc"))  # fmt: skip
+                convert_layouts=ttgir.count("ttg.convert_layout"), smem_staging=ttgir.count("ttg.local_alloc"),
+                **loop_profile(sass))  # fmt: skip
+
+
+def loop_profile(sass: str) -> dict:
+    """Instruction mix of the kernel's longest loop (the tile loop): SASS lines between a label and the
+    backward branch to it.  Counts are per iteration of the loop, i.e. per tile, across one warp."""
+    lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
+    addr = [int(re.match(r"\s+/\*([0-9a-f]{4})\*/", ln).group(1), 16) for ln in lines]
+    best = (0, 0)
+    for i, ln in enumerate(lines):
+        m = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?(?:\S+\s+)?0x([0-9a-f]+)", ln) or re.search(
+            r"BRA .*?0x([0-9a-f]+)", ln
+        )
+        if m and int(m.group(1), 16) < addr[i]:
+            j = addr.index(int(m.group(1), 16)) if int(m.group(1), 16) in addr else None
+            if j is not None and i - j > best[1] - best[0]:
+                best = (j, i)
+    body = lines[best[0] : best[1] + 1]
+    mix: dict[str, int] = {}
+    for ln in body:
+        op = re.sub(r"^\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?", "", ln).split()[0].split(".")[0]
+        mix[op] = mix.get(op, 0) + 1
+    return dict(loop_instructions=len(body), loop_mix=dict(sorted(mix.items(), key=lambda kv: -kv[1])))
 
 
 def main() -> None:
@@ -119,7 +149,8 @@ def main() -> None:
     ap.add_argument(
         "--configs",
         default="128x4,128x4s,64x4,64x4s,128x8,128x8s",
-        help="BLOCK_N x num_warps[s], comma-separated; a trailing s selects the SPLIT_D loop",
+        help="BLOCK_N x num_warps[s|n], comma-separated; a trailing s selects the SPLIT_D loop, n the "
+        "NIBBLE loop (4-bit formats)",
     )
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument(
@@ -132,12 +163,14 @@ def main() -> None:
           f"{'converts':>8s} {'staging':>7s}")  # fmt: skip
     for name in args.formats.split(","):
         for cfg in args.configs.split(","):
-            bn, w = (int(x) for x in cfg.removesuffix("s").split("x"))
+            bn, w = (int(x) for x in cfg.rstrip("sn").split("x"))
             if args.kernel == "store":
                 r = compile_store(name, bn, w, args.arch, args.dump)
             else:
-                r = compile_decode(name, bn, w, args.arch, args.ablate, args.dump, cfg.endswith("s"))
-            print(f"{name:20s} {cfg:>7s} {r['registers']:5d} {r['spill_store_bytes']:5d}/{r['spill_load_bytes']:<5d} "
+                r = compile_decode(
+                    name, bn, w, args.arch, args.ablate, args.dump, cfg.endswith("s"), cfg.endswith("n")
+                )
+            print(r.get("loop_instructions"), r.get("loop_mix")); print(f"{name:20s} {cfg:>7s} {r['registers']:5d} {r['spill_store_bytes']:5d}/{r['spill_load_bytes']:<5d} "
                   f"{r['shared_bytes']:6d} {r['programs_per_sm']:7d} {r['convert_layouts']:8d} {r['smem_staging']:7d}",
                   flush=True)  # fmt: skip
 

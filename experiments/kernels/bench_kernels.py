@@ -127,26 +127,29 @@ def tune_decode(batch: int, ctx: int, name: str) -> list[dict]:
     cache = random_cache(fmt, table.numel())
     rows = []
     configs = [
-        LaunchConfig(bn, warps, stages, split_d)
-        for bn in (64, 128)
-        for warps in (4, 8)
-        for stages in (2, 3)
-        for split_d in (False, True)
+        (LaunchConfig(128, 4, 2, nibble=False), None),
+        (LaunchConfig(128, 8, 2, split_d=True, nibble=False), None),
     ]
-    for cfg in configs:
+    configs += [
+        (LaunchConfig(bn, warps, stages), splits)
+        for bn, warps in ((16, 1), (32, 1), (64, 1), (32, 2), (64, 2), (64, 4), (128, 4))
+        for stages in (2, 3)
+        for splits in (None, 8, 16)
+    ]
+    for cfg, splits in configs:
         out = torch.empty_like(q)
         try:
             ms = graph_ms(  # GPU time, as vLLM runs decode (full CUDA graphs)
-                lambda cfg=cfg, out=out: tq_decode_attention(
-                    q, cache, table, seq_lens, fmt, config=cfg, max_seq_len=ctx, out=out
+                lambda cfg=cfg, out=out, splits=splits: tq_decode_attention(
+                    q, cache, table, seq_lens, fmt, config=cfg, max_seq_len=ctx, out=out, num_splits=splits
                 )
             )
         except Exception as e:  # out of shared memory / registers for this config
-            print(f"tune {cfg}: {type(e).__name__}", flush=True)
+            print(f"tune {cfg} splits={splits}: {type(e).__name__}: {e}", flush=True)
             continue
         rows.append(dict(block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                         split_d=cfg.split_d, ms_graph=ms))  # fmt: skip
-        print(f"tune B{batch}xL{ctx} {name} {cfg}: {ms:.3f} ms (CUDA graph)", flush=True)
+                         split_d=cfg.split_d, nibble=cfg.nibble, num_splits=splits, ms_graph=ms))  # fmt: skip
+        print(f"tune B{batch}xL{ctx} {name} {cfg} splits={splits}: {ms:.3f} ms (CUDA graph)", flush=True)
     return rows
 
 
@@ -158,14 +161,13 @@ def ablate_decode(batch: int, ctx: int, name: str) -> list[dict]:
     table, seq_lens, q = decode_inputs(batch, ctx)
     cache = random_cache(fmt, table.numel())
     rows = []
-    for cfg in (LaunchConfig(64, 4, 2), LaunchConfig(128, 4, 2), LaunchConfig(32, 2, 2)):
+    for cfg in (LaunchConfig(64, 4, 2, nibble=False), LaunchConfig(128, 4, 2, nibble=False)):
         for ab in (0, 1, 2, 3):
-            ms = bench_ms(
+            ms = graph_ms(
                 lambda cfg=cfg, ab=ab: tq_decode_attention(
                     q, cache, table, seq_lens, fmt, config=cfg, max_seq_len=ctx, _ablate=ab
-                ),
-                rep=50,
-            )[0]
+                )
+            )
             rows.append(dict(config=str(cfg), ablate=ab, ms=ms))
             print(f"ablate {ab} {cfg}: {ms:.3f} ms", flush=True)
     return rows
@@ -261,7 +263,7 @@ def main() -> None:
     if "ablate" in only:
         tuning += ablate_decode(32, 8192, "turboquant_4bit_nc")
     if "tune" in only:
-        tuning = tune_decode(32, 8192, "turboquant_4bit_nc")
+        tuning += tune_decode(32, 8192, "turboquant_4bit_nc")
     if "store" in only:
         try:
             rows += store_rows(65536 if not args.quick else 4096, copy_gbps)

@@ -179,7 +179,12 @@ def test_decode_gpu_matrix(d, page, group, fmt_name):
     seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
     from tq_kernels.tuning import LaunchConfig
 
-    for config in (None, LaunchConfig(128, 8, 2, split_d=True)):  # the default loop and SPLIT_D
+    configs = (
+        None,
+        LaunchConfig(128, 8, 2, split_d=True, nibble=False),
+        LaunchConfig(64, 4, 2, nibble=False),
+    )
+    for config in configs:  # the default (NIBBLE for 4-bit), SPLIT_D and the plane loop
         for kw in (
             {},
             {"sliding_window": 700, "softcap": 20.0, "sinks": torch.randn(kv_heads * group, device="cuda")},
@@ -220,6 +225,88 @@ def test_decode_split_d_loop_matches_reference(fmt_name, d, kwargs):
     ref = paged_decode_attention_ref(q, cache, table, seq_lens, fmt, **kwargs)
     assert not out.isnan().any()
     assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize(
+    ("d", "lens", "heads", "kwargs"),
+    [
+        (64, [45, 3, 70], 6, {}),
+        (80, [33, 1], 4, {"softcap": 3.0, "sliding_window": 20}),
+        (128, [70, 16, 0], 8, {"sinks": "random"}),
+    ],
+    ids=["d64", "d80-softcap-window", "d128-sinks"],
+)
+def test_decode_nibble_loop_matches_plane_loop(d, lens, heads, kwargs):
+    """The eight-phase 4-bit loop (here gathering from the table, as on CPU and ROCm) and the plane
+    loop compute the same attention, and both match the reference."""
+    from tq_kernels.tuning import LaunchConfig
+
+    fmt = named_format("turboquant_4bit_nc", d)
+    cache, table, _, _ = make_paged(fmt, lens, 2, 16, seed=d)
+    q = torch.randn(len(lens), heads, d)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    kw = dict(kwargs)
+    if kw.get("sinks") == "random":
+        kw["sinks"] = torch.randn(heads)
+    outs = []
+    for nibble in (True, False):
+        out = torch.full_like(q, float("nan"))
+        cfg = LaunchConfig(block_n=32, num_warps=4, num_stages=1, nibble=nibble)
+        tq_decode_attention(q, cache, table, seq_lens, fmt, num_splits=2, config=cfg, out=out, **kw)
+        outs.append(out)
+    ref = paged_decode_attention_ref(q, cache, table, seq_lens, fmt, **kw)
+    for out in outs:
+        assert not out.isnan().any()
+        assert rel_err(out, ref) < TOL[torch.float32]
+    assert rel_err(outs[0], outs[1]) < 1e-5
+
+
+def test_decode_nibble_loop_skips_misaligned_caches():
+    """A cache whose code rows are not 4-byte aligned falls back to the byte-wise loop."""
+    from tq_kernels._format import kernel_format
+    from tq_kernels.ops.decode import nibble_eligible
+
+    fmt = named_format("turboquant_4bit_nc", 64)
+    kf = kernel_format(fmt)
+    cache, table, _, _ = make_paged(fmt, [20], 1, 16, seed=2)
+    assert nibble_eligible(kf, cache)
+    shifted = torch.empty(cache.numel() + 1, dtype=torch.uint8)[1:].view(cache.shape)
+    shifted.copy_(cache)
+    assert not nibble_eligible(kf, shifted)
+    assert not nibble_eligible(kernel_format(named_format("turboquant_3bit_nc", 64)), cache)
+    q = torch.randn(1, 2, 64)
+    seq_lens = torch.tensor([20], dtype=torch.int32)
+    torch.testing.assert_close(
+        tq_decode_attention(q, shifted, table, seq_lens, fmt),
+        tq_decode_attention(q, cache, table, seq_lens, fmt),
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 96, 128, 256])
+def test_decode_nibble_register_lookup_equals_gather(d):
+    """On the GPU the register lookup (PTX byte permutes) yields the same float16 centroids as the
+    memory gather, so both runs of the same loop give identical outputs."""
+    from tq_kernels._format import kernel_format
+    from tq_kernels._kernels.codes import _tq_nibble_phases
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def lookup(words_ptr, lut_ptr, out_ptr, ASM: tl.constexpr, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        phases = _tq_nibble_phases(tl.load(words_ptr + offs), lut_ptr, ASM)
+        for p in tl.static_range(8):
+            tl.store(out_ptr + offs * 8 + p, phases[p])
+
+    fmt = named_format("turboquant_4bit_nc", d)
+    kf = kernel_format(fmt)
+    words = torch.randint(-(2**31), 2**31 - 1, (4096,), dtype=torch.int32, device="cuda")
+    lut = kf.centroids(torch.device("cuda"), torch.float16)[0]
+    got = torch.full((4096 * 8,), float("nan"), dtype=torch.float16, device="cuda")
+    lookup[(1,)](words, lut, got, ASM=kf.nibble_asm()[0], N=4096)
+    codes = (words[:, None].long() >> (4 * torch.arange(8, device="cuda"))) & 15
+    assert torch.equal(got.view(4096, 8), lut[codes])
 
 
 def test_decode_returns_log_sum_exp():
@@ -269,6 +356,7 @@ def test_decode_custom_op_passes_opcheck():
         4,
         1,
         False,
+        True,
         0,
         out,
         lse,

@@ -21,6 +21,9 @@ class LaunchConfig:
     # decode only: the even/odd half-tile loop for formats whose K and V codes are single 4- or 8-bit
     # planes (see tq_kernels._kernels.decode); ignored for other formats and kernels.
     split_d: bool = False
+    # decode only: the eight-phase loop with register table lookups for formats whose K and V codes
+    # are single 4-bit planes (see tq_kernels._kernels.decode); takes precedence over split_d.
+    nibble: bool = True
 
 
 def _arch(device: torch.device) -> tuple[int, int]:
@@ -29,10 +32,15 @@ def _arch(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def decode_config(head_dim: int, group: int, device: torch.device) -> LaunchConfig:
-    """Tile and pipelining of the paged decode kernel."""
+def decode_config(head_dim: int, group: int, device: torch.device, nibble: bool = False) -> LaunchConfig:
+    """Tile and pipelining of the paged decode kernel; ``nibble``: the format runs the eight-phase
+    4-bit loop."""
     if _arch(device) == (0, 0):  # the CPU interpreter: small tiles keep it fast
         return LaunchConfig(block_n=32, num_warps=4, num_stages=1)
+    if nibble:
+        # the phase accumulators are [BLOCK_G, head_dim / 8]: too narrow to split across warps, so
+        # each program is one warp (more warps would each redo the whole tile)
+        return LaunchConfig(block_n=32, num_warps=1, num_stages=2)
     # H200, B32 x 8K, 4-bit (experiments/results/kernels_h200.json "decode_tuning"): 128-token tiles
     # with 4 warps ran 0.52 ms against 0.73 ms for 64-token tiles and 0.66 ms for 32 with 2 warps.
     return LaunchConfig(block_n=128, num_warps=4, num_stages=2)

@@ -235,3 +235,42 @@ def _tq_store_norm(slot_ptrs, gamma, mask, NORM_OFF: tl.constexpr, NORM: tl.cons
         bits = g.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
     for i in tl.static_range(NBYTES):
         tl.store(slot_ptrs + NORM_OFF + i, ((bits >> (8 * i)) & 0xFF).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _tq_nibble_phases(words, lut_ptr, ASM: tl.constexpr):
+    """The eight codes of each int32 word of a 4-bit plane, as eight float16 tensors shaped like
+    ``words``: tensor ``p`` holds ``centroids[(word >> 4p) & 15]``, the value of coordinate ``8w + p``.
+
+    ``ASM`` (from :func:`tq_kernels._nibble_lut.lut_asm`) looks the codes up in registers on NVIDIA
+    GPUs; ``""`` gathers them from the float16 table at ``lut_ptr`` (the interpreter, other GPUs).
+    """
+    if ASM != "":
+        return tl.inline_asm_elementwise(
+            ASM,
+            "=h,=h,=h,=h,=h,=h,=h,=h,r",
+            [words],
+            dtype=(
+                tl.float16,
+                tl.float16,
+                tl.float16,
+                tl.float16,
+                tl.float16,
+                tl.float16,
+                tl.float16,
+                tl.float16,
+            ),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        return (
+            tl.load(lut_ptr + (words & 15)),
+            tl.load(lut_ptr + ((words >> 4) & 15)),
+            tl.load(lut_ptr + ((words >> 8) & 15)),
+            tl.load(lut_ptr + ((words >> 12) & 15)),
+            tl.load(lut_ptr + ((words >> 16) & 15)),
+            tl.load(lut_ptr + ((words >> 20) & 15)),
+            tl.load(lut_ptr + ((words >> 24) & 15)),
+            tl.load(lut_ptr + ((words >> 28) & 15)),
+        )

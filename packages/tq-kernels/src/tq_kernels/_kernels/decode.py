@@ -15,12 +15,23 @@ coordinates are two half tiles taken straight from the loaded bytes (low/high ni
 bytes), so ``q . k = q_even . k_even + q_odd . k_odd`` and the output is kept as even and odd halves.
 The plane loader's reshape pins its tile to one row per thread (255 registers and spills at 128-token
 tiles, experiments/kernels/aot_report.py); the half tiles keep Triton's free choice of layout.
+
+``NIBBLE`` (formats whose K and V codes are each one 4-bit plane: 4bit_nc) reads each code row as
+int32 words of eight codes and splits the head dim into eight phases: phase ``p`` is coordinates
+``8w + p``, so ``q . k = sum_p q_p . k_p`` and the output is kept as eight phase accumulators.  The
+codes of a word are looked up in registers (``tq_kernels._nibble_lut``, 21 instructions per eight
+codes on NVIDIA GPUs) instead of one memory gather per element, and no tile is reshaped.
 """
 
 import triton
 import triton.language as tl
 
-from tq_kernels._kernels.codes import _tq_centroids, _tq_load_norm_rows, _tq_load_plane_codes
+from tq_kernels._kernels.codes import (
+    _tq_centroids,
+    _tq_load_norm_rows,
+    _tq_load_plane_codes,
+    _tq_nibble_phases,
+)
 
 
 @triton.jit
@@ -104,6 +115,10 @@ def _tq_decode_attention_kernel(
     V_NORM: tl.constexpr,
     ABLATE: tl.constexpr = 0,
     SPLIT_D: tl.constexpr = 0,
+    NIBBLE: tl.constexpr = 0,
+    BLOCK_W: tl.constexpr = 16,
+    K_ASM: tl.constexpr = "",
+    V_ASM: tl.constexpr = "",
 ):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
@@ -123,6 +138,15 @@ def _tq_decode_attention_kernel(
     g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g
+    if NIBBLE:
+        _tq_decode_nibbles(
+            q_ptr, cache_ptr, block_table_ptr, k_lut_ptr, v_lut_ptr, part_o_ptr, part_ml_ptr,
+            b, kvh, split, lo, hi, heads, g_mask, stride_q_b, stride_q_h, stride_cache_blk,
+            stride_cache_head, stride_bt_b, stride_po_b, stride_po_h, stride_po_s, softcap,
+            NUM_HEADS, NUM_SPLITS, BLOCK_G, BLOCK_N, PAGE, USE_SOFTCAP, HEAD_DIM, BLOCK_W,
+            K_CODE_OFF, K_NORM_OFF, K_NORM, V_CODE_OFF, V_NORM_OFF, V_NORM, K_ASM, V_ASM,
+        )  # fmt: skip
+        return
     if SPLIT_D:
         _tq_decode_split_d(
             q_ptr, cache_ptr, block_table_ptr, k_lut_ptr, v_lut_ptr, part_o_ptr, part_ml_ptr,
@@ -274,6 +298,112 @@ def _tq_decode_split_d(
     )
     tl.store(po, acc_e, mask=g_mask[:, None] & h_mask[None, :])
     tl.store(po + 1, acc_o, mask=g_mask[:, None] & h_mask[None, :])
+    _tq_store_ml(part_ml_ptr, b, heads, split, g_mask, m_i, l_i, NUM_HEADS, NUM_SPLITS)
+
+
+@triton.jit
+def _tq_load_words(region, row, n_mask, offs_w, OFF: tl.constexpr, W: tl.constexpr):
+    """int32 `[BLOCK_N, BLOCK_W]`: the code rows of a 4-bit plane at ``OFF``, eight codes a word."""
+    rows = (region + OFF + row * (4 * W)).to(tl.pointer_type(tl.int32))
+    return tl.load(rows[:, None] + offs_w[None, :], mask=n_mask[:, None] & (offs_w < W)[None, :], other=0)
+
+
+@triton.jit
+def _tq_decode_nibbles(
+    q_ptr, cache_ptr, block_table_ptr, k_lut_ptr, v_lut_ptr, part_o_ptr, part_ml_ptr,
+    b, kvh, split, lo, hi, heads, g_mask, stride_q_b, stride_q_h, stride_cache_blk,
+    stride_cache_head, stride_bt_b, stride_po_b, stride_po_h, stride_po_s, softcap,
+    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr, USE_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr,
+    K_CODE_OFF: tl.constexpr, K_NORM_OFF: tl.constexpr, K_NORM: tl.constexpr, V_CODE_OFF: tl.constexpr,
+    V_NORM_OFF: tl.constexpr, V_NORM: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
+):  # fmt: skip
+    """The ``NIBBLE`` loop of ``_tq_decode_attention_kernel`` (see the module docstring)."""
+    W: tl.constexpr = HEAD_DIM // 8  # int32 words per code row
+    offs_w = tl.arange(0, BLOCK_W)
+    offs_n = tl.arange(0, BLOCK_N)
+    qm = g_mask[:, None] & (offs_w < W)[None, :]
+    qg = q_ptr + b * stride_q_b + heads[:, None] * stride_q_h + 8 * offs_w[None, :]
+    q0 = tl.load(qg + 0, mask=qm, other=0.0).to(tl.float16)
+    q1 = tl.load(qg + 1, mask=qm, other=0.0).to(tl.float16)
+    q2 = tl.load(qg + 2, mask=qm, other=0.0).to(tl.float16)
+    q3 = tl.load(qg + 3, mask=qm, other=0.0).to(tl.float16)
+    q4 = tl.load(qg + 4, mask=qm, other=0.0).to(tl.float16)
+    q5 = tl.load(qg + 5, mask=qm, other=0.0).to(tl.float16)
+    q6 = tl.load(qg + 6, mask=qm, other=0.0).to(tl.float16)
+    q7 = tl.load(qg + 7, mask=qm, other=0.0).to(tl.float16)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    a0 = tl.zeros([BLOCK_G, BLOCK_W], tl.float32)
+    a1 = tl.zeros([BLOCK_G, BLOCK_W], tl.float32)
+    a2 = tl.zeros([BLOCK_G, BLOCK_W], tl.float32)
+    a3 = tl.zeros([BLOCK_G, BLOCK_W], tl.float32)
+    a4 = tl.zeros([BLOCK_G, BLOCK_W], tl.float32)
+    a5 = tl.zeros([BLOCK_G, BLOCK_W], tl.float32)
+    a6 = tl.zeros([BLOCK_G, BLOCK_W], tl.float32)
+    a7 = tl.zeros([BLOCK_G, BLOCK_W], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        tok = n0 + offs_n
+        n_mask, region, row = _tq_tile_rows(
+            cache_ptr,
+            block_table_ptr,
+            b,
+            kvh,
+            tok,
+            hi,
+            stride_bt_b,
+            stride_cache_blk,
+            stride_cache_head,
+            PAGE,
+        )
+        # masked rows read code 0 (a finite centroid): their scores become -inf and their values get
+        # weight 0 below, so the tiles need no masking of their own
+        k0, k1, k2, k3, k4, k5, k6, k7 = _tq_nibble_phases(
+            _tq_load_words(region, row, n_mask, offs_w, K_CODE_OFF, W), k_lut_ptr, K_ASM
+        )
+        s = tl.dot(q0, tl.trans(k0))
+        s = tl.dot(q1, tl.trans(k1), acc=s)
+        s = tl.dot(q2, tl.trans(k2), acc=s)
+        s = tl.dot(q3, tl.trans(k3), acc=s)
+        s = tl.dot(q4, tl.trans(k4), acc=s)
+        s = tl.dot(q5, tl.trans(k5), acc=s)
+        s = tl.dot(q6, tl.trans(k6), acc=s)
+        s = tl.dot(q7, tl.trans(k7), acc=s)
+        k_gamma = _tq_load_norm_rows(region, row, n_mask, K_NORM_OFF, K_NORM)
+        m_new, alpha, p, l_i = _tq_online_softmax(s, k_gamma, n_mask, m_i, l_i, softcap, USE_SOFTCAP)
+
+        v0, v1, v2, v3, v4, v5, v6, v7 = _tq_nibble_phases(
+            _tq_load_words(region, row, n_mask, offs_w, V_CODE_OFF, W), v_lut_ptr, V_ASM
+        )
+        v_gamma = tl.where(n_mask, _tq_load_norm_rows(region, row, n_mask, V_NORM_OFF, V_NORM), 0.0)
+        pv = (p * v_gamma[None, :]).to(tl.float16)
+        a0 = tl.dot(pv, v0, acc=a0 * alpha[:, None])
+        a1 = tl.dot(pv, v1, acc=a1 * alpha[:, None])
+        a2 = tl.dot(pv, v2, acc=a2 * alpha[:, None])
+        a3 = tl.dot(pv, v3, acc=a3 * alpha[:, None])
+        a4 = tl.dot(pv, v4, acc=a4 * alpha[:, None])
+        a5 = tl.dot(pv, v5, acc=a5 * alpha[:, None])
+        a6 = tl.dot(pv, v6, acc=a6 * alpha[:, None])
+        a7 = tl.dot(pv, v7, acc=a7 * alpha[:, None])
+        m_i = m_new
+
+    po = (
+        part_o_ptr
+        + b * stride_po_b
+        + heads[:, None] * stride_po_h
+        + split * stride_po_s
+        + 8 * offs_w[None, :]
+    )
+    om = g_mask[:, None] & (offs_w < W)[None, :]
+    tl.store(po + 0, a0, mask=om)
+    tl.store(po + 1, a1, mask=om)
+    tl.store(po + 2, a2, mask=om)
+    tl.store(po + 3, a3, mask=om)
+    tl.store(po + 4, a4, mask=om)
+    tl.store(po + 5, a5, mask=om)
+    tl.store(po + 6, a6, mask=om)
+    tl.store(po + 7, a7, mask=om)
     _tq_store_ml(part_ml_ptr, b, heads, split, g_mask, m_i, l_i, NUM_HEADS, NUM_SPLITS)
 
 

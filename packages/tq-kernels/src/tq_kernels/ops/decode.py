@@ -18,16 +18,34 @@ __all__ = ["tq_decode_attention", "default_num_splits"]
 
 
 def default_num_splits(
-    batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device, block_n: int = 64
+    batch: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    device: torch.device,
+    block_n: int = 64,
+    num_warps: int = 4,
 ) -> int:
-    """Splits of the context so that the grid fills the GPU about twice (1 when it is already full).
+    """Splits of the context so that the grid puts about 8 warps on every SM (1 split when the batch
+    alone does).
 
     Pass the result (or any fixed number) explicitly when capturing CUDA graphs, so the grid does not
     depend on the batch.
     """
     programs = max(batch * num_kv_heads, 1)
-    want = max(1, math.ceil(2 * sm_count(device) / programs))
+    want = max(1, math.ceil(8 * sm_count(device) / (programs * num_warps)))
     return int(max(1, min(want, math.ceil(max(max_seq_len, 1) / block_n), 64)))
+
+
+def nibble_eligible(kf, cache: torch.Tensor) -> bool:
+    """Whether the eight-phase 4-bit loop can read ``cache``: K and V codes are single 4-bit planes and
+    every code row starts on a 4-byte boundary (the loop loads int32 words)."""
+    return (
+        kf.key.bits == 4
+        and kf.value.bits == 4
+        and cache.data_ptr() % 4 == 0
+        and cache.stride(0) % 4 == 0
+        and cache.stride(1) % 4 == 0
+    )
 
 
 # -- custom op --------------------------------------------------------------------------------------
@@ -48,6 +66,7 @@ def _decode_op(
     num_warps: int,
     num_stages: int,
     split_d: bool,
+    nibble: bool,
     ablate: int,
     out: torch.Tensor,
     lse: torch.Tensor | None,
@@ -66,6 +85,10 @@ def _decode_op(
     part_ml = torch.empty(batch, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
     k_lut, v_lut = kf.centroids(q.device, torch.float16)
     block_g = max(16, triton.next_power_of_2(group))
+    nibble = nibble and ablate == 0 and nibble_eligible(kf, cache)
+    k_asm = v_asm = ""
+    if nibble and q.device.type == "cuda" and torch.version.hip is None:
+        k_asm, v_asm = kf.nibble_asm()
     _tq_decode_attention_kernel[(batch, num_kv_heads, num_splits)](
         q_rot,
         cache,
@@ -98,6 +121,10 @@ def _decode_op(
         num_stages=num_stages,
         ABLATE=ablate,  # experiments only: drop a stage to time the rest
         SPLIT_D=bool(split_d and ablate == 0 and kf.key.bits in (4, 8) and kf.value.bits in (4, 8)),
+        NIBBLE=nibble,
+        BLOCK_W=max(16, triton.next_power_of_2(d // 8)),
+        K_ASM=k_asm,
+        V_ASM=v_asm,
     )
     o_rot = torch.empty(batch, num_heads, bd, dtype=torch.float32, device=q.device)
     _tq_decode_reduce_kernel[(batch, num_heads)](
@@ -138,6 +165,7 @@ def _(
     num_warps: int,
     num_stages: int,
     split_d: bool,
+    nibble: bool,
     ablate: int,
     out: torch.Tensor,
     lse: torch.Tensor | None,
@@ -204,7 +232,9 @@ def tq_decode_attention(
         raise ValueError(f"sinks must be a [{num_heads}] tensor on {q.device}, got {tuple(sinks.shape)}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
-    cfg = config or decode_config(fmt.head_dim, group, q.device)
+    cfg = config or decode_config(
+        fmt.head_dim, group, q.device, nibble=nibble_eligible(kernel_format(fmt), cache)
+    )
     block_n = cfg.block_n
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
@@ -213,7 +243,7 @@ def tq_decode_attention(
     page = cache.shape[2]
     if num_splits is None:
         bound = max_seq_len if max_seq_len is not None else block_table.shape[1] * page
-        num_splits = default_num_splits(batch, num_kv_heads, bound, q.device, block_n)
+        num_splits = default_num_splits(batch, num_kv_heads, bound, q.device, block_n, cfg.num_warps)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
 
@@ -236,6 +266,7 @@ def tq_decode_attention(
         cfg.num_warps,
         cfg.num_stages,
         cfg.split_d,
+        cfg.nibble,
         _ablate,
         out,
         lse,

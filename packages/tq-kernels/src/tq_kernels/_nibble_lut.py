@@ -1,0 +1,142 @@
+"""A 16-entry float16 table lookup of eight 4-bit codes at once, in registers, for NVIDIA GPUs.
+
+The decode kernel's 4-bit loop (``tq_kernels._kernels.decode``) reads a code plane as int32 words:
+word ``w`` of a row holds the codes of coordinates ``8w .. 8w + 7``, coordinate ``8w + p`` in bits
+``[4p, 4p + 4)``.  Gathering ``centroids[code]`` from memory costs an address computation and a load
+per element, which made the loop issue-bound (experiments/kernels/aot_report.py).  Here the table
+lives in eight registers (the low and high bytes of its sixteen float16 values) and byte permutes
+(``prmt``) look up four codes per instruction:
+
+1. ``sel = word & 0x77777777`` gives each code's low three bits as ``prmt`` selectors (``prmt`` reads
+   the four nibbles of the low half-word; the high codes use ``sel >> 16``);
+2. ``prmt`` in sign-replicate mode turns bit 3 of each code into a byte mask (``0xFF`` for codes 8-15);
+3. four ``prmt`` look up the low and high bytes in entries 0-7 and 8-15, and ``lop3`` picks by the mask;
+4. two ``prmt`` interleave low and high bytes into float16 pairs.
+
+That is 21 instructions per eight codes, exact for any table (no symmetry assumed).  The program is
+kept as data so that the PTX the kernel runs and the Python emulation the CPU tests check
+(:func:`emulate`) are generated from the same steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+
+__all__ = ["PROGRAM", "emulate", "lut_asm"]
+
+# (op, destination, sources...); sources are register names, "$w" (the input word) or ints (immediates).
+# "tl0".."tl3" hold the low bytes of entries 0-15 (four per register), "th0".."th3" the high bytes.
+_SELECT = 0xD8  # lop3 immLut of (a & ~c) | (b & c): F(0xF0, 0xCC, 0xAA)
+
+
+def _program() -> tuple[tuple, ...]:
+    steps: list[tuple] = [
+        ("and", "s0", "$w", 0x77777777),
+        ("shr", "s1", "s0", 16),
+        ("shl", "w4", "$w", 4),
+        # byte k of m0 = 0xFF iff bit 3 of code k (codes 0-3); m1 likewise for codes 4-7
+        ("prmt", "m0", "w4", "$w", 0xD9C8),
+        ("prmt", "m1", "w4", "$w", 0xFBEA),
+    ]
+    for half in (0, 1):
+        sel, mask = f"s{half}", f"m{half}"
+        steps += [
+            ("prmt", "la", "tl0", "tl1", sel),
+            ("prmt", "lb", "tl2", "tl3", sel),
+            ("prmt", "ha", "th0", "th1", sel),
+            ("prmt", "hb", "th2", "th3", sel),
+            ("lop3", "vlo", "la", "lb", mask, _SELECT),
+            ("lop3", "vhi", "ha", "hb", mask, _SELECT),
+            ("prmt", f"o{2 * half}", "vlo", "vhi", 0x5140),  # codes 4h, 4h + 1 as a float16 pair
+            ("prmt", f"o{2 * half + 1}", "vlo", "vhi", 0x7362),  # codes 4h + 2, 4h + 3
+        ]
+    return tuple(steps)
+
+
+PROGRAM = _program()
+
+
+def _table_words(table_bits: tuple[int, ...]) -> dict[str, int]:
+    if len(table_bits) != 16 or any(not 0 <= b < 1 << 16 for b in table_bits):
+        raise ValueError("the table needs sixteen 16-bit patterns")
+    words = {}
+    for name, shift in (("tl", 0), ("th", 8)):
+        for r in range(4):
+            words[f"{name}{r}"] = sum(((table_bits[4 * r + k] >> shift) & 0xFF) << (8 * k) for k in range(4))
+    return words
+
+
+def float16_bits(values) -> tuple[int, ...]:
+    """The float16 bit patterns of sixteen numbers (round to nearest, as ``torch.half`` does)."""
+    return tuple(struct.unpack("<H", struct.pack("<e", float(v)))[0] for v in values)
+
+
+@functools.lru_cache(maxsize=64)
+def lut_asm(table_bits: tuple[int, ...]) -> str:
+    """PTX for ``tl.inline_asm_elementwise`` (pack 1): input ``$8`` an int32 word of eight codes,
+    outputs ``$0 .. $7`` the float16 table entries of codes 0-7 (constraints ``=h`` x8, ``r``)."""
+    regs = sorted({s[1] for s in PROGRAM} | set(_table_words(table_bits)))
+    lines = ["{", f".reg .b32 {', '.join(regs)};"]
+    lines += [f"mov.b32 {name}, {value:#010x};" for name, value in _table_words(table_bits).items()]
+
+    def arg(x):
+        return "$8" if x == "$w" else (f"{x:#x}" if isinstance(x, int) else x)
+
+    for op, dst, *src in PROGRAM:
+        if op == "lop3":
+            lines.append(f"lop3.b32 {dst}, {arg(src[0])}, {arg(src[1])}, {arg(src[2])}, {src[3]:#x};")
+        elif op == "prmt":
+            lines.append(f"prmt.b32 {dst}, {arg(src[0])}, {arg(src[1])}, {arg(src[2])};")
+        else:
+            lines.append(f"{op}.b32 {dst}, {arg(src[0])}, {arg(src[1])};")
+    lines += [f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, o{i};" for i in range(4)]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _prmt(a: int, b: int, c: int) -> int:
+    src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+    out = 0
+    for k in range(4):
+        sel = (c >> (4 * k)) & 0xF
+        byte = src[sel & 7]
+        if sel & 8:  # sign-replicate mode
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * k)
+    return out
+
+
+def _lop3(a: int, b: int, c: int, lut: int) -> int:
+    out = 0
+    m = 0xFFFFFFFF
+    for i in range(8):
+        if lut >> i & 1:
+            out |= (a if i & 4 else ~a & m) & (b if i & 2 else ~b & m) & (c if i & 1 else ~c & m)
+    return out
+
+
+def emulate(word: int, table_bits: tuple[int, ...]) -> tuple[int, ...]:
+    """What :func:`lut_asm`'s program returns for ``word``, computed step by step in Python: the eight
+    16-bit patterns, code 0 (bits 0-3) first."""
+    r = dict(_table_words(table_bits))
+    r["$w"] = word & 0xFFFFFFFF
+
+    def val(x):
+        return x if isinstance(x, int) else r[x]
+
+    for op, dst, *src in PROGRAM:
+        a = [val(x) for x in src]
+        if op == "and":
+            r[dst] = a[0] & a[1]
+        elif op == "shr":
+            r[dst] = a[0] >> a[1]
+        elif op == "shl":
+            r[dst] = (a[0] << a[1]) & 0xFFFFFFFF
+        elif op == "prmt":
+            r[dst] = _prmt(a[0], a[1], a[2])
+        elif op == "lop3":
+            r[dst] = _lop3(a[0], a[1], a[2], a[3])
+        else:  # pragma: no cover - PROGRAM only uses the ops above
+            raise AssertionError(op)
+    return tuple((r[f"o{i // 2}"] >> (16 * (i % 2))) & 0xFFFF for i in range(8))

@@ -1,0 +1,47 @@
+"""The register table lookup of the 4-bit decode loop, checked by emulating its PTX program."""
+
+import random
+
+import pytest
+import torch
+
+from tq_core.codebooks import lloyd_max_codebook
+from tq_kernels._nibble_lut import PROGRAM, emulate, float16_bits, lut_asm
+
+
+def _tables():
+    rng = random.Random(7)
+    yield float16_bits(lloyd_max_codebook(128, 4).centroids.tolist())
+    yield tuple(rng.getrandbits(16) for _ in range(16))  # any table: no symmetry or order assumed
+    yield tuple(range(0x8000, 0x8010))  # sign bits set in every high byte
+
+
+@pytest.mark.parametrize("table", list(_tables()), ids=["lloyd-max-d128", "random-bits", "negative"])
+def test_program_looks_up_every_code(table):
+    rng = random.Random(1)
+    words = [rng.getrandbits(32) for _ in range(3000)]
+    words += [int(f"{c:x}" * 8, 16) for c in range(16)]  # every code in every position
+    words += [0x76543210, 0xFEDCBA98, 0x89ABCDEF, 0x01234567]
+    for w in words:
+        assert emulate(w, table) == tuple(table[(w >> (4 * p)) & 15] for p in range(8)), hex(w)
+
+
+def test_float16_bits_match_torch():
+    vals = lloyd_max_codebook(64, 4).centroids
+    assert float16_bits(vals.tolist()) == tuple(
+        int(b) & 0xFFFF for b in vals.to(torch.float16).view(torch.int16).tolist()
+    )
+
+
+def test_asm_text_is_the_program():
+    table = float16_bits(lloyd_max_codebook(128, 4).centroids.tolist())
+    asm = lut_asm(table)
+    body = [
+        ln
+        for ln in asm.splitlines()
+        if ln.split(" ")[0].split(".")[0] in {"and", "shr", "shl", "prmt", "lop3"}
+    ]
+    assert len(body) == len(PROGRAM) == 21
+    assert asm.count("mov.b32 {$") == 4 and "$8" in asm
+    with pytest.raises(ValueError, match="sixteen"):
+        lut_asm(table[:8])
