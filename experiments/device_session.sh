@@ -13,6 +13,7 @@
 #   bash experiments/device_session.sh kernels       # GPU 0: kernel benchmarks
 #   bash experiments/device_session.sh hf            # GPU 0: tq-hf's benchmark
 #   bash experiments/device_session.sh model         # the trained reference model's files
+#   bash experiments/device_session.sh profile "turboquant_4bit_nc CUSTOM"   # GPU 0: per-kernel decode time
 #   bash experiments/device_session.sh tp2           # both GPUs, after the queue is done
 #   bash experiments/device_session.sh collect       # pack the queue's logs into $OUT
 #
@@ -35,6 +36,15 @@ start_queue() {  # once per machine, on its first call
     touch $RES/queue.started
     (setsid nohup bash "$ROOT/experiments/gpu1_queue.sh" > $RES/queue.log 2>&1 &)
     echo "GPU-1 queue started"
+  fi
+  # KERNELS_BG=1: GPU 0 runs the kernel benchmarks while the vLLM bundle is still arriving
+  if [ -n "${KERNELS_BG:-}" ] && [ ! -e $RES/kernels.started ]; then
+    touch $RES/kernels.started
+    src=$ROOT/packages/tq-core/src:$ROOT/packages/tq-kernels/src
+    (CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$src OUT=$RES setsid nohup timeout 420 \
+      python3 "$ROOT/experiments/kernels/bench_kernels.py" --only "${KERNELS_BG_ONLY:-decode,tune,store,extend}" \
+      > $RES/kernels_bench.log 2>&1 &)
+    echo "GPU-0 kernel benchmarks started"
   fi
 }
 
@@ -89,6 +99,18 @@ case "${1:?phase}" in
   model)  # the reference model's exported files (each < 16 MiB), once the queue has trained it
     ls -la /tmp/refmodel_export && cp /tmp/refmodel_export/* "$OUT"/
     tail -5 $RES/queue.log
+    ;;
+  profile)  # GPU 0: per-kernel GPU time of decode steps (experiments/vllm/profile_decode.py), per "KV BACKEND"
+    shift
+    export PYTHONPATH=/tmp/site CUDA_VISIBLE_DEVICES=0
+    for args in "$@"; do
+      echo "== profile $args" | tee -a $RES/profile_decode.log
+      # shellcheck disable=SC2086
+      timeout "${PROFILE_TIMEOUT:-240}" python3 "$ROOT/experiments/vllm/profile_decode.py" $args >> $RES/profile_decode.log 2>&1
+      grep -A 25 "^RESULT" $RES/profile_decode.log | tail -n 26 | cut -c1-140
+    done
+    tail -3 $RES/queue.log
+    pack
     ;;
   tp2)
     export PYTHONPATH=/tmp/site

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Background queue on GPU 1 of a 2-GPU lease (started by device_session.sh `part 0`): train the reference
 # model (weights exported to /tmp/refmodel_export, fetched by `device_session.sh model`), then, once
-# vLLM is installed, the preemption/prefix-cache consistency check, the vLLM server check and the
-# quality harness.  Logs and results go to /tmp/res; /tmp/res/queue.done
+# vLLM is installed, the preemption/prefix-cache consistency check, the quality harness through vLLM,
+# the vLLM server check and the quality harness through transformers.  Logs and results go to /tmp/res; /tmp/res/queue.done
 # marks the end.  Steps can be skipped with SKIP="train consistency serve quality".
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -29,12 +29,6 @@ if want train; then
 fi
 step waiting for vLLM
 while [ ! -e $RES/vllm.installed ]; do sleep 5; done
-if want quality && [ -e $MODEL/config.json ]; then
-  step quality vllm
-  TQ_WHEELS_INSTALLED=1 QUALITY_JOBS=${QUALITY_JOBS:-3} timeout 540 bash experiments/quality/run.sh $MODEL vllm \
-    > $RES/quality_vllm_run.log 2>&1
-  echo "quality vllm exit $?"; tail -5 $RES/quality_vllm_run.log
-fi
 if want consistency; then
   step consistency
   model_arg=(); [ -e $MODEL/config.json ] && model_arg=(--model $MODEL)
@@ -42,6 +36,12 @@ if want consistency; then
     "${model_arg[@]}" \
     > $RES/consistency.log 2>&1
   echo "consistency exit $?"; grep '^RESULT' $RES/consistency.log | cut -c1-400
+fi
+if want quality && [ -e $MODEL/config.json ]; then
+  step quality vllm
+  TQ_WHEELS_INSTALLED=1 QUALITY_JOBS=${QUALITY_JOBS:-3} timeout 540 bash experiments/quality/run.sh $MODEL vllm \
+    > $RES/quality_vllm_run.log 2>&1
+  echo "quality vllm exit $?"; tail -5 $RES/quality_vllm_run.log
 fi
 if want serve; then
   step serve

@@ -170,8 +170,8 @@ def main() -> None:
                 r = compile_decode(
                     name, bn, w, args.arch, args.ablate, args.dump, cfg.endswith("s"), cfg.endswith("n")
                 )
-            print(r.get("loop_instructions"), r.get("loop_mix")); print(f"{name:20s} {cfg:>7s} {r['registers']:5d} {r['spill_store_bytes']:5d}/{r['spill_load_bytes']:<5d} "
-                  f"{r['shared_bytes']:6d} {r['programs_per_sm']:7d} {r['convert_layouts']:8d} {r['smem_staging']:7d}",
+            print(f"{name:20s} {cfg:>7s} {r['registers']:5d} {r['spill_store_bytes']:5d}/{r['spill_load_bytes']:<5d} "
+                  f"{r['shared_bytes']:6d} {r['programs_per_sm']:7d} {r['convert_layouts']:8d} {r['smem_staging']:7d}  loop {r['loop_instructions']} instr/tile/warp {r['loop_mix']}",
                   flush=True)  # fmt: skip
 
 

@@ -1,3 +1,5 @@
+# One short device call for a decode-kernel iteration (run: bash experiments/kernels/gpu_iter.sh):
+# the GPU decode tests of the 4-bit loop, then decode rows, the tune sweep and the ablation, into $OUT.
 set -x
 nvidia-smi --query-gpu=name --format=csv
 R=$(pwd)

@@ -258,7 +258,7 @@ def test_decode_nibble_loop_matches_plane_loop(d, lens, heads, kwargs):
     for out in outs:
         assert not out.isnan().any()
         assert rel_err(out, ref) < TOL[torch.float32]
-    assert rel_err(outs[0], outs[1]) < 1e-5
+    assert rel_err(outs[0], outs[1]) < 1e-4  # same math, different fp32 summation order
 
 
 def test_decode_nibble_loop_skips_misaligned_caches():
@@ -287,10 +287,11 @@ def test_decode_nibble_loop_skips_misaligned_caches():
 def test_decode_nibble_register_lookup_equals_gather(d):
     """On the GPU the register lookup (PTX byte permutes) yields the same float16 centroids as the
     memory gather, so both runs of the same loop give identical outputs."""
-    from tq_kernels._format import kernel_format
-    from tq_kernels._kernels.codes import _tq_nibble_phases
     import triton
     import triton.language as tl
+
+    from tq_kernels._format import kernel_format
+    from tq_kernels._kernels.codes import _tq_nibble_phases
 
     @triton.jit
     def lookup(words_ptr, lut_ptr, out_ptr, ASM: tl.constexpr, N: tl.constexpr):
@@ -301,12 +302,14 @@ def test_decode_nibble_register_lookup_equals_gather(d):
 
     fmt = named_format("turboquant_4bit_nc", d)
     kf = kernel_format(fmt)
-    words = torch.randint(-(2**31), 2**31 - 1, (4096,), dtype=torch.int32, device="cuda")
-    lut = kf.centroids(torch.device("cuda"), torch.float16)[0]
+    gen = torch.Generator().manual_seed(d)
+    words = torch.randint(0, 2**32, (4096,), dtype=torch.int64, generator=gen)
+    lut = kf.centroids(torch.device("cuda"), torch.float16)[0].contiguous()
     got = torch.full((4096 * 8,), float("nan"), dtype=torch.float16, device="cuda")
-    lookup[(1,)](words, lut, got, ASM=kf.nibble_asm()[0], N=4096)
-    codes = (words[:, None].long() >> (4 * torch.arange(8, device="cuda"))) & 15
-    assert torch.equal(got.view(4096, 8), lut[codes])
+    words_dev = (words - (words >= 2**31).long() * 2**32).to(torch.int32).cuda()  # same bits, as int32
+    lookup[(1,)](words_dev, lut, got, ASM=kf.nibble_asm()[0], N=4096)
+    codes = (words[:, None] >> (4 * torch.arange(8))) & 15  # on the host: bits [4p, 4p + 4) of each word
+    assert torch.equal(got.cpu().view(4096, 8), lut.cpu()[codes])
 
 
 def test_decode_returns_log_sum_exp():

@@ -40,7 +40,9 @@ def decode_config(head_dim: int, group: int, device: torch.device, nibble: bool 
     if nibble:
         # the phase accumulators are [BLOCK_G, head_dim / 8]: too narrow to split across warps, so
         # each program is one warp (more warps would each redo the whole tile)
-        return LaunchConfig(block_n=32, num_warps=1, num_stages=2)
+        # H200, B32 x 8K (experiments/results/kernels_h200.json "decode_tuning"): 32-token tiles, three
+        # stages and 8-16 splits ran 0.233-0.237 ms against 0.507 ms for the plane loop's best
+        return LaunchConfig(block_n=32, num_warps=1, num_stages=3)
     # H200, B32 x 8K, 4-bit (experiments/results/kernels_h200.json "decode_tuning"): 128-token tiles
     # with 4 warps ran 0.52 ms against 0.73 ms for 64-token tiles and 0.66 ms for 32 with 2 warps.
     return LaunchConfig(block_n=128, num_warps=4, num_stages=2)

@@ -88,6 +88,7 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         self.max_model_len: int = int(getattr(model_config, "max_model_len", 0) or 0)
         self.num_kv_heads: int = int(kv_cache_spec.num_kv_heads)
         self._splits: dict[int, int] = {}
+        self._decode_block_n, self._decode_warps = 64, 4  # the decode kernel's launch, once known
         self._prepare_layers(layer_names, device)
 
     def _prepare_layers(self, layer_names: list[str], device: torch.device) -> None:
@@ -100,6 +101,17 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             impl = getattr(context.get(name), "impl", None)
             if isinstance(impl, TurboQuantImpl):
                 impl.prepare(name, device, self.kv_cache_spec.block_size, dtype=self._model_dtype())
+                if impl.fmt is not None:
+                    from tq_kernels.ops.decode import nibble_format
+                    from tq_kernels.tuning import decode_config
+
+                    cfg = decode_config(
+                        impl.fmt.head_dim,
+                        impl.num_heads // impl.num_kv_heads,
+                        torch.device(device),
+                        nibble=nibble_format(impl.fmt),
+                    )
+                    self._decode_block_n, self._decode_warps = cfg.block_n, cfg.num_warps
 
     def _model_dtype(self) -> torch.dtype:
         """The model's activation dtype (the K/V the store and extend kernels receive)."""
@@ -112,7 +124,14 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         if splits is None:
             from tq_kernels.ops.decode import default_num_splits
 
-            splits = default_num_splits(batch, self.num_kv_heads, bound, torch.device(self.device))
+            splits = default_num_splits(
+                batch,
+                self.num_kv_heads,
+                bound,
+                torch.device(self.device),
+                self._decode_block_n,
+                self._decode_warps,
+            )
             # The split count is a compile-time constant of the kernel: rounding it up to a power of
             # two bounds the variants compiled while vLLM captures a graph per batch size to 7.
             splits = min(1 << (splits - 1).bit_length(), _MAX_SPLITS)

@@ -14,7 +14,7 @@ from tq_kernels.ops._attn_checks import check_attention_common, check_paged_cach
 from tq_kernels.ops._registry import format_key, lookup_format
 from tq_kernels.tuning import LaunchConfig, decode_config
 
-__all__ = ["tq_decode_attention", "default_num_splits"]
+__all__ = ["tq_decode_attention", "default_num_splits", "nibble_format"]
 
 
 def default_num_splits(
@@ -25,23 +25,28 @@ def default_num_splits(
     block_n: int = 64,
     num_warps: int = 4,
 ) -> int:
-    """Splits of the context so that the grid puts about 8 warps on every SM (1 split when the batch
-    alone does).
+    """Splits of the context so that the grid puts about 16 warps on every SM (1 split when the batch
+    alone does); ``block_n`` and ``num_warps`` are the launch configuration's.
 
     Pass the result (or any fixed number) explicitly when capturing CUDA graphs, so the grid does not
     depend on the batch.
     """
     programs = max(batch * num_kv_heads, 1)
-    want = max(1, math.ceil(8 * sm_count(device) / (programs * num_warps)))
+    want = max(1, math.ceil(16 * sm_count(device) / (programs * num_warps)))
     return int(max(1, min(want, math.ceil(max(max_seq_len, 1) / block_n), 64)))
+
+
+def nibble_format(fmt: KVFormat) -> bool:
+    """Whether ``fmt``'s K and V codes are single 4-bit planes, which the eight-phase decode loop reads
+    (with the default :class:`~tq_kernels.tuning.LaunchConfig`, one warp per program)."""
+    return all(c.bits == 4 and not c.hi_bits_coords for c in (fmt.key, fmt.value))
 
 
 def nibble_eligible(kf, cache: torch.Tensor) -> bool:
     """Whether the eight-phase 4-bit loop can read ``cache``: K and V codes are single 4-bit planes and
     every code row starts on a 4-byte boundary (the loop loads int32 words)."""
     return (
-        kf.key.bits == 4
-        and kf.value.bits == 4
+        nibble_format(kf.fmt)
         and cache.data_ptr() % 4 == 0
         and cache.stride(0) % 4 == 0
         and cache.stride(1) % 4 == 0
