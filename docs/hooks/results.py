@@ -412,6 +412,7 @@ def _consistency(_: str) -> str:
         return _missing(name)
     rows = [
         [
+            r.get("name", "-"),
             f"`{r['kv']}`",
             r.get("backend", "-"),
             f"{r['identical']} of {r['sequences']}",
@@ -423,6 +424,7 @@ def _consistency(_: str) -> str:
         for r in data["rows"]
     ]
     header = [
+        "run",
         "kv_cache_dtype",
         "backend",
         "identical sequences",
