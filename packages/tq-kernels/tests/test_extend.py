@@ -162,3 +162,17 @@ def test_extend_custom_op_passes_opcheck():
     torch.ops.tq.extend_attention(*args)
     ref = paged_extend_attention_ref(q, k_new, v_new, cache, table, plens, qsl, fmt, layer=1, scale=0.125)
     assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_block_table_stride_is_not_specialized():
+    """Triton compiles a separate variant for an integer argument equal to 1; a one-column warm-up
+    table would then not warm the variant a serving engine's table needs, and the compile would land in
+    the first timed request (it did in vLLM on 2026-11-28).  The paged kernels keep that stride generic."""
+    from tq_kernels._kernels.decode import _tq_decode_attention_kernel
+    from tq_kernels._kernels.extend import _tq_extend_attention_kernel
+
+    for kernel in (_tq_decode_attention_kernel, _tq_extend_attention_kernel):
+        # a JITFunction keeps the list; under TRITON_INTERPRET=1 the wrapper keeps the decorator's kwargs
+        names = getattr(kernel, "do_not_specialize", None) or kernel.kwargs.get("do_not_specialize", [])
+        names = [kernel.arg_names[n] if isinstance(n, int) else n for n in names]
+        assert "stride_bt_b" in names, kernel.fn.__name__

@@ -15,7 +15,12 @@ from tq_kernels._kernels.codes import _tq_centroids, _tq_load_norm_rows, _tq_loa
 from tq_kernels._kernels.decode import _softcap
 
 
-@triton.jit
+# The block table's row stride is left unspecialized (Triton specializes integers equal to 1 and
+# multiples of 16): a warm-up with a one-column table then compiles the same variant that a serving
+# engine's table uses.  On 2026-11-28 the specialized stride made vLLM recompile this kernel inside the
+# anchor's timed generate (experiments/results/vllm_anchor_h200_nibble.log, "JIT compilation during
+# inference: _tq_extend_attention_kernel").
+@triton.jit(do_not_specialize=["stride_bt_b"])
 def _tq_extend_attention_kernel(
     q_ptr,
     k_ptr,
