@@ -358,8 +358,7 @@ def _hf(_: str) -> str:
     return _table(header, rows) + "\n" + _source(name, data) + " " + meta + "\n"
 
 
-def _quality(_: str) -> str:
-    name = "quality.json"
+def _quality(_: str, name: str = "quality.json") -> str:
     data = _load(name)
     if data is None:
         return _missing(name)
@@ -458,6 +457,26 @@ def _index(_: str) -> str:
     return _table(["file", "date", "command"], rows)
 
 
+def _attention_error_refmodel(_: str) -> str:
+    name = "attention_error_refmodel.json"
+    data = _load(name)
+    if data is None:
+        return _missing(name)
+    rows = [
+        [
+            f"`{r['preset']}`",
+            r["quantizer"],
+            f"{r['rel_err_mean']:.4f}",
+            f"{r['keys_only']:.4f}",
+            f"{r['values_only']:.4f}",
+        ]
+        for r in data["rows"]
+    ]
+    header = ["preset", "quantizer", "attention-output error", "keys only", "values only"]
+    meta = f"Model `{data.get('model', '?')}`, {data.get('seqs', '?')} held-out sequences of {data.get('len', '?')} tokens."
+    return _table(header, rows) + "\n" + _source(name, data) + " " + meta + "\n"
+
+
 RENDERERS: dict[str, Callable[[str], str]] = {
     "headline": _headline,
     "distortion": _distortion,
@@ -475,6 +494,9 @@ RENDERERS: dict[str, Callable[[str], str]] = {
     "hf-kv-plot": _plot("hf_kv.png"),
     "quality": _quality,
     "quality-plot": _plot("quality.png"),
+    "quality-refmodel8min": lambda uri: _quality(uri, "quality_refmodel8min.json"),
+    "quality-refmodel8min-plot": _plot("quality_refmodel8min.png"),
+    "attention-error-refmodel": _attention_error_refmodel,
     "index": _index,
 }
 
