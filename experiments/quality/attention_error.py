@@ -26,7 +26,6 @@ causal GQA attention output from the round-tripped K/V against the exact one: re
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -84,6 +83,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     group = q.shape[0] // k.shape[0]
     k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def rel_err(o: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((o - exact).norm() / exact.norm())
 
 
 def hadamard(d: int) -> torch.Tensor:
@@ -154,8 +157,8 @@ def main() -> None:
             for preset in PRESETS:
                 for name, fn in quantizers(preset, layer).items():
                     kh, vh = fn(k, v)
-                    rel = lambda o: float((o - exact).norm() / exact.norm())  # noqa: E731
-                    e = [rel(attention(q, kh, vh)), rel(attention(q, kh, v)), rel(attention(q, k, vh))]
+                    e = [rel_err(attention(q, kh, vh), exact), rel_err(attention(q, kh, v), exact),
+                         rel_err(attention(q, k, vh), exact)]  # fmt: skip
                     slot = acc.setdefault(preset, {}).setdefault(
                         name, [[0.0, 0.0, 0.0] for _ in range(n_layers)]
                     )
