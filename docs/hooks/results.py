@@ -400,7 +400,8 @@ def _quality(_: str, name: str = "quality.json") -> str:
             )
         )
     model = data.get("model") or {}
-    meta = f"Model `{model.get('dir', '?')}`, {model.get('parameters', 0) / 1e6:.1f}M parameters."
+    params = model.get("parameters")
+    meta = f"Model `{model.get('dir', '?')}`" + (f", {params / 1e6:.1f}M parameters." if params else ".")
     return "\n".join(out) + "\n" + _source(name, data) + " " + meta + "\n"
 
 
