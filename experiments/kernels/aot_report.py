@@ -49,12 +49,12 @@ REGISTERS_PER_SM = 65536
 
 def compile_decode(
     name: str, block_n: int, warps: int, arch: int, ablate: int, dump: Path | None, split_d: bool = False,
-    nibble: bool = False,
+    nibble: bool = False, lut: str = "exact",
 ) -> dict:  # fmt: skip
     kf = kernel_format(named_format(name, 128))
     split_d = split_d and kf.key.bits in (4, 8) and kf.value.bits in (4, 8)  # as the launcher decides
     nibble = nibble and kf.key.bits == 4 and kf.value.bits == 4
-    k_asm, v_asm = kf.nibble_asm() if nibble else ("", "")
+    k_asm, v_asm = kf.nibble_asm(symmetric=lut == "sym") if nibble else ("", "")
     page = 16
     constexprs = dict(NUM_HEADS=32, NUM_SPLITS=2, GROUP=4, BLOCK_G=16, BLOCK_N=block_n, USE_SOFTCAP=False,
                       USE_WINDOW=False, ABLATE=ablate, SPLIT_D=split_d, NIBBLE=nibble, BLOCK_W=16, K_ASM=k_asm,
@@ -63,7 +63,7 @@ def compile_decode(
     # pointers and strides 16-byte aligned/divisible, as Triton specializes them at a real launch
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(16)}
     src = ASTSource(fn=_tq_decode_attention_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    stem = f"decode_{name}_{block_n}x{warps}{'s' if split_d else ''}{'n' if nibble else ''}_a{ablate}"
+    stem = f"decode_{name}_{block_n}x{warps}{'s' if split_d else ''}{'n' if nibble else ''}{'y' if nibble and lut == 'sym' else ''}_a{ablate}"
     return dict(format=name, block_n=block_n, warps=warps, split_d=split_d, nibble=nibble, ablate=ablate,
                 **_measure(src, arch, warps, dump, stem))  # fmt: skip
 
@@ -149,8 +149,8 @@ def main() -> None:
     ap.add_argument(
         "--configs",
         default="128x4,128x4s,64x4,64x4s,128x8,128x8s",
-        help="BLOCK_N x num_warps[s|n], comma-separated; a trailing s selects the SPLIT_D loop, n the "
-        "NIBBLE loop (4-bit formats)",
+        help="BLOCK_N x num_warps[s|n|ny], comma-separated; a trailing s selects the SPLIT_D loop, n the "
+        "NIBBLE loop (4-bit formats), ny the NIBBLE loop with the symmetric-table lookup",
     )
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument(
@@ -163,13 +163,14 @@ def main() -> None:
           f"{'converts':>8s} {'staging':>7s}")  # fmt: skip
     for name in args.formats.split(","):
         for cfg in args.configs.split(","):
-            bn, w = (int(x) for x in cfg.rstrip("sn").split("x"))
+            bn, w = (int(x) for x in cfg.rstrip("sny").split("x"))
             if args.kernel == "store":
                 r = compile_store(name, bn, w, args.arch, args.dump)
             else:
                 r = compile_decode(
-                    name, bn, w, args.arch, args.ablate, args.dump, cfg.endswith("s"), cfg.endswith("n")
-                )
+                    name, bn, w, args.arch, args.ablate, args.dump, cfg.endswith("s"),
+                    cfg.rstrip("y").endswith("n"), "sym" if cfg.endswith("ny") else "exact",
+                )  # fmt: skip
             print(f"{name:20s} {cfg:>7s} {r['registers']:5d} {r['spill_store_bytes']:5d}/{r['spill_load_bytes']:<5d} "
                   f"{r['shared_bytes']:6d} {r['programs_per_sm']:7d} {r['convert_layouts']:8d} {r['smem_staging']:7d}  loop {r['loop_instructions']} instr/tile/warp {r['loop_mix']}",
                   flush=True)  # fmt: skip

@@ -184,7 +184,7 @@ def test_decode_gpu_matrix(d, page, group, fmt_name):
         LaunchConfig(128, 8, 2, split_d=True, nibble=False),
         LaunchConfig(64, 4, 2, nibble=False),
     )
-    for config in configs:  # the default (NIBBLE for 4-bit), SPLIT_D and the plane loop
+    for config in configs:  # the default (NIBBLE for 4-bit), its symmetric lookup, SPLIT_D, the plane loop
         for kw in (
             {},
             {"sliding_window": 700, "softcap": 20.0, "sinks": torch.randn(kv_heads * group, device="cuda")},
@@ -261,6 +261,22 @@ def test_decode_nibble_loop_matches_plane_loop(d, lens, heads, kwargs):
     assert rel_err(outs[0], outs[1]) < 1e-4  # same math, different fp32 summation order
 
 
+def test_decode_rejects_an_unknown_lookup():
+    from tq_kernels.tuning import LaunchConfig
+
+    fmt = FORMATS["4bit"]
+    cache, table, _, _ = make_paged(fmt, [5], 1, 16, seed=4)
+    with pytest.raises(ValueError, match=r"config\.lut"):
+        tq_decode_attention(
+            torch.randn(1, 2, 64),
+            cache,
+            table,
+            torch.tensor([5]),
+            fmt,
+            config=LaunchConfig(32, 1, 1, lut="fast"),
+        )
+
+
 def test_decode_nibble_loop_skips_misaligned_caches():
     """A cache whose code rows are not 4-byte aligned falls back to the byte-wise loop."""
     from tq_kernels._format import kernel_format
@@ -283,8 +299,9 @@ def test_decode_nibble_loop_skips_misaligned_caches():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("symmetric", [False, True], ids=["exact", "sym"])
 @pytest.mark.parametrize("d", [64, 96, 128, 256])
-def test_decode_nibble_register_lookup_equals_gather(d):
+def test_decode_nibble_register_lookup_equals_gather(d, symmetric):
     """On the GPU the register lookup (PTX byte permutes) yields the same float16 centroids as the
     memory gather, so both runs of the same loop give identical outputs."""
     import triton
@@ -307,7 +324,7 @@ def test_decode_nibble_register_lookup_equals_gather(d):
     lut = kf.centroids(torch.device("cuda"), torch.float16)[0].contiguous()
     got = torch.full((4096 * 8,), float("nan"), dtype=torch.float16, device="cuda")
     words_dev = (words - (words >= 2**31).long() * 2**32).to(torch.int32).cuda()  # same bits, as int32
-    lookup[(1,)](words_dev, lut, got, ASM=kf.nibble_asm()[0], N=4096)
+    lookup[(1,)](words_dev, lut, got, ASM=kf.nibble_asm(symmetric=symmetric)[0], N=4096)
     codes = (words[:, None] >> (4 * torch.arange(8))) & 15  # on the host: bits [4p, 4p + 4) of each word
     assert torch.equal(got.cpu().view(4096, 8), lut.cpu()[codes])
 
@@ -360,6 +377,7 @@ def test_decode_custom_op_passes_opcheck():
         1,
         False,
         True,
+        "exact",
         0,
         out,
         lse,

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from tq_core.codebooks import lloyd_max_codebook
-from tq_kernels._nibble_lut import PROGRAM, emulate, float16_bits, lut_asm
+from tq_kernels._nibble_lut import (
+    PROGRAM,
+    PROGRAM_SYMMETRIC,
+    emulate,
+    float16_bits,
+    is_antisymmetric,
+    lut_asm,
+)
 
 
 def _tables():
@@ -45,3 +52,32 @@ def test_asm_text_is_the_program():
     assert asm.count("mov.b32 {$") == 4 and "$8" in asm
     with pytest.raises(ValueError, match="sixteen"):
         lut_asm(table[:8])
+
+
+@pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
+def test_symmetric_program_looks_up_every_code_of_the_codebooks(d):
+    """The 18-instruction program for antisymmetric tables: every Lloyd-Max codebook the kernels use is
+    one, and the program returns the table entry of every code in every position."""
+    table = float16_bits(lloyd_max_codebook(d, 4).centroids.tolist())
+    assert is_antisymmetric(table)
+    rng = random.Random(d)
+    words = [rng.getrandbits(32) for _ in range(2000)] + [int(f"{c:x}" * 8, 16) for c in range(16)]
+    words += [0x76543210, 0xFEDCBA98]
+    for w in words:
+        assert emulate(w, table, symmetric=True) == tuple(table[(w >> (4 * p)) & 15] for p in range(8)), hex(
+            w
+        )
+    asm = lut_asm(table, symmetric=True)
+    body = [
+        ln
+        for ln in asm.splitlines()
+        if ln.split(" ")[0].split(".")[0] in {"shr", "shl", "prmt", "lop3", "mul"}
+    ]
+    assert len(body) == len(PROGRAM_SYMMETRIC) == 18
+
+
+def test_symmetric_program_refuses_other_tables():
+    table = tuple(range(16))
+    assert not is_antisymmetric(table)
+    with pytest.raises(ValueError, match="antisymmetric"):
+        lut_asm(table, symmetric=True)

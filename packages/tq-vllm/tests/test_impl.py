@@ -247,3 +247,35 @@ def test_impl_rejects_what_it_does_not_serve(kwargs: dict, match: str) -> None:
     ):
         TurboQuantImpl(**args)
     assert "head_dim 64, 80, 96" in str(err.value)  # the message lists what is supported
+
+
+def test_builder_sizes_decode_splits_for_the_layers_kernel_launch(monkeypatch) -> None:
+    """The split count is a compile-time constant of the decode kernel, chosen once per batch size for
+    the launch the layers' format actually gets (one warp per program for 4-bit codes on the GPU), so
+    a one-warp launch gets four times the splits of a four-warp one."""
+    import tq_kernels.tuning
+    from tq_kernels.tuning import LaunchConfig
+
+    seen = []
+
+    def config(head_dim, group, device, nibble=False):
+        seen.append((head_dim, group, nibble))
+        return LaunchConfig(32, 1 if nibble else 4, 3)
+
+    monkeypatch.setattr(tq_kernels.tuning, "decode_config", config)
+    monkeypatch.setattr("tq_kernels.ops.decode.sm_count", lambda device: 132)
+    splits = {}
+    for name in ("turboquant_4bit_nc", "turboquant_3bit_nc"):
+        case = dict(COMPRESSED_CASES[1], kv=name)
+        _, impl, spec, _ = build_layer(case, LAYER_NAME, BLOCK)
+        module = Layer(LAYER_NAME)
+        module.impl = impl
+        config_ = VllmConfig()
+        config_.compilation_config.static_forward_context[LAYER_NAME] = module
+        with set_current_vllm_config(config_):
+            builder = TurboQuantBackend.get_builder_cls()(spec, [LAYER_NAME], config_, torch.device("cpu"))
+        splits[name] = builder.decode_num_splits(32, 8192)
+    assert seen == [(128, COMPRESSED_CASES[1]["h"] // COMPRESSED_CASES[1]["hkv"], True),
+                    (128, COMPRESSED_CASES[1]["h"] // COMPRESSED_CASES[1]["hkv"], False)]  # fmt: skip
+    # 32 requests x 2 KV heads on 132 SMs: 33 splits -> 64 (power of two) with one warp, 9 -> 16 with four
+    assert (splits["turboquant_4bit_nc"], splits["turboquant_3bit_nc"]) == (64, 16)

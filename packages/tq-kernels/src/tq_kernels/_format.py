@@ -19,7 +19,7 @@ import torch
 
 from tq_core.codebooks import lloyd_max_codebook
 from tq_core.formats import ComponentFormat, KVFormat
-from tq_kernels._nibble_lut import lut_asm
+from tq_kernels._nibble_lut import is_antisymmetric, lut_asm
 
 __all__ = ["NORM_CODES", "KernelComponent", "KernelFormat", "kernel_format", "rotation_for"]
 
@@ -74,10 +74,11 @@ class KernelFormat:
             return k, v
         return _cast_tables(self.fmt, str(device), dtype)
 
-    def nibble_asm(self) -> tuple[str, str]:
+    def nibble_asm(self, symmetric: bool = False) -> tuple[str, str]:
         """(key, value) register-lookup PTX of the 4-bit decode loop (:mod:`tq_kernels._nibble_lut`);
-        only for components of exactly 4 bits."""
-        return _nibble_asm(self.fmt)
+        only for components of exactly 4 bits.  ``symmetric`` uses the shorter program for
+        antisymmetric codebooks where the table is one (every Lloyd-Max codebook here is)."""
+        return _nibble_asm(self.fmt, symmetric)
 
     def boundaries(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(key, value) boundary tables, float32 `[2, 256]` (+inf padded), on ``device``."""
@@ -142,13 +143,14 @@ def _cast_tables(fmt: KVFormat, device: str, dtype: torch.dtype) -> tuple[torch.
 
 
 @functools.lru_cache(maxsize=256)
-def _nibble_asm(fmt: KVFormat) -> tuple[str, str]:
+def _nibble_asm(fmt: KVFormat, symmetric: bool) -> tuple[str, str]:
     out = []
     for comp in (fmt.key, fmt.value):
         if comp.bits != 4 or comp.hi_bits_coords:
             raise ValueError(f"the register lookup serves 4-bit codes, got {comp.bits} bits")
         centroids = lloyd_max_codebook(fmt.head_dim, 4).centroids.to(torch.float16)
-        out.append(lut_asm(tuple(int(b) & 0xFFFF for b in centroids.view(torch.int16).tolist())))
+        bits = tuple(int(b) & 0xFFFF for b in centroids.view(torch.int16).tolist())
+        out.append(lut_asm(bits, symmetric and is_antisymmetric(bits)))
     return out[0], out[1]
 
 

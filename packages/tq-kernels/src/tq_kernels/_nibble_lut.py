@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import struct
 
-__all__ = ["PROGRAM", "emulate", "lut_asm"]
+__all__ = ["PROGRAM", "PROGRAM_SYMMETRIC", "emulate", "is_antisymmetric", "lut_asm"]
 
 # (op, destination, sources...); sources are register names, "$w" (the input word) or ints (immediates).
 # "tl0".."tl3" hold the low bytes of entries 0-15 (four per register), "th0".."th3" the high bytes.
@@ -56,11 +56,59 @@ def _program() -> tuple[tuple, ...]:
 
 PROGRAM = _program()
 
+_OR_NOT = 0xF2  # lop3 immLut of a | (~b & c)
+_NOT_AND = 0x0C  # ~a & b
+_XOR_AND = 0x28  # (a ^ b) & c
 
-def _table_words(table_bits: tuple[int, ...]) -> dict[str, int]:
+
+def _program_symmetric() -> tuple[tuple, ...]:
+    """18 instructions, for antisymmetric tables (``t[15 - j] = -t[j]``, as every Lloyd-Max codebook of a
+    symmetric law): codes 8-15 index the eight magnitudes ``t[8..15]`` directly, codes 0-7 index them
+    mirrored (``j ^ 7``) and get the sign bit.  Four table registers instead of eight."""
+    steps: list[tuple] = [
+        ("lop3", "t", "$w", 0x88888888, 0, _NOT_AND),  # bit 3 of each code clear: a negative entry
+        ("shr", "u", "t", 3),
+        ("mul", "xm", "u", 7),  # 0x7 in each nibble of a negative code (no carries: u is 0 or 1 per nibble)
+        ("lop3", "s0", "$w", "xm", 0x77777777, _XOR_AND),  # magnitude index: j & 7, or (j ^ 7) & 7
+        ("shr", "s1", "s0", 16),
+        ("shl", "w4", "$w", 4),
+        ("prmt", "m0", "w4", "$w", 0xD9C8),
+        ("prmt", "m1", "w4", "$w", 0xFBEA),
+    ]
+    for half in (0, 1):
+        sel, mask = f"s{half}", f"m{half}"
+        steps += [
+            ("prmt", "vlo", "ml0", "ml1", sel),
+            ("prmt", "mhi", "mh0", "mh1", sel),
+            ("lop3", "vhi", "mhi", mask, 0x80808080, _OR_NOT),  # the sign bit where bit 3 was clear
+            ("prmt", f"o{2 * half}", "vlo", "vhi", 0x5140),
+            ("prmt", f"o{2 * half + 1}", "vlo", "vhi", 0x7362),
+        ]
+    return tuple(steps)
+
+
+PROGRAM_SYMMETRIC = _program_symmetric()
+
+
+def is_antisymmetric(table_bits: tuple[int, ...]) -> bool:
+    """Whether a 16-entry float16 table is ``t[15 - j] = -t[j]`` with non-negative ``t[8..15]``."""
+    return len(table_bits) == 16 and all(
+        table_bits[j] == table_bits[15 - j] ^ 0x8000 and not table_bits[15 - j] & 0x8000 for j in range(8)
+    )
+
+
+def _table_words(table_bits: tuple[int, ...], symmetric: bool = False) -> dict[str, int]:
     if len(table_bits) != 16 or any(not 0 <= b < 1 << 16 for b in table_bits):
         raise ValueError("the table needs sixteen 16-bit patterns")
     words = {}
+    if symmetric:
+        if not is_antisymmetric(table_bits):
+            raise ValueError("the symmetric lookup needs an antisymmetric table (t[15 - j] = -t[j])")
+        mags = table_bits[8:]
+        for name, shift in (("ml", 0), ("mh", 8)):
+            for r in range(2):
+                words[f"{name}{r}"] = sum(((mags[4 * r + k] >> shift) & 0xFF) << (8 * k) for k in range(4))
+        return words
     for name, shift in (("tl", 0), ("th", 8)):
         for r in range(4):
             words[f"{name}{r}"] = sum(((table_bits[4 * r + k] >> shift) & 0xFF) << (8 * k) for k in range(4))
@@ -73,19 +121,24 @@ def float16_bits(values) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=64)
-def lut_asm(table_bits: tuple[int, ...]) -> str:
+def lut_asm(table_bits: tuple[int, ...], symmetric: bool = False) -> str:
     """PTX for ``tl.inline_asm_elementwise`` (pack 1): input ``$8`` an int32 word of eight codes,
-    outputs ``$0 .. $7`` the float16 table entries of codes 0-7 (constraints ``=h`` x8, ``r``)."""
-    regs = sorted({s[1] for s in PROGRAM} | set(_table_words(table_bits)))
+    outputs ``$0 .. $7`` the float16 table entries of codes 0-7 (constraints ``=h`` x8, ``r``).
+    ``symmetric`` emits the 18-instruction program for antisymmetric tables."""
+    program = PROGRAM_SYMMETRIC if symmetric else PROGRAM
+    table = _table_words(table_bits, symmetric)
+    regs = sorted({s[1] for s in program} | set(table))
     lines = ["{", f".reg .b32 {', '.join(regs)};"]
-    lines += [f"mov.b32 {name}, {value:#010x};" for name, value in _table_words(table_bits).items()]
+    lines += [f"mov.b32 {name}, {value:#010x};" for name, value in table.items()]
 
     def arg(x):
         return "$8" if x == "$w" else (f"{x:#x}" if isinstance(x, int) else x)
 
-    for op, dst, *src in PROGRAM:
+    for op, dst, *src in program:
         if op == "lop3":
             lines.append(f"lop3.b32 {dst}, {arg(src[0])}, {arg(src[1])}, {arg(src[2])}, {src[3]:#x};")
+        elif op == "mul":
+            lines.append(f"mul.lo.u32 {dst}, {arg(src[0])}, {arg(src[1])};")
         elif op == "prmt":
             lines.append(f"prmt.b32 {dst}, {arg(src[0])}, {arg(src[1])}, {arg(src[2])};")
         else:
@@ -116,16 +169,16 @@ def _lop3(a: int, b: int, c: int, lut: int) -> int:
     return out
 
 
-def emulate(word: int, table_bits: tuple[int, ...]) -> tuple[int, ...]:
+def emulate(word: int, table_bits: tuple[int, ...], symmetric: bool = False) -> tuple[int, ...]:
     """What :func:`lut_asm`'s program returns for ``word``, computed step by step in Python: the eight
     16-bit patterns, code 0 (bits 0-3) first."""
-    r = dict(_table_words(table_bits))
+    r = dict(_table_words(table_bits, symmetric))
     r["$w"] = word & 0xFFFFFFFF
 
     def val(x):
         return x if isinstance(x, int) else r[x]
 
-    for op, dst, *src in PROGRAM:
+    for op, dst, *src in PROGRAM_SYMMETRIC if symmetric else PROGRAM:
         a = [val(x) for x in src]
         if op == "and":
             r[dst] = a[0] & a[1]
@@ -137,6 +190,8 @@ def emulate(word: int, table_bits: tuple[int, ...]) -> tuple[int, ...]:
             r[dst] = _prmt(a[0], a[1], a[2])
         elif op == "lop3":
             r[dst] = _lop3(a[0], a[1], a[2], a[3])
+        elif op == "mul":
+            r[dst] = (a[0] * a[1]) & 0xFFFFFFFF
         else:  # pragma: no cover - PROGRAM only uses the ops above
             raise AssertionError(op)
     return tuple((r[f"o{i // 2}"] >> (16 * (i % 2))) & 0xFFFF for i in range(8))

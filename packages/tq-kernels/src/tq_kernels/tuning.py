@@ -24,6 +24,9 @@ class LaunchConfig:
     # decode only: the eight-phase loop with register table lookups for formats whose K and V codes
     # are single 4-bit planes (see tq_kernels._kernels.decode); takes precedence over split_d.
     nibble: bool = True
+    # decode only, NIBBLE loop on NVIDIA GPUs: "sym" looks antisymmetric codebooks up with the
+    # 18-instruction program (4 table registers) instead of the general 21-instruction one ("exact")
+    lut: str = "exact"
 
 
 def _arch(device: torch.device) -> tuple[int, int]:

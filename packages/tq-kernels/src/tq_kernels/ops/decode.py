@@ -72,6 +72,7 @@ def _decode_op(
     num_stages: int,
     split_d: bool,
     nibble: bool,
+    lut: str,
     ablate: int,
     out: torch.Tensor,
     lse: torch.Tensor | None,
@@ -93,7 +94,7 @@ def _decode_op(
     nibble = nibble and ablate == 0 and nibble_eligible(kf, cache)
     k_asm = v_asm = ""
     if nibble and q.device.type == "cuda" and torch.version.hip is None:
-        k_asm, v_asm = kf.nibble_asm()
+        k_asm, v_asm = kf.nibble_asm(symmetric=lut == "sym")
     _tq_decode_attention_kernel[(batch, num_kv_heads, num_splits)](
         q_rot,
         cache,
@@ -171,6 +172,7 @@ def _(
     num_stages: int,
     split_d: bool,
     nibble: bool,
+    lut: str,
     ablate: int,
     out: torch.Tensor,
     lse: torch.Tensor | None,
@@ -251,6 +253,8 @@ def tq_decode_attention(
         num_splits = default_num_splits(batch, num_kv_heads, bound, q.device, block_n, cfg.num_warps)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if cfg.lut not in ("exact", "sym"):
+        raise ValueError(f"config.lut must be 'exact' or 'sym', got {cfg.lut!r}")
 
     if out is None:
         out = torch.empty_like(q)
@@ -272,6 +276,7 @@ def tq_decode_attention(
         cfg.num_stages,
         cfg.split_d,
         cfg.nibble,
+        cfg.lut,
         _ablate,
         out,
         lse,
