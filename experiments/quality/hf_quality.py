@@ -66,6 +66,30 @@ def fp8_qdq(x: torch.Tensor, layer: int, which: str) -> torch.Tensor:
     return x.clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype)
 
 
+def format_qdq(fmt, values: str = "format", vllm_key_bits: int | None = None):
+    """qdq of K and V [B, Hkv, T, d] through a format's exact encode/decode (``KVFormat.encode`` /
+    ``decode``: codes, norm rounding and correction as the cache stores them), with two variants for
+    the value-scheme study (experiments/quality/attention_error.py): ``values="minmax"`` replaces the
+    values by per-token min/max round-to-nearest at the format's value width with a float16 scale and
+    zero (the same bytes), and ``vllm_key_bits`` replaces the keys by a re-implementation of vLLM's
+    (plain Hadamard, Lloyd-Max codes, float16 norm, no norm correction)."""
+    from attention_error import vllm_like_keys
+
+    from tq_core.baselines import _rtn
+
+    def qdq(x: torch.Tensor, layer: int, which: str) -> torch.Tensor:
+        x32 = x.float()
+        if which == "v" and values == "minmax":
+            return _rtn(x32, fmt.value.bits if vllm_key_bits is None else values_bits, -1).to(x.dtype)
+        if which == "k" and vllm_key_bits is not None:
+            return vllm_like_keys(x32, vllm_key_bits).to(x.dtype)
+        k_hat, v_hat = fmt.decode(fmt.encode(x32, x32, layer=layer), layer=layer)
+        return (k_hat if which == "k" else v_hat).to(x.dtype)
+
+    values_bits = 4 if vllm_key_bits is None or fmt.value.bits == 4 else 3
+    return qdq
+
+
 def tq_qdq(build: Callable[[torch.Tensor, int, str], Any]):
     """qdq through tq_core quantizers built lazily per (layer, K/V, KV head) from the first K/V seen."""
     quantizers: dict[tuple[int, str, int], Any] = {}
@@ -147,6 +171,22 @@ def configs(head_dim: int, residual: int) -> dict[str, Config]:
             "sdpa",
             "qdq with tq_core.OutlierSplitQuantizer; channels calibrated on the first chunk per layer/head",
         )
+    # the value-scheme study: every layer rounded on write (qdq), SDPA attention
+    for name, vllm_kv in (("turboquant_4bit_nc", (4, 4)), ("turboquant_k3v4_nc", (3, 4)), ("turboquant_3bit_nc", (3, 3))):
+        fmt = named_format(name, d)
+        short = name.removeprefix("turboquant_")
+        out[f"qdq-ours-{short}"] = Config(
+            name, fmt.slot_bytes, lambda m, f=fmt: qdq_cache(m, format_qdq(f)), "sdpa", "qdq: KVFormat encode/decode"
+        )
+        out[f"qdq-ours-{short}-minmaxV"] = Config(
+            f"{name}, values min/max", fmt.slot_bytes, lambda m, f=fmt: qdq_cache(m, format_qdq(f, "minmax")),
+            "sdpa", "qdq: our keys; values per-token min/max RTN at our value width, float16 scale and zero",
+        )  # fmt: skip
+        out[f"qdq-vllm-like-{short}"] = Config(
+            f"{name}, vLLM-like", fmt.slot_bytes,
+            lambda m, f=fmt, kb=vllm_kv[0]: qdq_cache(m, format_qdq(f, "minmax", vllm_key_bits=kb)), "sdpa",
+            "qdq: Hadamard + Lloyd-Max keys without norm correction, min/max values (vLLM's split of the bytes)",
+        )  # fmt: skip
     # QJL variant in the 134 B budget: K = TurboQuantProd 4 bits (3-bit MSE + 1-bit QJL, float16 norm and
     # residual norm), V = TurboQuantMSE 4 bits + float16 norm
     out["ours-qjl-4bit"] = Config(
@@ -185,7 +225,9 @@ def greedy(model, cache, last_logits: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_config(model, name: str, cfg: Config, work: wl.Workload, device: torch.device) -> dict:
+def run_config(
+    model, name: str, cfg: Config, work: wl.Workload, device: torch.device, ppl_only: bool = False
+) -> dict:
     from tq_hf.attention import STATS
 
     p = work.protocol
@@ -206,7 +248,7 @@ def run_config(model, name: str, cfg: Config, work: wl.Workload, device: torch.d
     nll = sum(nll_per_seq)
     # needles: all prompts of one length in one batch; greedy answer through the cache
     hits: dict[int, list[bool]] = {}
-    for length in p.needle_lengths:
+    for length in () if ppl_only else p.needle_lengths:
         group = [s for n, s in work.needles if n == length]
         x = torch.tensor([s.prompt for s in group], device=device)
         cache = cfg.make_cache(model)
@@ -214,10 +256,13 @@ def run_config(model, name: str, cfg: Config, work: wl.Workload, device: torch.d
         gen = greedy(model, cache, last, max(len(s.answer) for s in group)).tolist()
         hits[length] = [wl.needle_hits(g, s) for g, s in zip(gen, group, strict=True)]
     # agreement: greedy continuations of held-out prompts
-    x = torch.tensor(work.agree, device=device)
-    cache = cfg.make_cache(model)
-    last = prefill(model, cache, x, p.chunk, p.chunk)[-1][1]
-    agree = greedy(model, cache, last, p.agree_steps).tolist()
+    agree: list[list[int]] = []
+    cache = None
+    if not ppl_only:
+        x = torch.tensor(work.agree, device=device)
+        cache = cfg.make_cache(model)
+        last = prefill(model, cache, x, p.chunk, p.chunk)[-1][1]
+        agree = greedy(model, cache, last, p.agree_steps).tolist()
     if device.type == "cuda":
         torch.cuda.synchronize()
     # evidence that the measured tokens read compressed K/V: tokens held compressed at the end, and how
@@ -253,6 +298,7 @@ def main() -> None:
     ap.add_argument("--configs", default="", help="comma-separated subset (bf16 first is implied)")
     ap.add_argument("--residual", type=int, default=0, help="TurboQuantCache residual_length")
     ap.add_argument("--jsonl", type=Path, help="append RESULT rows here")
+    ap.add_argument("--ppl-only", action="store_true", help="skip the needle and agreement tasks")
     args = ap.parse_args()
     # transformers >= 5.2x renames past_key_values to cache; 5.17 (the GPU machine) knows only the old name
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
@@ -272,7 +318,7 @@ def main() -> None:
     print("WORKLOAD " + json.dumps(work.describe()), flush=True)
     for name in names:
         try:
-            row = run_config(model, name, all_cfgs[name], work, device)
+            row = run_config(model, name, all_cfgs[name], work, device, args.ppl_only)
             row |= {"residual_length": args.residual, "dtype": str(dtype), "device": str(device)}
         except Exception as exc:  # one broken config must not lose the others' rows
             row = {"engine": "hf", "config": name, "error": repr(exc)[-2000:]}

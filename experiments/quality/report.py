@@ -27,7 +27,9 @@ AGREEMENT = {
 MAIN = ("ours-k8v4", "ours-4bit_nc", "ours-k3v4_nc", "ours-3bit_nc")
 
 
-def agreement(tokens: list[list[int]], base: list[list[int]]) -> tuple[float, float]:
+def agreement(tokens: list[list[int]], base: list[list[int]]) -> tuple[float | None, float | None]:
+    if not tokens or not base:  # a ppl-only run
+        return None, None
     prefix, same = [], []
     for a, b in zip(tokens, base, strict=True):
         n = min(len(a), len(b))
@@ -130,10 +132,15 @@ def table(rows: list[dict]) -> str:
         by_len = " ".join(f"{k}:{v:.2f}" for k, v in r["needle_acc_by_length"].items())
         ci = r.get("ppl_delta_ci95")
         delta = f"{r['ppl_delta_pct']:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+        needle = "-" if r["needle_acc"] is None else f"{r['needle_acc']:.3f}"
+        agree = (
+            "-"
+            if r["token_agreement"] is None
+            else f"{r['token_agreement']:.3f} / {r['token_agreement_positionwise']:.3f}"
+        )
         lines.append(
             f"| {r['engine']} | {r['kv']} | {r['bytes_per_token_head']:g} | {r['ppl']:.3f} | "
-            f"{delta} | {r['needle_acc']:.3f} | {by_len} | "
-            f"{r['token_agreement']:.3f} / {r['token_agreement_positionwise']:.3f} |"
+            f"{delta} | {needle} | {by_len or '-'} | {agree} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -104,7 +104,7 @@ def summarize(
         "ppl": float(np.exp(nll / scored)),
         "nll_sum": nll,
         "scored_tokens": scored,
-        "needle_acc": sum(flat) / len(flat),
+        "needle_acc": sum(flat) / len(flat) if flat else None,  # None: needles not run
         "needle_acc_by_length": acc,
         "needle_hits": {str(k): v for k, v in sorted(hits.items())},
         "agree_tokens": agree_tokens,

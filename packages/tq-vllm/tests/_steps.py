@@ -208,9 +208,11 @@ def run_uncompressed_step(
     block_size: int,
     *,
     vllm_kernels: bool | None = None,
+    flash=None,
 ):
     """One step through an uncompressed layer: (output `[num_tokens + PAD, h, d]`, exact reference
-    `[num_tokens, h, d]`, num_tokens)."""
+    `[num_tokens, h, d]`, num_tokens).  ``flash``: a stand-in for vLLM's FlashAttention varlen function,
+    installed as the layer's attention (the writes stay on the torch path)."""
     d, h, hkv, dtype = case["d"], case["h"], case["hkv"], case["dtype"]
     step = make_step(
         requests, num_heads=h, num_kv_heads=hkv, head_size=d, block_size=block_size, dtype=dtype, seed=d
@@ -227,6 +229,8 @@ def run_uncompressed_step(
     meta = builder.build(0, step.common_metadata())
     n = step.num_tokens
     output = torch.full((n + PAD, h, d), float("nan"), dtype=dtype)
+    if flash is not None:
+        impl.dense.flash, impl.dense.use_vllm_kernels = flash, True
     impl.forward(layer, step.query, step.new_keys, step.new_values, kv_cache, meta, output=output)
     kw = attention_kwargs(case, sinks)
     qsl = step.query_start_loc.tolist()

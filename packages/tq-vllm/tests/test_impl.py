@@ -12,6 +12,8 @@ Uncompressed (boundary) layers: the output must match exact attention on the unp
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 
 pytest.importorskip("vllm")
@@ -279,3 +281,63 @@ def test_builder_sizes_decode_splits_for_the_layers_kernel_launch(monkeypatch) -
                     (128, COMPRESSED_CASES[1]["h"] // COMPRESSED_CASES[1]["hkv"], False)]  # fmt: skip
     # 32 requests x 2 KV heads on 132 SMs: 33 splits -> 64 (power of two) with one warp, 9 -> 16 with four
     assert (splits["turboquant_4bit_nc"], splits["turboquant_3bit_nc"]) == (64, 16)
+
+
+class PagedFakeFlash:
+    """flash_attn_varlen_func's keyword interface for a paged cache (block_table, seqused_k, causal
+    aligned to the end of each sequence) over tq_core's exact attention; records its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def __call__(self, *, q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
+                 causal, window_size, block_table, softcap):  # fmt: skip
+        from tq_core import attention_ref
+
+        assert causal and k.stride(-1) == 1 and v.stride(-1) == 1 and k.shape == v.shape
+        loc, lens = cu_seqlens_q.tolist(), seqused_k.tolist()
+        assert max_seqlen_q >= max(b - a for a, b in pairwise(loc))
+        assert max_seqlen_k >= max(lens)
+        self.calls.append(dict(window_size=list(window_size), softcap=softcap, scale=softmax_scale))
+        window = None if window_size[0] < 0 else window_size[0] + 1
+        block = k.shape[1]
+        for i in range(len(loc) - 1):
+            a, b = loc[i], loc[i + 1]
+            if a == b:
+                continue
+            pos = torch.arange(lens[i])
+            blocks = block_table[i].long()[pos // block]
+            o = attention_ref(q[a:b], k[blocks, pos % block], v[blocks, pos % block], scale=softmax_scale,
+                              causal=True, sliding_window=window, softcap=softcap or None)  # fmt: skip
+            out[a:b] = o.to(out.dtype)
+
+
+FLASH_DENSE_CASES = [
+    DENSE_CASES[0],
+    dict(kv="auto", d=64, h=4, hkv=1, dtype=torch.float16, window=8, softcap=30.0),
+    DENSE_CASES[2],
+]
+
+
+@pytest.mark.parametrize("case", FLASH_DENSE_CASES, ids=_case_id)
+def test_uncompressed_layer_on_flash_attention_passes_the_paged_cache(case: dict) -> None:
+    """TQ_VLLM_DENSE_ATTENTION=flash: the boundary layers hand vLLM's FlashAttention the K and V halves
+    of their paged cache with the step's block table, lengths, window, soft-cap and scale.  FlashAttention
+    is CUDA-only, so a stand-in with its keyword interface computes exact attention from what it is
+    given; it must reproduce the exact attention of the step."""
+    fake = PagedFakeFlash()
+    output, ref, n = run_uncompressed_step(case, REQUESTS, LAYER_NAME, BLOCK, flash=fake)
+    assert len(fake.calls) == 1
+    window = case.get("window")
+    assert fake.calls[0]["window_size"] == ([-1, -1] if window is None else [window - 1, 0])
+    assert bool(output[n:].isnan().all())
+    assert rel_err(output[:n], ref) < TOL[case["dtype"]]
+
+
+def test_dense_attention_mode_is_validated(monkeypatch) -> None:
+    monkeypatch.setenv("TQ_VLLM_DENSE_ATTENTION", "cudnn")
+    with pytest.raises(ValueError, match="TQ_VLLM_DENSE_ATTENTION must be one of triton, flash"):
+        build_layer(DENSE_CASES[0], LAYER_NAME, BLOCK)
+    monkeypatch.setenv("TQ_VLLM_DENSE_ATTENTION", "flash")
+    _, impl, _, _ = build_layer(DENSE_CASES[0], LAYER_NAME, BLOCK)
+    assert impl.dense is not None and impl.dense.flash is None  # vLLM has no FlashAttention on CPU

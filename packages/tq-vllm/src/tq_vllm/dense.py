@@ -7,7 +7,11 @@ is ``[num_blocks, block_size, num_kv_heads, 2 * head_size]`` (K in the first hal
 On CUDA the write and the attention use vLLM's own Triton kernels for this layout
 (``triton_reshape_and_cache_flash`` and ``unified_attention``, the kernels of its TRITON_ATTN
 backend, present with the same signature in every supported vLLM): they skip padding slots, read
-any strides, and capture into CUDA graphs.  vLLM disables its Triton kernels on the CPU platform, so
+any strides, and capture into CUDA graphs.  ``TQ_VLLM_DENSE_ATTENTION=flash`` runs the attention with
+vLLM's FlashAttention varlen kernel over the paged cache instead (not for sinks): on the H200 the
+Triton kernel took 0.55 ms per decode call of the anchor workload, FlashAttention 0.25 ms in the bf16
+run (experiments/results/vllm_profile_decode_h200.log).  It is opt-in until it has run on a GPU
+under CUDA graphs.  vLLM disables its Triton kernels on the CPU platform, so
 there the layer runs in torch, one request at a time, with tq_core's reference attention: that path
 exists for CPU engines and tests, not for speed.
 """
@@ -41,6 +45,8 @@ class DenseAttention:
         sliding_window: vLLM's window (a query at ``p`` sees keys ``j > p - sliding_window``), or None.
         softcap: tanh logit soft-capping, or None.
         sinks: `[num_heads]` sink logits, or None.
+        flash: vLLM's FlashAttention varlen function (``tq_vllm.impl._flash_varlen``) to attend with
+            instead of the Triton kernel on CUDA, or None.
 
     Attributes:
         use_vllm_kernels: run vLLM's Triton kernels (True), the torch path (False), or decide by the
@@ -57,6 +63,7 @@ class DenseAttention:
         sliding_window: int | None,
         softcap: float | None,
         sinks: torch.Tensor | None,
+        flash: Any = None,
     ) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -65,6 +72,7 @@ class DenseAttention:
         self.sliding_window = sliding_window
         self.softcap = softcap
         self.sinks = sinks
+        self.flash = flash if sinks is None else None  # vLLM's FlashAttention varlen, bound (or None)
         self.use_vllm_kernels: bool | None = None
 
     def _vllm_kernels(self, x: torch.Tensor) -> bool:
@@ -109,7 +117,9 @@ class DenseAttention:
     ) -> None:
         """Attention of the step's ``query`` `[num_actual_tokens, num_heads, head_size]` into ``out``."""
         k_cache, v_cache = split_kv(cache, self.head_size)
-        if self._vllm_kernels(query):
+        if self._vllm_kernels(query) and self.flash is not None:
+            self._forward_flash(query, k_cache, v_cache, meta, out)
+        elif self._vllm_kernels(query):
             self._forward_triton(layer, query, k_cache, v_cache, meta, out)
         else:
             self._forward_torch(query, k_cache, v_cache, meta, out)
@@ -146,6 +156,34 @@ class DenseAttention:
             k_descale=k_scale.expand(descale_shape),
             v_descale=v_scale.expand(descale_shape),
             sinks=self.sinks,
+        )
+
+    def _forward_flash(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: Any,
+        out: torch.Tensor,
+    ) -> None:
+        # the K and V halves of the cache are views with a head stride of 2 * head_size: FlashAttention
+        # takes the block, row and head strides of a paged cache as given (only the last dim must be
+        # contiguous), as for vLLM's own [2, blocks, block_size, heads, head_size] cache
+        window = [-1, -1] if self.sliding_window is None else [self.sliding_window - 1, 0]
+        self.flash(
+            q=query,
+            k=k_cache,
+            v=v_cache,
+            out=out,
+            cu_seqlens_q=meta.query_start_loc,
+            max_seqlen_q=meta.max_query_len,
+            seqused_k=meta.seq_lens,
+            max_seqlen_k=meta.max_seq_len,
+            softmax_scale=self.scale,
+            causal=True,
+            window_size=window,
+            block_table=meta.block_table,
+            softcap=self.softcap or 0.0,
         )
 
     def _forward_torch(

@@ -21,7 +21,8 @@ earlier token however the scheduler cut the prompt into chunks, so chunk boundar
 recompute and prefix-cache hits do not change the attention (beyond float rounding); ``exact`` is
 more precise inside a chunk and does not pay the extra encode/decode of the chunk.
 
-A layer vLLM keeps at ``"auto"`` runs :class:`tq_vllm.dense.DenseAttention` on a plain cache.
+A layer vLLM keeps at ``"auto"`` runs :class:`tq_vllm.dense.DenseAttention` on a plain cache, with
+vLLM's Triton attention kernel, or its FlashAttention with ``TQ_VLLM_DENSE_ATTENTION=flash``.
 
 Each layer rotates with its own seed, chosen by the layer number in its vLLM name
 (``model.layers.7.self_attn.attn`` -> 7); a layer that shares another layer's KV cache uses the
@@ -83,6 +84,18 @@ def _chunk_kv_mode() -> str:
     mode = os.environ.get("TQ_VLLM_CHUNK_KV", "exact")
     if mode not in CHUNK_KV_MODES:
         raise ValueError(f"TQ_VLLM_CHUNK_KV must be one of {', '.join(CHUNK_KV_MODES)}, got {mode!r}")
+    return mode
+
+
+DENSE_ATTENTION_MODES = ("triton", "flash")
+
+
+def _dense_attention_mode() -> str:
+    mode = os.environ.get("TQ_VLLM_DENSE_ATTENTION", "triton")
+    if mode not in DENSE_ATTENTION_MODES:
+        raise ValueError(
+            f"TQ_VLLM_DENSE_ATTENTION must be one of {', '.join(DENSE_ATTENTION_MODES)}, got {mode!r}"
+        )
     return mode
 
 
@@ -159,6 +172,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         # `sinks` is the layer's parameter, filled when weights load; keep the reference.
         self.sinks: torch.Tensor | None = extra_impl_args.get("sinks")
         self.fmt = kv_format(kv_cache_dtype, head_size)  # None for an uncompressed layer
+        dense_mode = _dense_attention_mode()  # validated on every layer, used by uncompressed ones
         self.dense = (
             DenseAttention(
                 num_heads,
@@ -168,6 +182,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 sliding_window,
                 self.logits_soft_cap,
                 self.sinks,
+                flash=_flash_varlen(head_size) if dense_mode == "flash" else None,
             )
             if self.fmt is None
             else None
