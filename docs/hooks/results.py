@@ -358,6 +358,10 @@ def _hf(_: str) -> str:
     return _table(header, rows) + "\n" + _source(name, data) + " " + meta + "\n"
 
 
+def _ci(ci: list[float] | None) -> str:
+    return f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
+
+
 def _quality(_: str, name: str = "quality.json") -> str:
     data = _load(name)
     if data is None:
@@ -368,18 +372,21 @@ def _quality(_: str, name: str = "quality.json") -> str:
             f"`{r['kv']}`",
             r["bytes_per_token_head"],
             f"{r['ppl']:.3f}",
-            _pct(r["ppl_delta_pct"]),
-            f"{r['needle_acc']:.2f}",
-            f"{r['token_agreement']:.3f} / {r['token_agreement_positionwise']:.3f}",
+            _pct(r["ppl_delta_pct"]) + _ci(r.get("ppl_delta_ci95")),
+            "-" if r.get("needle_acc") is None else f"{r['needle_acc']:.2f}",
+            "-"
+            if r.get("token_agreement") is None
+            else f"{r['token_agreement']:.3f} / {r['token_agreement_positionwise']:.3f}",
         ]
         for r in data["rows"]
+        if "error" not in r
     ]
     header = [
         "engine",
         "config",
         "B/token-head",
         "ppl",
-        "ppl change vs bf16 %",
+        "ppl change vs bf16 % [95% CI]",
         "needle acc",
         "agreement (prefix / positionwise)",
     ]
@@ -497,6 +504,7 @@ RENDERERS: dict[str, Callable[[str], str]] = {
     "quality-plot": _plot("quality.png"),
     "quality-refmodel8min": lambda uri: _quality(uri, "quality_refmodel8min.json"),
     "quality-refmodel8min-plot": _plot("quality_refmodel8min.png"),
+    "quality-values-cpu": lambda uri: _quality(uri, "quality_values_cpu.json"),
     "attention-error-refmodel": _attention_error_refmodel,
     "index": _index,
 }

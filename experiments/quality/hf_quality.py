@@ -66,13 +66,14 @@ def fp8_qdq(x: torch.Tensor, layer: int, which: str) -> torch.Tensor:
     return x.clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype)
 
 
-def format_qdq(fmt, values: str = "format", vllm_key_bits: int | None = None):
+def format_qdq(fmt, values: str = "format", vllm_bits: tuple[int, int] | None = None):
     """qdq of K and V [B, Hkv, T, d] through a format's exact encode/decode (``KVFormat.encode`` /
     ``decode``: codes, norm rounding and correction as the cache stores them), with two variants for
     the value-scheme study (experiments/quality/attention_error.py): ``values="minmax"`` replaces the
     values by per-token min/max round-to-nearest at the format's value width with a float16 scale and
-    zero (the same bytes), and ``vllm_key_bits`` replaces the keys by a re-implementation of vLLM's
-    (plain Hadamard, Lloyd-Max codes, float16 norm, no norm correction)."""
+    zero (the same bytes), and ``vllm_bits`` (key bits, value bits) replaces the keys by a
+    re-implementation of vLLM's (plain Hadamard, Lloyd-Max codes, float16 norm, no norm correction) and
+    sizes the min/max values as vLLM's preset does."""
     from attention_error import vllm_like_keys
 
     from tq_core.baselines import _rtn
@@ -80,13 +81,12 @@ def format_qdq(fmt, values: str = "format", vllm_key_bits: int | None = None):
     def qdq(x: torch.Tensor, layer: int, which: str) -> torch.Tensor:
         x32 = x.float()
         if which == "v" and values == "minmax":
-            return _rtn(x32, fmt.value.bits if vllm_key_bits is None else values_bits, -1).to(x.dtype)
-        if which == "k" and vllm_key_bits is not None:
-            return vllm_like_keys(x32, vllm_key_bits).to(x.dtype)
+            return _rtn(x32, fmt.value.bits if vllm_bits is None else vllm_bits[1], -1).to(x.dtype)
+        if which == "k" and vllm_bits is not None:
+            return vllm_like_keys(x32, vllm_bits[0]).to(x.dtype)
         k_hat, v_hat = fmt.decode(fmt.encode(x32, x32, layer=layer), layer=layer)
         return (k_hat if which == "k" else v_hat).to(x.dtype)
 
-    values_bits = 4 if vllm_key_bits is None or fmt.value.bits == 4 else 3
     return qdq
 
 
@@ -172,11 +172,19 @@ def configs(head_dim: int, residual: int) -> dict[str, Config]:
             "qdq with tq_core.OutlierSplitQuantizer; channels calibrated on the first chunk per layer/head",
         )
     # the value-scheme study: every layer rounded on write (qdq), SDPA attention
-    for name, vllm_kv in (("turboquant_4bit_nc", (4, 4)), ("turboquant_k3v4_nc", (3, 4)), ("turboquant_3bit_nc", (3, 3))):
+    for name, vllm_kv in (
+        ("turboquant_4bit_nc", (4, 4)),
+        ("turboquant_k3v4_nc", (3, 4)),
+        ("turboquant_3bit_nc", (3, 3)),
+    ):
         fmt = named_format(name, d)
         short = name.removeprefix("turboquant_")
         out[f"qdq-ours-{short}"] = Config(
-            name, fmt.slot_bytes, lambda m, f=fmt: qdq_cache(m, format_qdq(f)), "sdpa", "qdq: KVFormat encode/decode"
+            name,
+            fmt.slot_bytes,
+            lambda m, f=fmt: qdq_cache(m, format_qdq(f)),
+            "sdpa",
+            "qdq: KVFormat encode/decode",
         )
         out[f"qdq-ours-{short}-minmaxV"] = Config(
             f"{name}, values min/max", fmt.slot_bytes, lambda m, f=fmt: qdq_cache(m, format_qdq(f, "minmax")),
@@ -184,7 +192,7 @@ def configs(head_dim: int, residual: int) -> dict[str, Config]:
         )  # fmt: skip
         out[f"qdq-vllm-like-{short}"] = Config(
             f"{name}, vLLM-like", fmt.slot_bytes,
-            lambda m, f=fmt, kb=vllm_kv[0]: qdq_cache(m, format_qdq(f, "minmax", vllm_key_bits=kb)), "sdpa",
+            lambda m, f=fmt, bits=vllm_kv: qdq_cache(m, format_qdq(f, "minmax", vllm_bits=bits)), "sdpa",
             "qdq: Hadamard + Lloyd-Max keys without norm correction, min/max values (vLLM's split of the bytes)",
         )  # fmt: skip
     # QJL variant in the 134 B budget: K = TurboQuantProd 4 bits (3-bit MSE + 1-bit QJL, float16 norm and
