@@ -5,7 +5,7 @@
 
 Triton lowers the kernel to TTGIR and PTX on the CPU and its bundled ``ptxas`` assembles it for
 ``sm_<arch>``; ``ptxas -v`` then prints registers per thread and spills.  Per format and launch config
-(BLOCK_N x num_warps, ``s`` for the SPLIT_D loop) this prints: registers, spill bytes, shared memory, the resident programs per SM
+(BLOCK_N x num_warps, ``n`` for the NIBBLE loop, ``ny`` with the symmetric lookup) this prints: registers, spill bytes, shared memory, the resident programs per SM
 that the registers allow, and how many layout conversions and shared-memory staging buffers the TTGIR
 holds.  It runs in seconds on the development machine and needs no device time, so a kernel change
 can be screened for register blow-ups before it is timed on the GPU (experiments/kernels/bench_kernels.py).
@@ -48,23 +48,22 @@ REGISTERS_PER_SM = 65536
 
 
 def compile_decode(
-    name: str, block_n: int, warps: int, arch: int, ablate: int, dump: Path | None, split_d: bool = False,
+    name: str, block_n: int, warps: int, arch: int, ablate: int, dump: Path | None,
     nibble: bool = False, lut: str = "exact",
 ) -> dict:  # fmt: skip
     kf = kernel_format(named_format(name, 128))
-    split_d = split_d and kf.key.bits in (4, 8) and kf.value.bits in (4, 8)  # as the launcher decides
     nibble = nibble and kf.key.bits == 4 and kf.value.bits == 4
     k_asm, v_asm = kf.nibble_asm(symmetric=lut == "sym") if nibble else ("", "")
     page = 16
     constexprs = dict(NUM_HEADS=32, NUM_SPLITS=2, GROUP=4, BLOCK_G=16, BLOCK_N=block_n, USE_SOFTCAP=False,
-                      USE_WINDOW=False, ABLATE=ablate, SPLIT_D=split_d, NIBBLE=nibble, BLOCK_W=16, K_ASM=k_asm,
+                      USE_WINDOW=False, ABLATE=ablate, NIBBLE=nibble, BLOCK_W=16, K_ASM=k_asm,
                       V_ASM=v_asm, **kf.region_constexprs(page))  # fmt: skip
     signature = {n: t for n, t in ARGS} | dict.fromkeys(constexprs, "constexpr")
     # pointers and strides 16-byte aligned/divisible, as Triton specializes them at a real launch
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(16)}
     src = ASTSource(fn=_tq_decode_attention_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    stem = f"decode_{name}_{block_n}x{warps}{'s' if split_d else ''}{'n' if nibble else ''}{'y' if nibble and lut == 'sym' else ''}_a{ablate}"
-    return dict(format=name, block_n=block_n, warps=warps, split_d=split_d, nibble=nibble, ablate=ablate,
+    stem = f"decode_{name}_{block_n}x{warps}{'n' if nibble else ''}{'y' if nibble and lut == 'sym' else ''}_a{ablate}"
+    return dict(format=name, block_n=block_n, warps=warps, nibble=nibble, ablate=ablate,
                 **_measure(src, arch, warps, dump, stem))  # fmt: skip
 
 
@@ -86,7 +85,7 @@ def compile_store(name: str, rows: int, warps: int, arch: int, dump: Path | None
             signature[p] = pointers.get(p) or ("i64" if p.startswith("stride") else "i32")
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(pointers))}
     src = ASTSource(fn=_tq_store_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return dict(format=name, block_n=rows, warps=warps, split_d=False, ablate=0,
+    return dict(format=name, block_n=rows, warps=warps, nibble=False, ablate=0,
                 **_measure(src, arch, warps, dump, f"store_{name}_{rows}x{warps}"))  # fmt: skip
 
 
@@ -148,9 +147,9 @@ def main() -> None:
     )
     ap.add_argument(
         "--configs",
-        default="128x4,128x4s,64x4,64x4s,128x8,128x8s",
-        help="BLOCK_N x num_warps[s|n|ny], comma-separated; a trailing s selects the SPLIT_D loop, n the "
-        "NIBBLE loop (4-bit formats), ny the NIBBLE loop with the symmetric-table lookup",
+        default="128x4,64x4,32x1n,32x1ny",
+        help="BLOCK_N x num_warps[n|ny], comma-separated; a trailing n selects the NIBBLE loop (4-bit "
+        "formats), ny the NIBBLE loop with the symmetric-table lookup",
     )
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument(
@@ -163,12 +162,12 @@ def main() -> None:
           f"{'converts':>8s} {'staging':>7s}")  # fmt: skip
     for name in args.formats.split(","):
         for cfg in args.configs.split(","):
-            bn, w = (int(x) for x in cfg.rstrip("sny").split("x"))
+            bn, w = (int(x) for x in cfg.rstrip("ny").split("x"))
             if args.kernel == "store":
                 r = compile_store(name, bn, w, args.arch, args.dump)
             else:
                 r = compile_decode(
-                    name, bn, w, args.arch, args.ablate, args.dump, cfg.endswith("s"),
+                    name, bn, w, args.arch, args.ablate, args.dump,
                     cfg.rstrip("y").endswith("n"), "sym" if cfg.endswith("ny") else "exact",
                 )  # fmt: skip
             print(f"{name:20s} {cfg:>7s} {r['registers']:5d} {r['spill_store_bytes']:5d}/{r['spill_load_bytes']:<5d} "

@@ -128,7 +128,6 @@ def tune_decode(batch: int, ctx: int, name: str) -> list[dict]:
     rows = []
     configs = [
         (LaunchConfig(128, 4, 2, nibble=False), None),
-        (LaunchConfig(128, 8, 2, split_d=True, nibble=False), None),
     ]
     configs += [(LaunchConfig(32, 1, 3, lut="sym"), s) for s in (None, 8, 16)]  # symmetric-table lookup
     configs += [(LaunchConfig(16, 1, 3, lut="sym"), s) for s in (8, 16)]
@@ -150,7 +149,7 @@ def tune_decode(batch: int, ctx: int, name: str) -> list[dict]:
             print(f"tune {cfg} splits={splits}: {type(e).__name__}: {e}", flush=True)
             continue
         rows.append(dict(block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                         split_d=cfg.split_d, nibble=cfg.nibble, lut=cfg.lut, num_splits=splits, ms_graph=ms))  # fmt: skip
+                         nibble=cfg.nibble, lut=cfg.lut, num_splits=splits, ms_graph=ms))  # fmt: skip
         print(f"tune B{batch}xL{ctx} {name} {cfg} splits={splits}: {ms:.3f} ms (CUDA graph)", flush=True)
     return rows
 

@@ -181,10 +181,9 @@ def test_decode_gpu_matrix(d, page, group, fmt_name):
 
     configs = (
         None,
-        LaunchConfig(128, 8, 2, split_d=True, nibble=False),
         LaunchConfig(64, 4, 2, nibble=False),
     )
-    for config in configs:  # the default (NIBBLE for 4-bit), its symmetric lookup, SPLIT_D, the plane loop
+    for config in configs:  # the default (NIBBLE for 4-bit), its symmetric lookup, the plane loop
         for kw in (
             {},
             {"sliding_window": 700, "softcap": 20.0, "sinks": torch.randn(kv_heads * group, device="cuda")},
@@ -194,37 +193,6 @@ def test_decode_gpu_matrix(d, page, group, fmt_name):
             ref = paged_decode_attention_ref(q.float(), cache, table, seq_lens, fmt, **kw)
             assert not out.isnan().any()
             assert rel_err(out, ref) < TOL[torch.bfloat16]
-
-
-@pytest.mark.parametrize(
-    ("fmt_name", "d", "kwargs"),
-    [
-        ("turboquant_4bit_nc", 64, {}),
-        ("turboquant_4bit_nc", 80, {"softcap": 3.0, "sliding_window": 20}),
-        ("turboquant_4bit_nc", 128, {}),
-        ("raw8", 64, {}),  # 8-bit keys: even/odd bytes rather than nibbles
-        ("turboquant_3bit_nc", 64, {}),  # not eligible: the launcher keeps the plane loop
-    ],
-    ids=["4bit-d64", "4bit-d80-softcap-window", "4bit-d128", "k8v4raw-d64", "3bit-fallback"],
-)
-def test_decode_split_d_loop_matches_reference(fmt_name, d, kwargs):
-    """The SPLIT_D formulation (even/odd half tiles) computes the same attention as the reference."""
-    from tq_kernels.tuning import LaunchConfig
-
-    if fmt_name == "raw8":
-        fmt = KVFormat(d, ComponentFormat(8, 0, "float16", True), ComponentFormat(4, 0, "float16", True))
-    else:
-        fmt = named_format(fmt_name, d)
-    lens = [45, 3, 70]
-    cache, table, _, _ = make_paged(fmt, lens, 2, 16, seed=d + len(kwargs))
-    q = torch.randn(3, 6, d)
-    seq_lens = torch.tensor(lens, dtype=torch.int32)
-    out = torch.full_like(q, float("nan"))
-    cfg = LaunchConfig(block_n=32, num_warps=4, num_stages=1, split_d=True)
-    tq_decode_attention(q, cache, table, seq_lens, fmt, num_splits=2, config=cfg, out=out, **kwargs)
-    ref = paged_decode_attention_ref(q, cache, table, seq_lens, fmt, **kwargs)
-    assert not out.isnan().any()
-    assert rel_err(out, ref) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize(
@@ -375,7 +343,6 @@ def test_decode_custom_op_passes_opcheck():
         32,
         4,
         1,
-        False,
         True,
         "exact",
         0,

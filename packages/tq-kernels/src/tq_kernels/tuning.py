@@ -18,11 +18,8 @@ class LaunchConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    # decode only: the even/odd half-tile loop for formats whose K and V codes are single 4- or 8-bit
-    # planes (see tq_kernels._kernels.decode); ignored for other formats and kernels.
-    split_d: bool = False
     # decode only: the eight-phase loop with register table lookups for formats whose K and V codes
-    # are single 4-bit planes (see tq_kernels._kernels.decode); takes precedence over split_d.
+    # are single 4-bit planes (see tq_kernels._kernels.decode).
     nibble: bool = True
     # decode only, NIBBLE loop on NVIDIA GPUs: "sym" looks antisymmetric codebooks up with the
     # 18-instruction program (4 table registers) instead of the general 21-instruction one ("exact")

@@ -9,13 +9,6 @@ Grid: ``(batch, num_kv_heads, num_splits)``.  The GQA group of a KV head is the 
 ``tl.dot`` calls (padded to ``BLOCK_G >= 16``).  Each split handles a contiguous, BLOCK_N-aligned range
 of the sequence and writes ``(acc, m, l)``; ``_tq_decode_reduce_kernel`` merges them.
 
-``SPLIT_D`` (formats whose K and V codes are each one 4- or 8-bit plane: k8v4, 4bit_nc) is a second
-formulation of the same loop that never rebuilds a `[BLOCK_N, head_dim]` code tile: the even and odd
-coordinates are two half tiles taken straight from the loaded bytes (low/high nibbles, or even/odd
-bytes), so ``q . k = q_even . k_even + q_odd . k_odd`` and the output is kept as even and odd halves.
-The plane loader's reshape pins its tile to one row per thread (255 registers and spills at 128-token
-tiles, experiments/kernels/aot_report.py); the half tiles keep Triton's free choice of layout.
-
 ``NIBBLE`` (formats whose K and V codes are each one 4-bit plane: 4bit_nc) reads each code row as
 int32 words of eight codes and splits the head dim into eight phases: phase ``p`` is coordinates
 ``8w + p``, so ``q . k = sum_p q_p . k_p`` and the output is kept as eight phase accumulators.  The
@@ -117,7 +110,6 @@ def _tq_decode_attention_kernel(
     V_NORM_OFF: tl.constexpr,
     V_NORM: tl.constexpr,
     ABLATE: tl.constexpr = 0,
-    SPLIT_D: tl.constexpr = 0,
     NIBBLE: tl.constexpr = 0,
     BLOCK_W: tl.constexpr = 16,
     K_ASM: tl.constexpr = "",
@@ -148,15 +140,6 @@ def _tq_decode_attention_kernel(
             stride_cache_head, stride_bt_b, stride_po_b, stride_po_h, stride_po_s, softcap,
             NUM_HEADS, NUM_SPLITS, BLOCK_G, BLOCK_N, PAGE, USE_SOFTCAP, HEAD_DIM, BLOCK_W,
             K_CODE_OFF, K_NORM_OFF, K_NORM, V_CODE_OFF, V_NORM_OFF, V_NORM, K_ASM, V_ASM,
-        )  # fmt: skip
-        return
-    if SPLIT_D:
-        _tq_decode_split_d(
-            q_ptr, cache_ptr, block_table_ptr, k_lut_ptr, v_lut_ptr, part_o_ptr, part_ml_ptr,
-            b, kvh, split, lo, hi, heads, g_mask, stride_q_b, stride_q_h, stride_cache_blk,
-            stride_cache_head, stride_bt_b, stride_po_b, stride_po_h, stride_po_s, softcap,
-            NUM_HEADS, NUM_SPLITS, BLOCK_G, BLOCK_N, PAGE, USE_SOFTCAP, HEAD_DIM, BLOCK_D,
-            K_BITS, K_ROW, K_CODE_OFF, K_NORM_OFF, K_NORM, V_BITS, V_ROW, V_CODE_OFF, V_NORM_OFF, V_NORM,
         )  # fmt: skip
         return
     q = tl.load(
@@ -216,91 +199,6 @@ def _tq_decode_attention_kernel(
 
     po = part_o_ptr + b * stride_po_b + heads[:, None] * stride_po_h + split * stride_po_s + offs_d[None, :]
     tl.store(po, acc, mask=g_mask[:, None])
-    _tq_store_ml(part_ml_ptr, b, heads, split, g_mask, m_i, l_i, NUM_HEADS, NUM_SPLITS)
-
-
-@triton.jit
-def _tq_half_codes(
-    row_ptrs, n_mask, OFF: tl.constexpr, BITS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr
-):
-    """(even, odd) coordinate codes, int32 `[BLOCK_N, BLOCK_H]` each, of one 4- or 8-bit plane."""
-    offs = tl.arange(0, BLOCK_H)
-    m = n_mask[:, None] & (offs < HALF)[None, :]
-    if BITS == 4:  # byte i: coordinate 2i in the low nibble, 2i + 1 in the high one
-        byte = tl.load(row_ptrs[:, None] + OFF + offs[None, :], mask=m, other=0).to(tl.int32)
-        return byte & 15, byte >> 4
-    even = tl.load(row_ptrs[:, None] + OFF + 2 * offs[None, :], mask=m, other=0).to(tl.int32)
-    odd = tl.load(row_ptrs[:, None] + OFF + 2 * offs[None, :] + 1, mask=m, other=0).to(tl.int32)
-    return even, odd
-
-
-@triton.jit
-def _tq_decode_split_d(
-    q_ptr, cache_ptr, block_table_ptr, k_lut_ptr, v_lut_ptr, part_o_ptr, part_ml_ptr,
-    b, kvh, split, lo, hi, heads, g_mask, stride_q_b, stride_q_h, stride_cache_blk,
-    stride_cache_head, stride_bt_b, stride_po_b, stride_po_h, stride_po_s, softcap,
-    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr, USE_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    K_BITS: tl.constexpr, K_ROW: tl.constexpr, K_CODE_OFF: tl.constexpr, K_NORM_OFF: tl.constexpr,
-    K_NORM: tl.constexpr, V_BITS: tl.constexpr, V_ROW: tl.constexpr, V_CODE_OFF: tl.constexpr,
-    V_NORM_OFF: tl.constexpr, V_NORM: tl.constexpr,
-):  # fmt: skip
-    """The ``SPLIT_D`` loop of ``_tq_decode_attention_kernel`` (see the module docstring)."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    BLOCK_H: tl.constexpr = BLOCK_D // 2
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_n = tl.arange(0, BLOCK_N)
-    h_mask = offs_h < HALF
-    qg = q_ptr + b * stride_q_b + heads[:, None] * stride_q_h + 2 * offs_h[None, :]
-    qm = g_mask[:, None] & h_mask[None, :]
-    q_e = tl.load(qg, mask=qm, other=0.0).to(tl.float16)
-    q_o = tl.load(qg + 1, mask=qm, other=0.0).to(tl.float16)
-
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc_e = tl.zeros([BLOCK_G, BLOCK_H], tl.float32)
-    acc_o = tl.zeros([BLOCK_G, BLOCK_H], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        tok = n0 + offs_n
-        n_mask, region, row = _tq_tile_rows(
-            cache_ptr,
-            block_table_ptr,
-            b,
-            kvh,
-            tok,
-            hi,
-            stride_bt_b,
-            stride_cache_blk,
-            stride_cache_head,
-            PAGE,
-        )
-        tile_mask = n_mask[:, None] & h_mask[None, :]
-
-        ke, ko = _tq_half_codes(region + row * K_ROW, n_mask, K_CODE_OFF, K_BITS, HALF, BLOCK_H)
-        k_e = tl.where(tile_mask, _tq_centroids(k_lut_ptr, ke), 0.0).to(tl.float16)
-        k_o = tl.where(tile_mask, _tq_centroids(k_lut_ptr, ko), 0.0).to(tl.float16)
-        k_gamma = _tq_load_norm_rows(region, row, n_mask, K_NORM_OFF, K_NORM)
-        s = tl.dot(q_o, tl.trans(k_o), acc=tl.dot(q_e, tl.trans(k_e)))
-        m_new, alpha, p, l_i = _tq_online_softmax(s, k_gamma, n_mask, m_i, l_i, softcap, USE_SOFTCAP)
-
-        ve, vo = _tq_half_codes(region + row * V_ROW, n_mask, V_CODE_OFF, V_BITS, HALF, BLOCK_H)
-        v_e = tl.where(tile_mask, _tq_centroids(v_lut_ptr, ve), 0.0).to(tl.float16)
-        v_o = tl.where(tile_mask, _tq_centroids(v_lut_ptr, vo), 0.0).to(tl.float16)
-        v_gamma = tl.where(n_mask, _tq_load_norm_rows(region, row, n_mask, V_NORM_OFF, V_NORM), 0.0)
-        pv = (p * v_gamma[None, :]).to(tl.float16)
-        acc_e = acc_e * alpha[:, None] + tl.dot(pv, v_e)
-        acc_o = acc_o * alpha[:, None] + tl.dot(pv, v_o)
-        m_i = m_new
-
-    po = (
-        part_o_ptr
-        + b * stride_po_b
-        + heads[:, None] * stride_po_h
-        + split * stride_po_s
-        + 2 * offs_h[None, :]
-    )
-    tl.store(po, acc_e, mask=g_mask[:, None] & h_mask[None, :])
-    tl.store(po + 1, acc_o, mask=g_mask[:, None] & h_mask[None, :])
     _tq_store_ml(part_ml_ptr, b, heads, split, g_mask, m_i, l_i, NUM_HEADS, NUM_SPLITS)
 
 
