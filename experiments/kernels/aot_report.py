@@ -52,7 +52,7 @@ def compile_decode(
     nibble: bool = False, lut: str = "exact",
 ) -> dict:  # fmt: skip
     kf = kernel_format(named_format(name, 128))
-    nibble = nibble and kf.key.bits == 4 and kf.value.bits == 4
+    nibble = nibble and all(c.bits in (3, 4) for c in (kf.key, kf.value))
     k_asm, v_asm = kf.nibble_asm(symmetric=lut == "sym") if nibble else ("", "")
     page = 16
     constexprs = dict(NUM_HEADS=32, NUM_SPLITS=2, GROUP=4, BLOCK_G=16, BLOCK_N=block_n, USE_SOFTCAP=False,

@@ -129,14 +129,22 @@ def tune_decode(batch: int, ctx: int, name: str) -> list[dict]:
     configs = [
         (LaunchConfig(128, 4, 2, nibble=False), None),
     ]
-    configs += [(LaunchConfig(32, 1, 3, lut="sym"), s) for s in (None, 8, 16)]  # symmetric-table lookup
-    configs += [(LaunchConfig(16, 1, 3, lut="sym"), s) for s in (8, 16)]
-    configs += [
-        (LaunchConfig(bn, warps, stages), splits)
-        for bn, warps in ((16, 1), (32, 1), (64, 1), (32, 2), (64, 2), (64, 4), (128, 4))
-        for stages in (2, 3)
-        for splits in (None, 8, 16)
-    ]
+    if name != "turboquant_4bit_nc":  # formats with 3-bit codes: the eight-phase loop is opt-in there
+        configs += [
+            (LaunchConfig(bn, 1, 3, lut=lut, nibble_3bit=True), splits)
+            for bn in (16, 32)
+            for lut in ("exact", "sym")
+            for splits in (8, 16)
+        ]
+    else:
+        configs += [(LaunchConfig(32, 1, 3, lut="sym"), s) for s in (None, 8, 16)]  # symmetric-table lookup
+        configs += [(LaunchConfig(16, 1, 3, lut="sym"), s) for s in (8, 16)]
+        configs += [
+            (LaunchConfig(bn, warps, stages), splits)
+            for bn, warps in ((16, 1), (32, 1), (64, 1), (32, 2), (64, 2), (64, 4), (128, 4))
+            for stages in (2, 3)
+            for splits in (None, 8, 16)
+        ]
     for cfg, splits in configs:
         out = torch.empty_like(q)
         try:
@@ -149,7 +157,7 @@ def tune_decode(batch: int, ctx: int, name: str) -> list[dict]:
             print(f"tune {cfg} splits={splits}: {type(e).__name__}: {e}", flush=True)
             continue
         rows.append(dict(block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                         nibble=cfg.nibble, lut=cfg.lut, num_splits=splits, ms_graph=ms))  # fmt: skip
+                         nibble=cfg.nibble, lut=cfg.lut, nibble_3bit=cfg.nibble_3bit, format=name, num_splits=splits, ms_graph=ms))  # fmt: skip
         print(f"tune B{batch}xL{ctx} {name} {cfg} splits={splits}: {ms:.3f} ms (CUDA graph)", flush=True)
     return rows
 
@@ -265,6 +273,8 @@ def main() -> None:
         tuning += ablate_decode(32, 8192, "turboquant_4bit_nc")
     if "tune" in only:
         tuning += tune_decode(32, 8192, "turboquant_4bit_nc")
+        tuning += tune_decode(32, 8192, "turboquant_k3v4_nc")
+        tuning += tune_decode(32, 8192, "turboquant_3bit_nc")
     if "store" in only:
         try:
             rows += store_rows(65536 if not args.quick else 4096, copy_gbps)

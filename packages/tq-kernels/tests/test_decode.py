@@ -229,6 +229,42 @@ def test_decode_nibble_loop_matches_plane_loop(d, lens, heads, kwargs):
     assert rel_err(outs[0], outs[1]) < 1e-4  # same math, different fp32 summation order
 
 
+@pytest.mark.parametrize(
+    ("fmt_name", "d", "kwargs"),
+    [
+        ("turboquant_3bit_nc", 64, {}),
+        ("turboquant_k3v4_nc", 128, {"softcap": 3.0, "sliding_window": 30}),
+        ("turboquant_3bit_nc", 96, {"sinks": "random"}),
+    ],
+    ids=["3bit-d64", "k3v4-d128-softcap-window", "3bit-d96-sinks"],
+)
+def test_decode_nibble_loop_reads_3bit_codes(fmt_name, d, kwargs):
+    """With ``nibble_3bit`` the eight-phase loop also reads 3-bit codes (2-bit and 1-bit planes merged
+    into one word per eight coordinates) and matches the plane loop and the reference."""
+    from tq_kernels.ops.decode import nibble_format
+    from tq_kernels.tuning import LaunchConfig
+
+    fmt = named_format(fmt_name, d)
+    assert not nibble_format(fmt) and nibble_format(fmt, allow_3bit=True)
+    lens = [50, 7, 33]
+    cache, table, _, _ = make_paged(fmt, lens, 2, 16, seed=d + 1)
+    q = torch.randn(3, 4, d)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    kw = dict(kwargs)
+    if kw.get("sinks") == "random":
+        kw["sinks"] = torch.randn(4)
+    outs = []
+    for cfg in (LaunchConfig(32, 4, 1, nibble_3bit=True), LaunchConfig(32, 4, 1)):
+        out = torch.full_like(q, float("nan"))
+        tq_decode_attention(q, cache, table, seq_lens, fmt, num_splits=2, config=cfg, out=out, **kw)
+        outs.append(out)
+    ref = paged_decode_attention_ref(q, cache, table, seq_lens, fmt, **kw)
+    for out in outs:
+        assert not out.isnan().any()
+        assert rel_err(out, ref) < TOL[torch.float32]
+    assert rel_err(outs[0], outs[1]) < 1e-4
+
+
 def test_decode_rejects_an_unknown_lookup():
     from tq_kernels.tuning import LaunchConfig
 
@@ -258,12 +294,12 @@ def test_decode_nibble_loop_skips_misaligned_caches():
     shifted.copy_(cache)
     assert not nibble_eligible(kf, shifted)
     assert not nibble_eligible(kernel_format(named_format("turboquant_3bit_nc", 64)), cache)
-    q = torch.randn(1, 2, 64)
+    q = torch.randn(1, 2, 64, generator=torch.Generator().manual_seed(5))
     seq_lens = torch.tensor([20], dtype=torch.int32)
-    torch.testing.assert_close(
-        tq_decode_attention(q, shifted, table, seq_lens, fmt),
-        tq_decode_attention(q, cache, table, seq_lens, fmt),
-    )
+    # the two loops sum in different orders: equal to float32 rounding, not bit for bit
+    plane = tq_decode_attention(q, shifted, table, seq_lens, fmt)
+    assert rel_err(plane, tq_decode_attention(q, cache, table, seq_lens, fmt)) < 1e-4
+    assert rel_err(plane, paged_decode_attention_ref(q, cache, table, seq_lens, fmt)) < TOL[torch.float32]
 
 
 @pytest.mark.gpu
@@ -295,6 +331,37 @@ def test_decode_nibble_register_lookup_equals_gather(d, symmetric):
     lookup[(1,)](words_dev, lut, got, ASM=kf.nibble_asm(symmetric=symmetric)[0], N=4096)
     codes = (words[:, None] >> (4 * torch.arange(8))) & 15  # on the host: bits [4p, 4p + 4) of each word
     assert torch.equal(got.cpu().view(4096, 8), lut.cpu()[codes])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+def test_decode_nibble_register_lookup_reads_3bit_words(d):
+    """The 3-bit register lookup (plane bytes spread to nibbles, 8-entry table) on the GPU equals the
+    host's table lookup of the same codes."""
+    import random
+
+    import triton
+    import triton.language as tl
+
+    from tq_kernels._format import kernel_format
+    from tq_kernels._kernels.codes import _tq_nibble_phases
+    from tq_kernels._nibble_lut import word_3bit
+
+    @triton.jit
+    def lookup(words_ptr, lut_ptr, out_ptr, ASM: tl.constexpr, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        phases = _tq_nibble_phases(tl.load(words_ptr + offs), lut_ptr, ASM, 3)
+        for p in tl.static_range(8):
+            tl.store(out_ptr + offs * 8 + p, phases[p])
+
+    kf = kernel_format(named_format("turboquant_3bit_nc", d))
+    rng = random.Random(d)
+    codes = [[rng.randrange(8) for _ in range(8)] for _ in range(4096)]
+    words = torch.tensor([word_3bit(c) for c in codes], dtype=torch.int32, device="cuda")
+    lut = kf.centroids(torch.device("cuda"), torch.float16)[0].contiguous()
+    got = torch.full((4096 * 8,), float("nan"), dtype=torch.float16, device="cuda")
+    lookup[(1,)](words, lut, got, ASM=kf.nibble_asm()[0], N=4096)
+    assert torch.equal(got.cpu().view(4096, 8), lut.cpu()[torch.tensor(codes)])
 
 
 def test_decode_returns_log_sum_exp():
@@ -345,6 +412,7 @@ def test_decode_custom_op_passes_opcheck():
         1,
         True,
         "exact",
+        False,
         0,
         out,
         lse,

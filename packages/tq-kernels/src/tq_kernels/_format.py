@@ -75,8 +75,8 @@ class KernelFormat:
         return _cast_tables(self.fmt, str(device), dtype)
 
     def nibble_asm(self, symmetric: bool = False) -> tuple[str, str]:
-        """(key, value) register-lookup PTX of the 4-bit decode loop (:mod:`tq_kernels._nibble_lut`);
-        only for components of exactly 4 bits.  ``symmetric`` uses the shorter program for
+        """(key, value) register-lookup PTX of the eight-phase decode loop (:mod:`tq_kernels._nibble_lut`);
+        only for components of 3 or 4 bits.  ``symmetric`` uses the shorter program for
         antisymmetric codebooks where the table is one (every Lloyd-Max codebook here is)."""
         return _nibble_asm(self.fmt, symmetric)
 
@@ -146,11 +146,11 @@ def _cast_tables(fmt: KVFormat, device: str, dtype: torch.dtype) -> tuple[torch.
 def _nibble_asm(fmt: KVFormat, symmetric: bool) -> tuple[str, str]:
     out = []
     for comp in (fmt.key, fmt.value):
-        if comp.bits != 4 or comp.hi_bits_coords:
-            raise ValueError(f"the register lookup serves 4-bit codes, got {comp.bits} bits")
-        centroids = lloyd_max_codebook(fmt.head_dim, 4).centroids.to(torch.float16)
+        if comp.bits not in (3, 4) or comp.hi_bits_coords:
+            raise ValueError(f"the register lookup serves 3- and 4-bit codes, got {comp.bits} bits")
+        centroids = lloyd_max_codebook(fmt.head_dim, comp.bits).centroids.to(torch.float16)
         bits = tuple(int(b) & 0xFFFF for b in centroids.view(torch.int16).tolist())
-        out.append(lut_asm(bits, symmetric and is_antisymmetric(bits)))
+        out.append(lut_asm(bits, symmetric and comp.bits == 4 and is_antisymmetric(bits)))
     return out[0], out[1]
 
 

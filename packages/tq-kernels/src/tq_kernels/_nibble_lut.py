@@ -23,7 +23,15 @@ from __future__ import annotations
 import functools
 import struct
 
-__all__ = ["PROGRAM", "PROGRAM_SYMMETRIC", "emulate", "is_antisymmetric", "lut_asm"]
+__all__ = [
+    "PROGRAM",
+    "PROGRAM_3BIT",
+    "PROGRAM_SYMMETRIC",
+    "emulate",
+    "is_antisymmetric",
+    "lut_asm",
+    "word_3bit",
+]
 
 # (op, destination, sources...); sources are register names, "$w" (the input word) or ints (immediates).
 # "tl0".."tl3" hold the low bytes of entries 0-15 (four per register), "th0".."th3" the high bytes.
@@ -89,6 +97,34 @@ def _program_symmetric() -> tuple[tuple, ...]:
 
 PROGRAM_SYMMETRIC = _program_symmetric()
 
+_OR_AND = 0xA8  # (a | b) & c
+
+
+def _program_3bit() -> tuple[tuple, ...]:
+    """26 instructions for eight 3-bit codes of the plane layout, handed over as one word: bits 0-15
+    the 2-bit plane's two bytes (code ``p``'s high bits at ``2p``), bits 16-23 the 1-bit plane's byte
+    (its low bit at ``16 + p``).  Both are spread to one code per nibble, then an 8-entry table (4
+    registers) is looked up four codes per ``prmt``."""
+    steps: list[tuple] = [("and", "x", "$w", 0xFFFF)]
+    for shift, mask in ((8, 0x00FF00FF), (4, 0x0F0F0F0F), (2, 0x33333333)):  # 2-bit fields -> nibbles
+        steps += [("shl", "t", "x", shift), ("lop3", "x", "x", "t", mask, _OR_AND)]
+    steps += [("shr", "y", "$w", 16), ("and", "y", "y", 0xFF)]
+    for shift, mask in ((12, 0x000F000F), (6, 0x03030303), (3, 0x11111111)):  # bits -> nibbles
+        steps += [("shl", "t", "y", shift), ("lop3", "y", "y", "t", mask, _OR_AND)]
+    steps += [("shl", "x", "x", 1), ("or", "s0", "x", "y"), ("shr", "s1", "s0", 16)]
+    for half in (0, 1):
+        sel = f"s{half}"
+        steps += [
+            ("prmt", "vlo", "tl0", "tl1", sel),
+            ("prmt", "vhi", "th0", "th1", sel),
+            ("prmt", f"o{2 * half}", "vlo", "vhi", 0x5140),
+            ("prmt", f"o{2 * half + 1}", "vlo", "vhi", 0x7362),
+        ]
+    return tuple(steps)
+
+
+PROGRAM_3BIT = _program_3bit()
+
 
 def is_antisymmetric(table_bits: tuple[int, ...]) -> bool:
     """Whether a 16-entry float16 table is ``t[15 - j] = -t[j]`` with non-negative ``t[8..15]``."""
@@ -98,9 +134,16 @@ def is_antisymmetric(table_bits: tuple[int, ...]) -> bool:
 
 
 def _table_words(table_bits: tuple[int, ...], symmetric: bool = False) -> dict[str, int]:
-    if len(table_bits) != 16 or any(not 0 <= b < 1 << 16 for b in table_bits):
-        raise ValueError("the table needs sixteen 16-bit patterns")
+    if len(table_bits) not in (8, 16) or any(not 0 <= b < 1 << 16 for b in table_bits):
+        raise ValueError("the table needs eight or sixteen 16-bit patterns")
     words = {}
+    if len(table_bits) == 8:  # the 3-bit program
+        for name, shift in (("tl", 0), ("th", 8)):
+            for r in range(2):
+                words[f"{name}{r}"] = sum(
+                    ((table_bits[4 * r + k] >> shift) & 0xFF) << (8 * k) for k in range(4)
+                )
+        return words
     if symmetric:
         if not is_antisymmetric(table_bits):
             raise ValueError("the symmetric lookup needs an antisymmetric table (t[15 - j] = -t[j])")
@@ -124,8 +167,9 @@ def float16_bits(values) -> tuple[int, ...]:
 def lut_asm(table_bits: tuple[int, ...], symmetric: bool = False) -> str:
     """PTX for ``tl.inline_asm_elementwise`` (pack 1): input ``$8`` an int32 word of eight codes,
     outputs ``$0 .. $7`` the float16 table entries of codes 0-7 (constraints ``=h`` x8, ``r``).
-    ``symmetric`` emits the 18-instruction program for antisymmetric tables."""
-    program = PROGRAM_SYMMETRIC if symmetric else PROGRAM
+    ``symmetric`` emits the 18-instruction program for antisymmetric tables; an 8-entry table selects
+    the 3-bit program (the word as :data:`PROGRAM_3BIT` describes)."""
+    program = _program_for(table_bits, symmetric)
     table = _table_words(table_bits, symmetric)
     regs = sorted({s[1] for s in program} | set(table))
     lines = ["{", f".reg .b32 {', '.join(regs)};"]
@@ -139,6 +183,8 @@ def lut_asm(table_bits: tuple[int, ...], symmetric: bool = False) -> str:
             lines.append(f"lop3.b32 {dst}, {arg(src[0])}, {arg(src[1])}, {arg(src[2])}, {src[3]:#x};")
         elif op == "mul":
             lines.append(f"mul.lo.u32 {dst}, {arg(src[0])}, {arg(src[1])};")
+        elif op in ("and", "or"):
+            lines.append(f"{op}.b32 {dst}, {arg(src[0])}, {arg(src[1])};")
         elif op == "prmt":
             lines.append(f"prmt.b32 {dst}, {arg(src[0])}, {arg(src[1])}, {arg(src[2])};")
         else:
@@ -146,6 +192,12 @@ def lut_asm(table_bits: tuple[int, ...], symmetric: bool = False) -> str:
     lines += [f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, o{i};" for i in range(4)]
     lines.append("}")
     return "\n".join(lines)
+
+
+def _program_for(table_bits: tuple[int, ...], symmetric: bool) -> tuple[tuple, ...]:
+    if len(table_bits) == 8:
+        return PROGRAM_3BIT
+    return PROGRAM_SYMMETRIC if symmetric else PROGRAM
 
 
 def _prmt(a: int, b: int, c: int) -> int:
@@ -171,17 +223,19 @@ def _lop3(a: int, b: int, c: int, lut: int) -> int:
 
 def emulate(word: int, table_bits: tuple[int, ...], symmetric: bool = False) -> tuple[int, ...]:
     """What :func:`lut_asm`'s program returns for ``word``, computed step by step in Python: the eight
-    16-bit patterns, code 0 (bits 0-3) first."""
+    16-bit patterns, code 0 first."""
     r = dict(_table_words(table_bits, symmetric))
     r["$w"] = word & 0xFFFFFFFF
 
     def val(x):
         return x if isinstance(x, int) else r[x]
 
-    for op, dst, *src in PROGRAM_SYMMETRIC if symmetric else PROGRAM:
+    for op, dst, *src in _program_for(table_bits, symmetric):
         a = [val(x) for x in src]
         if op == "and":
             r[dst] = a[0] & a[1]
+        elif op == "or":
+            r[dst] = a[0] | a[1]
         elif op == "shr":
             r[dst] = a[0] >> a[1]
         elif op == "shl":
@@ -195,3 +249,11 @@ def emulate(word: int, table_bits: tuple[int, ...], symmetric: bool = False) -> 
         else:  # pragma: no cover - PROGRAM only uses the ops above
             raise AssertionError(op)
     return tuple((r[f"o{i // 2}"] >> (16 * (i % 2))) & 0xFFFF for i in range(8))
+
+
+def word_3bit(codes: list[int]) -> int:
+    """The word the 3-bit program reads for eight codes: their high two bits as the 2-bit plane's two
+    bytes (bits 0-15), their low bits as the 1-bit plane's byte (bits 16-23)."""
+    hi = sum(((c >> 1) & 3) << (2 * p) for p, c in enumerate(codes))
+    lo = sum((c & 1) << p for p, c in enumerate(codes))
+    return hi | lo << 16

@@ -24,6 +24,9 @@ class LaunchConfig:
     # decode only, NIBBLE loop on NVIDIA GPUs: "sym" looks antisymmetric codebooks up with the
     # 18-instruction program (4 table registers) instead of the general 21-instruction one ("exact")
     lut: str = "exact"
+    # decode only: also run the eight-phase loop for formats with 3-bit components (3bit_nc, k3v4_nc),
+    # opt-in until it has been timed on a GPU
+    nibble_3bit: bool = False
 
 
 def _arch(device: torch.device) -> tuple[int, int]:

@@ -238,9 +238,19 @@ def _tq_store_norm(slot_ptrs, gamma, mask, NORM_OFF: tl.constexpr, NORM: tl.cons
 
 
 @triton.jit
-def _tq_nibble_phases(words, lut_ptr, ASM: tl.constexpr):
-    """The eight codes of each int32 word of a 4-bit plane, as eight float16 tensors shaped like
-    ``words``: tensor ``p`` holds ``centroids[(word >> 4p) & 15]``, the value of coordinate ``8w + p``.
+def _tq_phase_code(words, P: tl.constexpr, BITS: tl.constexpr):
+    """Code of phase ``P`` (coordinate ``8w + P``) in words of :func:`_tq_load_words`."""
+    if BITS == 4:
+        return (words >> (4 * P)) & 15
+    else:
+        return ((words >> (2 * P)) & 3) * 2 + ((words >> (16 + P)) & 1)
+
+
+@triton.jit
+def _tq_nibble_phases(words, lut_ptr, ASM: tl.constexpr, BITS: tl.constexpr = 4):
+    """The eight codes of each int32 word (``tq_kernels._kernels.decode._tq_load_words``: a 4-bit
+    plane's word, or a 3-bit row's 2-bit and 1-bit plane bytes) as eight float16 tensors shaped like
+    ``words``: tensor ``p`` holds the centroid of coordinate ``8w + p``.
 
     ``ASM`` (from :func:`tq_kernels._nibble_lut.lut_asm`) looks the codes up in registers on NVIDIA
     GPUs; ``""`` gathers them from the float16 table at ``lut_ptr`` (the interpreter, other GPUs).
@@ -265,12 +275,12 @@ def _tq_nibble_phases(words, lut_ptr, ASM: tl.constexpr):
         )
     else:
         return (
-            tl.load(lut_ptr + (words & 15)),
-            tl.load(lut_ptr + ((words >> 4) & 15)),
-            tl.load(lut_ptr + ((words >> 8) & 15)),
-            tl.load(lut_ptr + ((words >> 12) & 15)),
-            tl.load(lut_ptr + ((words >> 16) & 15)),
-            tl.load(lut_ptr + ((words >> 20) & 15)),
-            tl.load(lut_ptr + ((words >> 24) & 15)),
-            tl.load(lut_ptr + ((words >> 28) & 15)),
+            tl.load(lut_ptr + _tq_phase_code(words, 0, BITS)),
+            tl.load(lut_ptr + _tq_phase_code(words, 1, BITS)),
+            tl.load(lut_ptr + _tq_phase_code(words, 2, BITS)),
+            tl.load(lut_ptr + _tq_phase_code(words, 3, BITS)),
+            tl.load(lut_ptr + _tq_phase_code(words, 4, BITS)),
+            tl.load(lut_ptr + _tq_phase_code(words, 5, BITS)),
+            tl.load(lut_ptr + _tq_phase_code(words, 6, BITS)),
+            tl.load(lut_ptr + _tq_phase_code(words, 7, BITS)),
         )

@@ -9,11 +9,12 @@ Grid: ``(batch, num_kv_heads, num_splits)``.  The GQA group of a KV head is the 
 ``tl.dot`` calls (padded to ``BLOCK_G >= 16``).  Each split handles a contiguous, BLOCK_N-aligned range
 of the sequence and writes ``(acc, m, l)``; ``_tq_decode_reduce_kernel`` merges them.
 
-``NIBBLE`` (formats whose K and V codes are each one 4-bit plane: 4bit_nc) reads each code row as
-int32 words of eight codes and splits the head dim into eight phases: phase ``p`` is coordinates
-``8w + p``, so ``q . k = sum_p q_p . k_p`` and the output is kept as eight phase accumulators.  The
-codes of a word are looked up in registers (``tq_kernels._nibble_lut``, 21 instructions per eight
-codes on NVIDIA GPUs) instead of one memory gather per element, and no tile is reshaped.
+``NIBBLE`` (formats whose K and V codes are each one 4-bit plane, 4bit_nc, and opt-in for 3-bit
+components) reads each code row as int32 words of eight codes and splits the head dim into eight
+phases: phase ``p`` is coordinates ``8w + p``, so ``q . k = sum_p q_p . k_p`` and the output is kept
+as eight phase accumulators.  The codes of a word are looked up in registers
+(``tq_kernels._nibble_lut``: 21 instructions per eight 4-bit codes, 26 per eight 3-bit codes, on
+NVIDIA GPUs) instead of one memory gather per element, and no tile is reshaped.
 """
 
 import triton
@@ -139,7 +140,7 @@ def _tq_decode_attention_kernel(
             b, kvh, split, lo, hi, heads, g_mask, stride_q_b, stride_q_h, stride_cache_blk,
             stride_cache_head, stride_bt_b, stride_po_b, stride_po_h, stride_po_s, softcap,
             NUM_HEADS, NUM_SPLITS, BLOCK_G, BLOCK_N, PAGE, USE_SOFTCAP, HEAD_DIM, BLOCK_W,
-            K_CODE_OFF, K_NORM_OFF, K_NORM, V_CODE_OFF, V_NORM_OFF, V_NORM, K_ASM, V_ASM,
+            K_BITS, K_CODE_OFF, K_NORM_OFF, K_NORM, V_BITS, V_CODE_OFF, V_NORM_OFF, V_NORM, K_ASM, V_ASM,
         )  # fmt: skip
         return
     q = tl.load(
@@ -203,10 +204,19 @@ def _tq_decode_attention_kernel(
 
 
 @triton.jit
-def _tq_load_words(region, row, n_mask, offs_w, OFF: tl.constexpr, W: tl.constexpr):
-    """int32 `[BLOCK_N, BLOCK_W]`: the code rows of a 4-bit plane at ``OFF``, eight codes a word."""
-    rows = (region + OFF + row * (4 * W)).to(tl.pointer_type(tl.int32))
-    return tl.load(rows[:, None] + offs_w[None, :], mask=n_mask[:, None] & (offs_w < W)[None, :], other=0)
+def _tq_load_words(region, row, n_mask, offs_w, OFF: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr):
+    """int32 `[BLOCK_N, BLOCK_W]`, eight codes of the code rows at ``OFF`` a word: for 4-bit codes the
+    plane's word ``w`` itself; for 3-bit codes (a 2-bit plane of 2W bytes, then a 1-bit plane of W) the
+    2-bit plane's bytes ``2w, 2w + 1`` in bits 0-15 and the 1-bit plane's byte ``w`` in bits 16-23."""
+    m = n_mask[:, None] & (offs_w < W)[None, :]
+    if BITS == 4:
+        rows = (region + OFF + row * (4 * W)).to(tl.pointer_type(tl.int32))
+        return tl.load(rows[:, None] + offs_w[None, :], mask=m, other=0)
+    else:
+        base = region + OFF + row * (3 * W)
+        hi = tl.load(base.to(tl.pointer_type(tl.int16))[:, None] + offs_w[None, :], mask=m, other=0)
+        lo = tl.load(base[:, None] + 2 * W + offs_w[None, :], mask=m, other=0)
+        return (hi.to(tl.int32) & 0xFFFF) | (lo.to(tl.int32) << 16)
 
 
 @triton.jit
@@ -216,8 +226,9 @@ def _tq_decode_nibbles(
     stride_cache_head, stride_bt_b, stride_po_b, stride_po_h, stride_po_s, softcap,
     NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, USE_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr,
-    K_CODE_OFF: tl.constexpr, K_NORM_OFF: tl.constexpr, K_NORM: tl.constexpr, V_CODE_OFF: tl.constexpr,
-    V_NORM_OFF: tl.constexpr, V_NORM: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
+    K_BITS: tl.constexpr, K_CODE_OFF: tl.constexpr, K_NORM_OFF: tl.constexpr, K_NORM: tl.constexpr,
+    V_BITS: tl.constexpr, V_CODE_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr, V_NORM: tl.constexpr,
+    K_ASM: tl.constexpr, V_ASM: tl.constexpr,
 ):  # fmt: skip
     """The ``NIBBLE`` loop of ``_tq_decode_attention_kernel`` (see the module docstring)."""
     W: tl.constexpr = HEAD_DIM // 8  # int32 words per code row
@@ -261,7 +272,7 @@ def _tq_decode_nibbles(
         # masked rows read code 0 (a finite centroid): their scores become -inf and their values get
         # weight 0 below, so the tiles need no masking of their own
         k0, k1, k2, k3, k4, k5, k6, k7 = _tq_nibble_phases(
-            _tq_load_words(region, row, n_mask, offs_w, K_CODE_OFF, W), k_lut_ptr, K_ASM
+            _tq_load_words(region, row, n_mask, offs_w, K_CODE_OFF, W, K_BITS), k_lut_ptr, K_ASM, K_BITS
         )
         s = tl.dot(q0, tl.trans(k0))
         s = tl.dot(q1, tl.trans(k1), acc=s)
@@ -275,7 +286,7 @@ def _tq_decode_nibbles(
         m_new, alpha, p, l_i = _tq_online_softmax(s, k_gamma, n_mask, m_i, l_i, softcap, USE_SOFTCAP)
 
         v0, v1, v2, v3, v4, v5, v6, v7 = _tq_nibble_phases(
-            _tq_load_words(region, row, n_mask, offs_w, V_CODE_OFF, W), v_lut_ptr, V_ASM
+            _tq_load_words(region, row, n_mask, offs_w, V_CODE_OFF, W, V_BITS), v_lut_ptr, V_ASM, V_BITS
         )
         v_gamma = tl.where(n_mask, _tq_load_norm_rows(region, row, n_mask, V_NORM_OFF, V_NORM), 0.0)
         pv = (p * v_gamma[None, :]).to(tl.float16)

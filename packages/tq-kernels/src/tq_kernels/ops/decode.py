@@ -36,17 +36,19 @@ def default_num_splits(
     return int(max(1, min(want, math.ceil(max(max_seq_len, 1) / block_n), 64)))
 
 
-def nibble_format(fmt: KVFormat) -> bool:
-    """Whether ``fmt``'s K and V codes are single 4-bit planes, which the eight-phase decode loop reads
-    (with the default :class:`~tq_kernels.tuning.LaunchConfig`, one warp per program)."""
-    return all(c.bits == 4 and not c.hi_bits_coords for c in (fmt.key, fmt.value))
+def nibble_format(fmt: KVFormat, allow_3bit: bool = False) -> bool:
+    """Whether the eight-phase decode loop reads ``fmt``: K and V codes single 4-bit planes (the
+    default :class:`~tq_kernels.tuning.LaunchConfig` runs it with one warp per program), or, with
+    ``allow_3bit``, 3-bit codes for either component."""
+    widths = (3, 4) if allow_3bit else (4,)
+    return all(c.bits in widths and not c.hi_bits_coords for c in (fmt.key, fmt.value))
 
 
-def nibble_eligible(kf, cache: torch.Tensor) -> bool:
-    """Whether the eight-phase 4-bit loop can read ``cache``: K and V codes are single 4-bit planes and
-    every code row starts on a 4-byte boundary (the loop loads int32 words)."""
+def nibble_eligible(kf, cache: torch.Tensor, allow_3bit: bool = False) -> bool:
+    """Whether the eight-phase loop can read ``cache``: :func:`nibble_format`, and every code row
+    starts on a 4-byte boundary (the loop loads int32 and int16 words)."""
     return (
-        nibble_format(kf.fmt)
+        nibble_format(kf.fmt, allow_3bit)
         and cache.data_ptr() % 4 == 0
         and cache.stride(0) % 4 == 0
         and cache.stride(1) % 4 == 0
@@ -72,6 +74,7 @@ def _decode_op(
     num_stages: int,
     nibble: bool,
     lut: str,
+    nibble_3bit: bool,
     ablate: int,
     out: torch.Tensor,
     lse: torch.Tensor | None,
@@ -90,7 +93,7 @@ def _decode_op(
     part_ml = torch.empty(batch, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
     k_lut, v_lut = kf.centroids(q.device, torch.float16)
     block_g = max(16, triton.next_power_of_2(group))
-    nibble = nibble and ablate == 0 and nibble_eligible(kf, cache)
+    nibble = nibble and ablate == 0 and nibble_eligible(kf, cache, nibble_3bit)
     k_asm = v_asm = ""
     if nibble and q.device.type == "cuda" and torch.version.hip is None:
         k_asm, v_asm = kf.nibble_asm(symmetric=lut == "sym")
@@ -170,6 +173,7 @@ def _(
     num_stages: int,
     nibble: bool,
     lut: str,
+    nibble_3bit: bool,
     ablate: int,
     out: torch.Tensor,
     lse: torch.Tensor | None,
@@ -273,6 +277,7 @@ def tq_decode_attention(
         cfg.num_stages,
         cfg.nibble,
         cfg.lut,
+        cfg.nibble_3bit,
         _ablate,
         out,
         lse,
