@@ -124,12 +124,11 @@ def loop_profile(sass: str) -> dict:
     addr = [int(re.match(r"\s+/\*([0-9a-f]{4})\*/", ln).group(1), 16) for ln in lines]
     best = (0, 0)
     for i, ln in enumerate(lines):
-        m = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?(?:\S+\s+)?0x([0-9a-f]+)", ln) or re.search(
-            r"BRA .*?0x([0-9a-f]+)", ln
-        )
-        if m and int(m.group(1), 16) < addr[i]:
-            j = addr.index(int(m.group(1), 16)) if int(m.group(1), 16) in addr else None
-            if j is not None and i - j > best[1] - best[0]:
+        m = re.search(r"BRA .*?0x([0-9a-f]+)", ln)  # the branch target, the first address after BRA
+        target = int(m.group(1), 16) if m else None
+        if target is not None and target < addr[i] and target in addr:
+            j = addr.index(target)
+            if i - j > best[1] - best[0]:
                 best = (j, i)
     body = lines[best[0] : best[1] + 1]
     mix: dict[str, int] = {}

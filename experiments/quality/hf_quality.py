@@ -330,11 +330,7 @@ def main() -> None:
             row |= {"residual_length": args.residual, "dtype": str(dtype), "device": str(device)}
         except Exception as exc:  # one broken config must not lose the others' rows
             row = {"engine": "hf", "config": name, "error": repr(exc)[-2000:]}
-        line = json.dumps(row)
-        print("RESULT " + line, flush=True)
-        if args.jsonl:
-            with args.jsonl.open("a") as f:
-                f.write(line + "\n")
+        wl.emit(row, args.jsonl)
 
 
 if __name__ == "__main__":

@@ -179,12 +179,7 @@ def main() -> None:
             for n in names
         }
         for fut in futures.values():
-            row = fut.result()
-            line = json.dumps(row)
-            print("RESULT " + line, flush=True)
-            if args.jsonl:
-                with args.jsonl.open("a") as f:
-                    f.write(line + "\n")
+            wl.emit(fut.result(), args.jsonl)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ with its ``tokenizer.json``; the needle prompts come from ``experiments/referenc
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -110,3 +111,13 @@ def summarize(
         "agree_tokens": agree_tokens,
         **extra,
     }
+
+
+def emit(row: dict, jsonl: Path | None) -> None:
+    """Print one ``RESULT {json}`` line (what report.py and the device logs read) and append the row to
+    ``jsonl`` when given."""
+    line = json.dumps(row)
+    print("RESULT " + line, flush=True)
+    if jsonl:
+        with jsonl.open("a") as f:
+            f.write(line + "\n")

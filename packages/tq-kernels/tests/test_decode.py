@@ -212,14 +212,27 @@ def test_decode_nibble_loop_matches_plane_loop(d, lens, heads, kwargs):
     fmt = named_format("turboquant_4bit_nc", d)
     cache, table, _, _ = make_paged(fmt, lens, 2, 16, seed=d)
     q = torch.randn(len(lens), heads, d)
+    _check_loops_agree(
+        fmt,
+        cache,
+        table,
+        lens,
+        q,
+        kwargs,
+        LaunchConfig(block_n=32, num_warps=4, num_stages=1, nibble=True),
+        LaunchConfig(block_n=32, num_warps=4, num_stages=1, nibble=False),
+    )
+
+
+def _check_loops_agree(fmt, cache, table, lens, q, kwargs, cfg_a, cfg_b) -> None:
+    """Both launch configurations (two decode loops) match the reference and each other."""
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     kw = dict(kwargs)
     if kw.get("sinks") == "random":
-        kw["sinks"] = torch.randn(heads)
+        kw["sinks"] = torch.randn(q.shape[1])
     outs = []
-    for nibble in (True, False):
+    for cfg in (cfg_a, cfg_b):
         out = torch.full_like(q, float("nan"))
-        cfg = LaunchConfig(block_n=32, num_warps=4, num_stages=1, nibble=nibble)
         tq_decode_attention(q, cache, table, seq_lens, fmt, num_splits=2, config=cfg, out=out, **kw)
         outs.append(out)
     ref = paged_decode_attention_ref(q, cache, table, seq_lens, fmt, **kw)
@@ -249,20 +262,9 @@ def test_decode_nibble_loop_reads_3bit_codes(fmt_name, d, kwargs):
     lens = [50, 7, 33]
     cache, table, _, _ = make_paged(fmt, lens, 2, 16, seed=d + 1)
     q = torch.randn(3, 4, d)
-    seq_lens = torch.tensor(lens, dtype=torch.int32)
-    kw = dict(kwargs)
-    if kw.get("sinks") == "random":
-        kw["sinks"] = torch.randn(4)
-    outs = []
-    for cfg in (LaunchConfig(32, 4, 1, nibble_3bit=True), LaunchConfig(32, 4, 1)):
-        out = torch.full_like(q, float("nan"))
-        tq_decode_attention(q, cache, table, seq_lens, fmt, num_splits=2, config=cfg, out=out, **kw)
-        outs.append(out)
-    ref = paged_decode_attention_ref(q, cache, table, seq_lens, fmt, **kw)
-    for out in outs:
-        assert not out.isnan().any()
-        assert rel_err(out, ref) < TOL[torch.float32]
-    assert rel_err(outs[0], outs[1]) < 1e-4
+    _check_loops_agree(
+        fmt, cache, table, lens, q, kwargs, LaunchConfig(32, 4, 1, nibble_3bit=True), LaunchConfig(32, 4, 1)
+    )
 
 
 def test_decode_rejects_an_unknown_lookup():

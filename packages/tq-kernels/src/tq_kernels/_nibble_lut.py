@@ -38,6 +38,15 @@ __all__ = [
 _SELECT = 0xD8  # lop3 immLut of (a & ~c) | (b & c): F(0xF0, 0xCC, 0xAA)
 
 
+def _pairs(half: int) -> list[tuple]:
+    """Interleave the low bytes ``vlo`` and high bytes ``vhi`` of four looked-up codes into the float16
+    pairs ``o{2 half}`` (codes 4 half, 4 half + 1) and ``o{2 half + 1}`` (the next two)."""
+    return [
+        ("prmt", f"o{2 * half}", "vlo", "vhi", 0x5140),
+        ("prmt", f"o{2 * half + 1}", "vlo", "vhi", 0x7362),
+    ]
+
+
 def _program() -> tuple[tuple, ...]:
     steps: list[tuple] = [
         ("and", "s0", "$w", 0x77777777),
@@ -56,8 +65,7 @@ def _program() -> tuple[tuple, ...]:
             ("prmt", "hb", "th2", "th3", sel),
             ("lop3", "vlo", "la", "lb", mask, _SELECT),
             ("lop3", "vhi", "ha", "hb", mask, _SELECT),
-            ("prmt", f"o{2 * half}", "vlo", "vhi", 0x5140),  # codes 4h, 4h + 1 as a float16 pair
-            ("prmt", f"o{2 * half + 1}", "vlo", "vhi", 0x7362),  # codes 4h + 2, 4h + 3
+            *_pairs(half),
         ]
     return tuple(steps)
 
@@ -89,8 +97,7 @@ def _program_symmetric() -> tuple[tuple, ...]:
             ("prmt", "vlo", "ml0", "ml1", sel),
             ("prmt", "mhi", "mh0", "mh1", sel),
             ("lop3", "vhi", "mhi", mask, 0x80808080, _OR_NOT),  # the sign bit where bit 3 was clear
-            ("prmt", f"o{2 * half}", "vlo", "vhi", 0x5140),
-            ("prmt", f"o{2 * half + 1}", "vlo", "vhi", 0x7362),
+            *_pairs(half),
         ]
     return tuple(steps)
 
@@ -117,8 +124,7 @@ def _program_3bit() -> tuple[tuple, ...]:
         steps += [
             ("prmt", "vlo", "tl0", "tl1", sel),
             ("prmt", "vhi", "th0", "th1", sel),
-            ("prmt", f"o{2 * half}", "vlo", "vhi", 0x5140),
-            ("prmt", f"o{2 * half + 1}", "vlo", "vhi", 0x7362),
+            *_pairs(half),
         ]
     return tuple(steps)
 
@@ -133,29 +139,24 @@ def is_antisymmetric(table_bits: tuple[int, ...]) -> bool:
     )
 
 
+def _byte_words(entries: tuple[int, ...], lo: str, hi: str) -> dict[str, int]:
+    """Registers ``lo0, lo1, ...`` holding the low bytes of ``entries`` (four a register, entry 0 in
+    byte 0) and ``hi0, hi1, ...`` their high bytes."""
+    return {
+        f"{name}{r}": sum(((entries[4 * r + k] >> shift) & 0xFF) << (8 * k) for k in range(4))
+        for name, shift in ((lo, 0), (hi, 8))
+        for r in range(len(entries) // 4)
+    }
+
+
 def _table_words(table_bits: tuple[int, ...], symmetric: bool = False) -> dict[str, int]:
     if len(table_bits) not in (8, 16) or any(not 0 <= b < 1 << 16 for b in table_bits):
         raise ValueError("the table needs eight or sixteen 16-bit patterns")
-    words = {}
-    if len(table_bits) == 8:  # the 3-bit program
-        for name, shift in (("tl", 0), ("th", 8)):
-            for r in range(2):
-                words[f"{name}{r}"] = sum(
-                    ((table_bits[4 * r + k] >> shift) & 0xFF) << (8 * k) for k in range(4)
-                )
-        return words
-    if symmetric:
+    if len(table_bits) == 16 and symmetric:
         if not is_antisymmetric(table_bits):
             raise ValueError("the symmetric lookup needs an antisymmetric table (t[15 - j] = -t[j])")
-        mags = table_bits[8:]
-        for name, shift in (("ml", 0), ("mh", 8)):
-            for r in range(2):
-                words[f"{name}{r}"] = sum(((mags[4 * r + k] >> shift) & 0xFF) << (8 * k) for k in range(4))
-        return words
-    for name, shift in (("tl", 0), ("th", 8)):
-        for r in range(4):
-            words[f"{name}{r}"] = sum(((table_bits[4 * r + k] >> shift) & 0xFF) << (8 * k) for k in range(4))
-    return words
+        return _byte_words(table_bits[8:], "ml", "mh")  # the magnitudes
+    return _byte_words(table_bits, "tl", "th")  # 8 entries: the 3-bit program's table
 
 
 def float16_bits(values) -> tuple[int, ...]:
@@ -183,11 +184,9 @@ def lut_asm(table_bits: tuple[int, ...], symmetric: bool = False) -> str:
             lines.append(f"lop3.b32 {dst}, {arg(src[0])}, {arg(src[1])}, {arg(src[2])}, {src[3]:#x};")
         elif op == "mul":
             lines.append(f"mul.lo.u32 {dst}, {arg(src[0])}, {arg(src[1])};")
-        elif op in ("and", "or"):
-            lines.append(f"{op}.b32 {dst}, {arg(src[0])}, {arg(src[1])};")
         elif op == "prmt":
             lines.append(f"prmt.b32 {dst}, {arg(src[0])}, {arg(src[1])}, {arg(src[2])};")
-        else:
+        else:  # and, or, shl, shr
             lines.append(f"{op}.b32 {dst}, {arg(src[0])}, {arg(src[1])};")
     lines += [f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, o{i};" for i in range(4)]
     lines.append("}")

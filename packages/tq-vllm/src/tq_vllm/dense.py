@@ -24,7 +24,13 @@ import torch
 
 from tq_core.attention import attention_ref
 
-__all__ = ["DenseAttention", "split_kv"]
+__all__ = ["DenseAttention", "split_kv", "window_size"]
+
+
+def window_size(sliding_window: int | None) -> list[int]:
+    """vLLM's attention kernels' ``window_size`` (keys left and right of a query, -1 for unbounded) of a
+    layer whose query at ``p`` sees keys ``j > p - sliding_window``."""
+    return [-1, -1] if sliding_window is None else [sliding_window - 1, 0]
 
 
 def split_kv(cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +143,6 @@ class DenseAttention:
 
         k_scale, v_scale = _scales(layer, query.device)
         descale_shape = (meta.query_start_loc.shape[0] - 1, self.num_kv_heads)
-        window = (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
         unified_attention(
             q=query,
             k=k_cache,
@@ -149,7 +154,7 @@ class DenseAttention:
             max_seqlen_k=meta.max_seq_len,
             softmax_scale=self.scale,
             causal=True,
-            window_size=window,
+            window_size=window_size(self.sliding_window),
             block_table=meta.block_table,
             softcap=self.softcap or 0.0,
             q_descale=None,
@@ -169,7 +174,6 @@ class DenseAttention:
         # the K and V halves of the cache are views with a head stride of 2 * head_size: FlashAttention
         # takes the block, row and head strides of a paged cache as given (only the last dim must be
         # contiguous), as for vLLM's own [2, blocks, block_size, heads, head_size] cache
-        window = [-1, -1] if self.sliding_window is None else [self.sliding_window - 1, 0]
         self.flash(
             q=query,
             k=k_cache,
@@ -181,7 +185,7 @@ class DenseAttention:
             max_seqlen_k=meta.max_seq_len,
             softmax_scale=self.scale,
             causal=True,
-            window_size=window,
+            window_size=window_size(self.sliding_window),
             block_table=meta.block_table,
             softcap=self.softcap or 0.0,
         )

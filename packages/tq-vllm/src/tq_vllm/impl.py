@@ -42,7 +42,7 @@ from tq_kernels.ops.decode import tq_decode_attention
 from tq_kernels.ops.dequant import tq_dequantize
 from tq_kernels.ops.extend import tq_extend_attention
 from tq_kernels.ops.store import tq_store, tq_store_paged
-from tq_vllm.dense import DenseAttention
+from tq_vllm.dense import DenseAttention, window_size
 from tq_vllm.metadata import TurboQuantMetadata
 from tq_vllm.presets import SUPPORTED_HEAD_DIMS, describe_support, kv_format, layer_index
 
@@ -343,7 +343,6 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 tq_store(key, value, slots, fmt, layer=common["layer"])
                 key, value = tq_dequantize(slots, fmt, layer=common["layer"], dtype=query.dtype)
             if self.flash is not None and not meta.prefill_has_prefix and query.dtype != torch.float32:
-                window = [-1, -1] if self.sliding_window is None else [self.sliding_window - 1, 0]
                 self.flash(
                     q=query[nd:],
                     k=key,
@@ -354,7 +353,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                     max_seqlen_k=meta.max_query_len,
                     softmax_scale=self.scale,
                     causal=True,
-                    window_size=window,
+                    window_size=window_size(self.sliding_window),
                     softcap=self.logits_soft_cap or 0.0,
                     out=out[nd:],
                 )

@@ -234,15 +234,13 @@ def tq_decode_attention(
         ... )  # doctest: +SKIP
     """
     batch, num_heads, num_kv_heads, group = check_attention_common(q, cache, fmt, "q")
-    kernel_format(fmt)  # rejects layouts the kernels do not read (raises before any launch)
+    kf = kernel_format(fmt)  # rejects layouts the kernels do not read (raises before any launch)
     check_paged_cache(cache, block_table, seq_lens, batch)
     if sinks is not None and (sinks.shape != (num_heads,) or sinks.device != q.device):
         raise ValueError(f"sinks must be a [{num_heads}] tensor on {q.device}, got {tuple(sinks.shape)}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
-    cfg = config or decode_config(
-        fmt.head_dim, group, q.device, nibble=nibble_eligible(kernel_format(fmt), cache)
-    )
+    cfg = config or decode_config(fmt.head_dim, group, q.device, nibble=nibble_eligible(kf, cache))
     block_n = cfg.block_n
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
