@@ -15,6 +15,8 @@
 #   bash experiments/device_session.sh model         # the trained reference model's files
 #   bash experiments/device_session.sh profile "turboquant_4bit_nc CUSTOM"   # GPU 0: per-kernel decode time
 #   bash experiments/device_session.sh tp2           # both GPUs, after the queue is done
+#   (FOUR_GPU=1 on every call of an nvidia-h200-x4 lease: GPU 0 timed vLLM runs, GPU 1 and 2 two
+#    queues, GPU 2 kernel tests, GPU 3 kernel benchmarks, TP2 on GPUs 2 and 3)
 #   bash experiments/device_session.sh collect       # pack the queue's logs into $OUT
 #
 # The queue (experiments/gpu1_queue.sh) waits for the vLLM install before its vLLM steps.  Everything
@@ -32,15 +34,32 @@ pack() {  # at most 8 files come back: one tarball of logs + the small result fi
 }
 
 start_queue() {  # once per machine, on its first call
-  if [ ! -e $RES/queue.started ] && [ -z "${NO_QUEUE:-}" ]; then
-    touch $RES/queue.started
+  [ -e $RES/queue.started ] && return 0
+  touch $RES/queue.started
+  src=$ROOT/packages/tq-core/src:$ROOT/packages/tq-kernels/src
+  if [ -n "${FOUR_GPU:-}" ]; then
+    # nvidia-h200-x4: GPU 0 timed vLLM runs; GPU 1 queue A (training, quality through vLLM, server,
+    # quickstarts); GPU 2 the kernels' GPU test matrix, then queue B (consistency, quality through
+    # transformers); GPU 3 the kernel benchmarks.  TP2 runs on GPUs 2 and 3 once both queues are done.
+    (QUEUE_GPU=1 QUEUE_NAME=a SKIP="consistency quality-hf ${SKIP:-}" setsid nohup \
+      bash "$ROOT/experiments/gpu1_queue.sh" > $RES/queue.log 2>&1 &)
+    (CUDA_VISIBLE_DEVICES=2 PYTHONPATH=$src setsid nohup bash -c "cd $ROOT/packages/tq-kernels && \
+      timeout 400 python3 -m pytest tests -m gpu -q -n 16 -p no:cacheprovider --durations=5 \
+      > $RES/kernels_gpu_tests.log 2>&1; echo EXIT \$? >> $RES/kernels_gpu_tests.log; \
+      QUEUE_GPU=2 QUEUE_NAME=b SKIP='train quality-vllm serve quickstarts ${SKIP:-}' \
+      bash $ROOT/experiments/gpu1_queue.sh > $RES/queue_b.log 2>&1" > /dev/null 2>&1 &)
+    (CUDA_VISIBLE_DEVICES=3 PYTHONPATH=$src OUT=$RES setsid nohup timeout 540 \
+      python3 "$ROOT/experiments/kernels/bench_kernels.py" --only "${KERNELS_BG_ONLY:-decode,tune,store,extend}" \
+      > $RES/kernels_bench.log 2>&1 &)
+    echo "GPU 1 queue a, GPU 2 kernel tests then queue b, GPU 3 kernel benchmarks started"
+    return 0
+  fi
+  if [ -z "${NO_QUEUE:-}" ]; then
     (setsid nohup bash "$ROOT/experiments/gpu1_queue.sh" > $RES/queue.log 2>&1 &)
     echo "GPU-1 queue started"
   fi
   # KERNELS_BG=1: GPU 0 runs the kernel benchmarks while the vLLM bundle is still arriving
-  if [ -n "${KERNELS_BG:-}" ] && [ ! -e $RES/kernels.started ]; then
-    touch $RES/kernels.started
-    src=$ROOT/packages/tq-core/src:$ROOT/packages/tq-kernels/src
+  if [ -n "${KERNELS_BG:-}" ]; then
     (CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$src OUT=$RES setsid nohup timeout 420 \
       python3 "$ROOT/experiments/kernels/bench_kernels.py" --only "${KERNELS_BG_ONLY:-decode,tune,store,extend}" \
       > $RES/kernels_bench.log 2>&1 &)
@@ -112,9 +131,14 @@ case "${1:?phase}" in
     tail -3 $RES/queue.log
     pack
     ;;
-  tp2)
+  tp2)  # both GPUs of an x2 lease after its queue; GPUs 2 and 3 of an x4 lease (FOUR_GPU=1)
     export PYTHONPATH=/tmp/site
-    while [ ! -e $RES/queue.done ]; do sleep 5; done
+    if [ -n "${FOUR_GPU:-}" ]; then
+      export CUDA_VISIBLE_DEVICES=2,3
+      while [ ! -e $RES/queueb.done ] || pgrep -f "[b]ench_kernels.py" > /dev/null; do sleep 5; done
+    else
+      while [ ! -e $RES/queue.done ]; do sleep 5; done
+    fi
     for args in "auto FLASH_ATTN" "turboquant_4bit_nc CUSTOM"; do
       echo "== TP2 $args" | tee -a $RES/vllm_anchor_tp2.log
       # shellcheck disable=SC2086
@@ -123,10 +147,13 @@ case "${1:?phase}" in
     done
     pack
     ;;
-  collect)  # waits up to ${2:-0} s for the queue to finish
+  collect)  # waits up to ${2:-0} s for the queue(s) to finish
     t0=$(date +%s)
-    while [ ! -e $RES/queue.done ] && [ $(($(date +%s) - t0)) -lt "${2:-0}" ]; do sleep 5; done
-    tail -20 $RES/queue.log
+    done_files=$RES/queue.done; [ -n "${FOUR_GPU:-}" ] && done_files="$RES/queuea.done $RES/queueb.done"
+    for f in $done_files; do
+      while [ ! -e "$f" ] && [ $(($(date +%s) - t0)) -lt "${2:-0}" ]; do sleep 5; done
+    done
+    tail -12 $RES/queue.log; [ -e $RES/queue_b.log ] && tail -8 $RES/queue_b.log
     pack
     ;;
   *) echo "unknown phase $1" >&2; exit 2 ;;

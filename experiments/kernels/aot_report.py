@@ -12,7 +12,7 @@ can be screened for register blow-ups before it is timed on the GPU (experiments
 
 Shapes are the benchmark's: Llama-8B heads (GQA group 4 padded to 16 rows), head_dim 128, page 16,
 2 context splits.  For ``--kernel store`` a config is rows (token-heads) per program x num_warps; the
-launcher today uses 16x4 (tq_kernels.ops.store).
+launcher uses 16x4 for small stores and 64x4 for large ones (tq_kernels.tuning.store_config).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def compile_store(name: str, rows: int, warps: int, arch: int, dump: Path | None
     kf = kernel_format(fmt)
     constexprs = dict(HAS_SLOT_MAPPING=True, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=rows, K_BITS=kf.key.bits,
                       K_NORM=kf.key.norm_code, K_NC=fmt.key.norm_correction, V_BITS=kf.value.bits,
-                      V_NORM=kf.value.norm_code, V_NC=fmt.value.norm_correction, DOT_PRECISION="tf32x3",
+                      V_NORM=kf.value.norm_code, V_NC=fmt.value.norm_correction, DOT_PRECISION="tf32x3", K_CHUNK=32,
                       **field_constexprs(fmt, 16))  # fmt: skip
     pointers = {"k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*u8", "slot_mapping_ptr": "*i64",
                 "rot_ptr": "*fp32", "k_bnd_ptr": "*fp32", "v_bnd_ptr": "*fp32", "k_lut_ptr": "*fp32",

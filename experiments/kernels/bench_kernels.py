@@ -182,17 +182,20 @@ def ablate_decode(batch: int, ctx: int, name: str) -> list[dict]:
     return rows
 
 
-def store_rows(tokens: int, copy_gbps: float) -> list[dict]:
+def store_rows(tokens: int, copy_gbps: float, cache_tokens: int | None = None) -> list[dict]:
+    """Store ``tokens`` (token, KV-head) K/V pairs into random slots of a cache of ``cache_tokens``
+    tokens; CUDA-graph timings (the eager call carries ~0.3 ms of Python launch cost)."""
     rows = []
+    cache_tokens = cache_tokens or tokens
     k = torch.randn(tokens, HKV, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    slots = torch.randperm(tokens, device="cuda")
-    bf16_cache = torch.empty(tokens, 2, HKV, D, device="cuda", dtype=torch.bfloat16)
-    base = bench_ms(lambda: bf16_cache.index_copy_(0, slots, torch.stack([k, v], 1)))[0]
+    slots = torch.randperm(cache_tokens, device="cuda")[:tokens]
+    bf16_cache = torch.empty(cache_tokens, 2, HKV, D, device="cuda", dtype=torch.bfloat16)
+    base = graph_ms(lambda: bf16_cache.index_copy_(0, slots, torch.stack([k, v], 1)))
     for name in FORMATS:
         fmt = named_format(name, D)
-        cache = fmt.allocate_cache(tokens // PAGE, PAGE, HKV, device="cuda")
-        ms = bench_ms(lambda fmt=fmt, cache=cache: tq_store_paged(k, v, cache, slots, fmt))[0]
+        cache = fmt.allocate_cache(cache_tokens // PAGE, PAGE, HKV, device="cuda")
+        ms = graph_ms(lambda fmt=fmt, cache=cache: tq_store_paged(k, v, cache, slots, fmt))
         nbytes = tokens * HKV * (2 * D * 2 + fmt.slot_bytes)
         rows.append(
             dict(
@@ -202,11 +205,37 @@ def store_rows(tokens: int, copy_gbps: float) -> list[dict]:
                 ms=ms,
                 gbps=nbytes / ms / 1e6,
                 bw_fraction=nbytes / ms / 1e6 / copy_gbps,
-                baseline="bf16 scatter (index_copy_)",
+                baseline="bf16 scatter (index_copy_), CUDA graph",
                 baseline_ms=base,
                 speedup_vs_baseline=base / ms,
             )
         )
+    return rows
+
+
+def tune_store(tokens: int, cache_tokens: int) -> list[dict]:
+    """Time the store kernel's launch configurations (rows per program x warps) on one shape."""
+    from tq_kernels.ops.store import _launch
+    from tq_kernels.tuning import LaunchConfig
+
+    k = torch.randn(tokens, HKV, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    slots = torch.randperm(cache_tokens, device="cuda")[:tokens]
+    rows = []
+    for name in ("turboquant_4bit_nc", "turboquant_k8v4"):
+        fmt = named_format(name, D)
+        cache = fmt.allocate_cache(cache_tokens // PAGE, PAGE, HKV, device="cuda")
+        for bn, warps in ((16, 4), (16, 8), (32, 4), (32, 8), (64, 4), (64, 8)):
+            cfg = LaunchConfig(bn, warps, 1)
+            try:
+                ms = graph_ms(lambda fmt=fmt, cache=cache, cfg=cfg: _launch(k, v, cache, slots, fmt, 0, cfg))
+            except Exception as e:
+                print(f"store tune {cfg}: {type(e).__name__}: {e}", flush=True)
+                continue
+            rows.append(
+                dict(op="store", tokens=tokens, format=name, block_n=bn, num_warps=warps, ms_graph=ms)
+            )
+            print(f"store tune T{tokens} {name} {bn}x{warps}: {ms:.4f} ms (CUDA graph)", flush=True)
     return rows
 
 
@@ -278,6 +307,8 @@ def main() -> None:
     if "store" in only:
         try:
             rows += store_rows(65536 if not args.quick else 4096, copy_gbps)
+            rows += store_rows(32, copy_gbps, cache_tokens=65536)  # one decode step of 32 sequences
+            tuning += tune_store(65536, 65536) + tune_store(32, 65536)
         except Exception as e:  # keep the other measurements if the store kernel fails
             print(f"store benchmark failed: {type(e).__name__}: {e}", flush=True)
     if "extend" in only:

@@ -160,6 +160,15 @@ def length_choices(frac: float, max_len: int, min_len: int, short_until: float, 
     return lengths[: min(len(lengths), n)]
 
 
+def pick_length(lengths: list[int], short_share: float, rng) -> int:
+    """This step's row length: ``short_share`` of the steps at the shortest length (mixed lengths, so the
+    retrieval targets learned on short rows keep coming), 40% of the rest at the longest unlocked length,
+    the remainder uniform over the unlocked lengths."""
+    if len(lengths) == 1 or rng.random() < short_share:
+        return lengths[0]
+    return lengths[-1] if rng.random() < 0.4 else int(rng.choice(lengths[1:]))
+
+
 class CachedEncoder:
     """``tok.encode(text).ids`` memoized: the needle rows re-encode the same few phrases thousands of times
     a step, and the loop builds batches on the host between GPU steps."""
@@ -259,14 +268,26 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--max-len", type=int, default=16384)
     ap.add_argument("--min-len", type=int, default=512)
-    ap.add_argument("--short-until", type=float, default=0.25, help="budget share at --min-len only")
-    ap.add_argument("--long-at", type=float, default=0.65, help="budget share where --max-len unlocks")
+    ap.add_argument("--short-until", type=float, default=0.2, help="budget share at --min-len only")
+    ap.add_argument("--long-at", type=float, default=0.7, help="budget share where --max-len unlocks")
+    ap.add_argument(
+        "--short-share",
+        type=float,
+        default=0.3,
+        help="after --short-until, share of steps still at --min-len (the retrieval targets keep coming)",
+    )
+    ap.add_argument(
+        "--rewarmup",
+        type=int,
+        default=150,
+        help="steps of lr ramp (from 25%%) after each longer length unlocks",
+    )
     ap.add_argument("--tokens-per-step", type=int, default=65536)
     ap.add_argument("--needle-frac", type=float, default=0.8, help="share of rows with the passkey task")
     ap.add_argument("--distractors", type=int, default=5, help="max distractor facts in a training row")
     ap.add_argument("--questions", type=int, default=6, help="max questions (with answers) per needle row")
     ap.add_argument("--ans-weight", type=float, default=3.0, help="loss = LM + this x answer CE")
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100, help="warmup steps")
     ap.add_argument("--decay-at", type=float, default=0.7, help="budget share where the lr starts to decay")
     ap.add_argument("--hidden", type=int, default=384)
@@ -284,7 +305,7 @@ def main() -> None:
             2048,
         )
         args.max_len, args.min_len, args.tokens_per_step = min(args.max_len, 512), 256, 2048
-        args.warmup = min(args.warmup, 30)
+        args.warmup, args.rewarmup = min(args.warmup, 30), min(args.rewarmup, 10)
         args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate = 256, 2, 2, 1, 512
         args.eval_every = min(args.eval_every, 5.0)
 
@@ -364,6 +385,7 @@ def main() -> None:
     warmup = args.warmup
     step = tokens_seen = 0
     lm_ema = ans_ema = None
+    longest, unlocked_at = args.min_len, 0
     enc = CachedEncoder(tok)
     t_train = time.time()
     last_eval = t_train
@@ -373,8 +395,9 @@ def main() -> None:
         if frac >= 1.0:
             break
         lengths = length_choices(frac, args.max_len, args.min_len, args.short_until, args.long_at)
-        # half of the steps at the longest allowed length, so long contexts get a fair share of training
-        length = lengths[-1] if rng.random() < 0.5 else int(rng.choice(lengths))
+        if lengths[-1] != longest:  # a longer length just unlocked: ramp the lr up again
+            longest, unlocked_at = lengths[-1], step
+        length = pick_length(lengths, args.short_share, rng)
         rows = max(1, args.tokens_per_step // length)
         ids, amask = make_batch(
             corpus, enc, length, rows, args.needle_frac, rng, args.distractors, args.questions
@@ -383,7 +406,10 @@ def main() -> None:
         ids, amask = ids.to(device, non_blocking=True), amask.to(device, non_blocking=True)
         # warmup, constant until decay_at (the curriculum's long lengths train at full lr), cosine to 10%
         decay = min(1.0, max(0.0, (frac - args.decay_at) / max(1.0 - args.decay_at, 1e-9)))
-        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * decay)))
+        ramp = min(1.0, (step + 1) / warmup)
+        if unlocked_at:
+            ramp *= min(1.0, 0.25 + 0.75 * (step - unlocked_at) / max(args.rewarmup, 1))
+        lr = args.lr * ramp * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * decay)))
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -488,12 +514,12 @@ def main() -> None:
             "tokens_per_second": round(tokens_seen / max(train_seconds, 1e-9)),
             "final_train_lm_loss_ema": lm_ema,
             "final_answer_loss_ema": ans_ema,
-            "optimizer": f"AdamW lr {args.lr} betas (0.9, 0.95) wd 0.1, {warmup}-step warmup, constant to "
-            f"{args.decay_at:.0%} of the wall-clock budget, then cosine to 10%, grad clip 1.0, bf16 autocast, "
+            "optimizer": f"AdamW lr {args.lr} betas (0.9, 0.95) wd 0.1, {warmup}-step warmup, a {args.rewarmup}-step "
+            f"re-warmup from 25% whenever a longer length unlocks, constant to {args.decay_at:.0%} of the wall-clock budget, then cosine to 10%, grad clip 1.0, bf16 autocast, "
             "SDPA attention",
             "lengths": f"curriculum {args.min_len}..{args.max_len} ({args.min_len} only until {args.short_until:.0%} "
-            f"of budget, then doubling, longest unlocked at {args.long_at:.0%}, half the steps at the longest "
-            f"allowed); {args.tokens_per_step} tokens/step; needle rows {args.needle_frac:.0%} (0-{args.distractors} "
+            f"of budget, then doubling, longest unlocked at {args.long_at:.0%}; after that {args.short_share:.0%} of "
+            f"the steps at {args.min_len}, 40% of the rest at the longest allowed, the others uniform); {args.tokens_per_step} tokens/step; needle rows {args.needle_frac:.0%} (0-{args.distractors} "
             f"distractors, up to {args.questions} questions each followed by its answer; "
             f"loss = LM + {args.ans_weight} x mean CE on answer ids)",
         },

@@ -5,6 +5,7 @@
 #   PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 bash experiments/vllm/anchor_ours.sh [NAME ...]
 #
 # NAME picks runs (default: all): bf16 fp8 vllm-4bit ours-k8v4 ours-4bit ours-k3v4 ours-3bit ours-4bit-full
+# ours-4bit-flash (ours-k3v4-flash): boundary layers on FlashAttention (TQ_VLLM_DENSE_ATTENTION=flash)
 # vllm_anchor.py is a copy of ../shared/bench/vllm_anchor.py (the shared folder does not travel to the
 # device).  Llama-3.1-8B shape, dummy weights, 32 x 8192 prompt tokens, 256 new tokens, CUDA graphs on;
 # CTX / NSEQ / GEN / GMU override the workload.  Each run prints `RESULT {json}`; they are collected
@@ -27,8 +28,12 @@ declare -A RUNS=(
   [ours-k3v4]="turboquant_k3v4_nc CUSTOM"
   [ours-3bit]="turboquant_3bit_nc CUSTOM"
   [ours-4bit-full]="turboquant_4bit_nc CUSTOM"
+  [ours-4bit-flash]="turboquant_4bit_nc CUSTOM"
+  [ours-k3v4-flash]="turboquant_k3v4_nc CUSTOM"
 )
-ORDER=(bf16 fp8 vllm-4bit ours-k8v4 ours-4bit ours-k3v4 ours-3bit ours-4bit-full)
+# runs whose bf16 boundary layers use vLLM's FlashAttention instead of Triton unified_attention
+declare -A DENSE=([ours-4bit-flash]=flash [ours-k3v4-flash]=flash)
+ORDER=(bf16 fp8 vllm-4bit ours-k8v4 ours-4bit ours-k3v4 ours-3bit ours-4bit-full ours-4bit-flash)
 NAMES=("$@")
 [ ${#NAMES[@]} -eq 0 ] && NAMES=("${ORDER[@]}")
 
@@ -36,9 +41,10 @@ python3 -c 'import tq_vllm, vllm; print("tq-vllm", tq_vllm.__version__, "vllm", 
 for name in "${NAMES[@]}"; do
   args=${RUNS[$name]:?unknown run $name}
   full=0; [[ $name == *-full ]] && full=1
-  echo "== $name: vllm_anchor.py $args (TQ_VLLM_FULL_CAPACITY=$full)" | tee -a "$LOG"
+  dense=${DENSE[$name]:-triton}
+  echo "== $name: vllm_anchor.py $args (TQ_VLLM_FULL_CAPACITY=$full TQ_VLLM_DENSE_ATTENTION=$dense)" | tee -a "$LOG"
   # shellcheck disable=SC2086  # $args is two words on purpose
-  TQ_VLLM_FULL_CAPACITY=$full timeout "${RUN_TIMEOUT:-560}" python3 "$HERE/vllm_anchor.py" $args 2>&1 \
+  TQ_VLLM_FULL_CAPACITY=$full TQ_VLLM_DENSE_ATTENTION=$dense timeout "${RUN_TIMEOUT:-560}" python3 "$HERE/vllm_anchor.py" $args 2>&1 \
     | tee -a "$LOG" | grep '^RESULT ' | sed "s/^RESULT {/{\"run\": \"$name\", /" >> "$JSONL"
 done
 grep -c . "$JSONL" | xargs echo "result lines in $JSONL:"

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LaunchConfig", "decode_config", "extend_config", "rotation_dot_precision"]
+__all__ = ["LaunchConfig", "decode_config", "extend_config", "rotation_dot_precision", "store_config"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,15 @@ def extend_config(head_dim: int, group: int, device: torch.device) -> LaunchConf
     if _arch(device) == (0, 0):
         return LaunchConfig(block_n=32, num_warps=4, num_stages=1)
     return LaunchConfig(block_n=64, num_warps=4, num_stages=2)
+
+
+def store_config(num_rows: int, device: torch.device) -> LaunchConfig:
+    """Rows per program (``block_n``) and warps of the store kernel for ``num_rows`` (token, head) rows.
+
+    16 rows x 4 warps is the largest tile that compiles without spills for sm_90 (230 registers;
+    ``experiments/kernels/aot_report.py --kernel store``); the benchmark's store sweep times the others.
+    """
+    return LaunchConfig(block_n=16, num_warps=4, num_stages=1)
 
 
 def rotation_dot_precision(device: torch.device) -> str:

@@ -2,8 +2,8 @@
 
 One program encodes ``BLOCK_N`` (token, head) rows of one component: program axis 1 picks the key
 (0) or the value (1), so a single launch writes both.  Per row: ``norm = ||x||`` (float32),
-``u = x / max(norm, 1e-30)``, ``y = u @ R^T`` (one ``tl.dot`` over the tile, IEEE float32 by default,
-since TF32 would move codes across decision boundaries), binary search of every coordinate in the
+``u = x / max(norm, 1e-30)``, ``y = u @ R^T`` (``tl.dot`` over ``K_CHUNK`` input coordinates at a
+time, float32-accurate: plain TF32 would move codes across decision boundaries), binary search of every coordinate in the
 boundary table, ``gamma = norm`` or ``norm / ||c[idx]||``, then the code planes and the scale bytes.
 A row with any NaN/Inf gets codes 0 and a NaN scale and affects nothing else
 (``nonfinite="propagate"``).
@@ -44,6 +44,7 @@ def _tq_store_component(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    K_CHUNK: tl.constexpr,
     BITS: tl.constexpr,
     NORM: tl.constexpr,
     NORM_CORRECTION: tl.constexpr,
@@ -53,19 +54,31 @@ def _tq_store_component(
     d_ok = offs_d < HEAD_DIM
     token = (rows // num_heads).to(tl.int64)
     head = (rows % num_heads).to(tl.int64)
-    x_ptrs = x_ptr + (token * stride_x_token + head * stride_x_head)[:, None] + offs_d[None, :]
-    x = tl.load(x_ptrs, mask=(rows < num_rows)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    row_ptrs = x_ptr + (token * stride_x_token + head * stride_x_head)
+    row_ok = rows < num_rows
+    x = tl.load(row_ptrs[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    x = x.to(tl.float32)
 
     bad = tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1) > 0
-    x = tl.where(bad[:, None], 0.0, x)
     # correctly rounded sqrt and division (Triton's defaults are approximate on the GPU)
-    norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
-    u = tl.div_rn(x, tl.maximum(norm, 1e-30)[:, None])
+    norm = tl.sqrt_rn(tl.sum(tl.where(bad[:, None], 0.0, x * x), axis=1))
+    inv_den = tl.maximum(norm, 1e-30)
 
-    # rt[k, j] = R[j, k], so y = u @ rt = u @ R^T; zero padding keeps the padded columns of y at 0.
-    r_ptrs = rot_ptr + offs_d[None, :] * HEAD_DIM + offs_d[:, None]
-    rt = tl.load(r_ptrs, mask=d_ok[None, :] & d_ok[:, None], other=0.0)
-    y = tl.dot(u, rt, input_precision=DOT_PRECISION)
+    # y = u @ R^T, accumulated over K_CHUNK input coordinates at a time (rt[k, j] = R[j, k]): a whole
+    # [BLOCK_D, BLOCK_D] float32 rotation tile would take 128 registers a thread at 4 warps and spill.
+    # The chunk of x is loaded again (a cache hit) instead of slicing the register tile.
+    y = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for c in tl.static_range(BLOCK_D // K_CHUNK):
+        offs_k = c * K_CHUNK + tl.arange(0, K_CHUNK)
+        k_ok = offs_k < HEAD_DIM
+        # non-finite rows are masked off here (a tl.where on the chunk trips Triton 3.6's tf32 lowering)
+        xc = tl.load(
+            row_ptrs[:, None] + offs_k[None, :], mask=(row_ok & ~bad)[:, None] & k_ok[None, :], other=0.0
+        )
+        uc = tl.div_rn(xc.to(tl.float32), inv_den[:, None])
+        r_ptrs = rot_ptr + offs_d[None, :] * HEAD_DIM + offs_k[:, None]
+        rt = tl.load(r_ptrs, mask=d_ok[None, :] & k_ok[:, None], other=0.0)
+        y += tl.dot(uc, rt, input_precision=DOT_PRECISION)
 
     idx = _tq_quantize(y, bnd_ptr, offs_d, BITS, 0)
     idx = tl.where(bad[:, None] | ~d_ok[None, :], 0, idx)
@@ -130,6 +143,7 @@ def _tq_store_kernel(
     G5: tl.constexpr,
     BLOCK_S: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    K_CHUNK: tl.constexpr,
 ):
     """Encode K and V `[num_tokens, num_heads, HEAD_DIM]`; grid ``(cdiv(num_rows, BLOCK_N), 2)``.
 
@@ -169,6 +183,7 @@ def _tq_store_kernel(
             HEAD_DIM,
             BLOCK_D,
             BLOCK_N,
+            K_CHUNK,
             K_BITS,
             K_NORM,
             K_NC,
@@ -199,6 +214,7 @@ def _tq_store_kernel(
             HEAD_DIM,
             BLOCK_D,
             BLOCK_N,
+            K_CHUNK,
             V_BITS,
             V_NORM,
             V_NC,

@@ -23,14 +23,12 @@ from tq_kernels.ops._slot_checks import (
     check_tensor,
     field_constexprs,
 )
-from tq_kernels.tuning import rotation_dot_precision
+from tq_kernels.tuning import LaunchConfig, rotation_dot_precision, store_config
 
 __all__ = ["tq_store_paged", "tq_store"]
 
-# (token, head) rows per program: 16 is tl.dot's smallest M; a larger tile would share the rotation
-# tile between more rows but holds more float32 registers.
-_BLOCK_N = 16
-_NUM_WARPS = 4
+# input coordinates per rotation product: a [32, 128] float32 tile is 32 registers a thread at 4 warps
+_K_CHUNK = 32
 
 
 def _check_kv(key: object, value: object, fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,9 +55,11 @@ def _launch(
     slot_mapping: torch.Tensor | None,
     fmt: KVFormat,
     layer: int,
+    config: LaunchConfig | None = None,
 ) -> None:
     """Launch on key/value `[T, H, D]` and a paged cache `[num_blocks, H, block_size, slot_bytes]`, or
-    without ``slot_mapping`` on contiguous slots viewed as `[T, 1, 1, slot_bytes]`."""
+    without ``slot_mapping`` on contiguous slots viewed as `[T, 1, 1, slot_bytes]`.  ``config``
+    overrides :func:`tq_kernels.tuning.store_config` (the benchmark's sweep)."""
     num_tokens, num_heads, _ = key.shape
     num_rows = num_tokens * num_heads
     if num_rows == 0:
@@ -69,7 +69,9 @@ def _launch(
     k_bnd, v_bnd = kf.boundaries(device)
     k_lut, v_lut = kf.centroids(device)
     block_size = cache.shape[2]
-    _tq_store_kernel[(triton.cdiv(num_rows, _BLOCK_N), 2)](
+    cfg = config or store_config(num_rows, device)
+    block_d = max(16, kf.block_d)
+    _tq_store_kernel[(triton.cdiv(num_rows, cfg.block_n), 2)](
         key,
         value,
         cache,
@@ -91,8 +93,9 @@ def _launch(
         cache.stride(1),
         HAS_SLOT_MAPPING=slot_mapping is not None,
         HEAD_DIM=kf.head_dim,
-        BLOCK_D=max(16, kf.block_d),
-        BLOCK_N=_BLOCK_N,
+        BLOCK_D=block_d,
+        BLOCK_N=cfg.block_n,
+        K_CHUNK=min(_K_CHUNK, block_d),
         K_BITS=kf.key.bits,
         K_NORM=kf.key.norm_code,
         K_NC=fmt.key.norm_correction,
@@ -100,7 +103,8 @@ def _launch(
         V_NORM=kf.value.norm_code,
         V_NC=fmt.value.norm_correction,
         DOT_PRECISION=rotation_dot_precision(key.device),
-        num_warps=_NUM_WARPS,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
         **field_constexprs(fmt, block_size if slot_mapping is not None else None),
     )
 
