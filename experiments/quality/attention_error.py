@@ -98,12 +98,12 @@ def hadamard(d: int) -> torch.Tensor:
 
 def vllm_like_keys(k: torch.Tensor, bits: int) -> torch.Tensor:
     d = k.shape[-1]
-    hm = hadamard(d)
+    hm = hadamard(d).to(k.device)
     norm = k.norm(dim=-1, keepdim=True)
     y = (k / (norm + 1e-8)) @ hm
     cb = lloyd_max_codebook(d, bits)
-    idx = torch.bucketize(y, cb.boundaries.to(y.dtype))
-    return norm.to(torch.float16).float() * (cb.centroids.to(y.dtype)[idx] @ hm.T)
+    idx = torch.bucketize(y, cb.boundaries.to(y.device, y.dtype))
+    return norm.to(torch.float16).float() * (cb.centroids.to(y.device, y.dtype)[idx] @ hm.T)
 
 
 def quantizers(preset: str, layer: int):

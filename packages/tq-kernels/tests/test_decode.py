@@ -181,9 +181,11 @@ def test_decode_gpu_matrix(d, page, group, fmt_name):
 
     configs = (
         None,
+        # the symmetric-table lookup, and for 3-bit codes the opt-in eight-phase loop
+        LaunchConfig(32, 1, 3, lut="sym", nibble_3bit=True),
         LaunchConfig(64, 4, 2, nibble=False),
     )
-    for config in configs:  # the default (NIBBLE for 4-bit), its symmetric lookup, the plane loop
+    for config in configs:  # the default (NIBBLE for 4-bit), the opt-in lookups, the plane loop
         for kw in (
             {},
             {"sliding_window": 700, "softcap": 20.0, "sinks": torch.randn(kv_heads * group, device="cuda")},
@@ -327,7 +329,7 @@ def test_decode_nibble_register_lookup_equals_gather(d, symmetric):
     kf = kernel_format(fmt)
     gen = torch.Generator().manual_seed(d)
     words = torch.randint(0, 2**32, (4096,), dtype=torch.int64, generator=gen)
-    lut = kf.centroids(torch.device("cuda"), torch.float16)[0].contiguous()
+    lut = kf.centroids(torch.device("cuda"), torch.float16)[0][0].contiguous()  # row 0 of the key table
     got = torch.full((4096 * 8,), float("nan"), dtype=torch.float16, device="cuda")
     words_dev = (words - (words >= 2**31).long() * 2**32).to(torch.int32).cuda()  # same bits, as int32
     lookup[(1,)](words_dev, lut, got, ASM=kf.nibble_asm(symmetric=symmetric)[0], N=4096)
@@ -360,7 +362,7 @@ def test_decode_nibble_register_lookup_reads_3bit_words(d):
     rng = random.Random(d)
     codes = [[rng.randrange(8) for _ in range(8)] for _ in range(4096)]
     words = torch.tensor([word_3bit(c) for c in codes], dtype=torch.int32, device="cuda")
-    lut = kf.centroids(torch.device("cuda"), torch.float16)[0].contiguous()
+    lut = kf.centroids(torch.device("cuda"), torch.float16)[0][0].contiguous()  # row 0 of the key table
     got = torch.full((4096 * 8,), float("nan"), dtype=torch.float16, device="cuda")
     lookup[(1,)](words, lut, got, ASM=kf.nibble_asm()[0], N=4096)
     assert torch.equal(got.cpu().view(4096, 8), lut.cpu()[torch.tensor(codes)])

@@ -306,3 +306,22 @@ def test_store_paged_gpu_large(name):
     tq_store_paged(key, value, cache, slots, fmt, layer=3)
     torch.cuda.synchronize()
     _check_paged(cache.cpu(), key.cpu(), value.cpu(), slots.cpu(), fmt, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("block_n", "num_warps"), [(16, 8), (32, 4), (64, 8)])
+@pytest.mark.parametrize("name", ["turboquant_4bit_nc", "turboquant_k8v4"])
+def test_store_gpu_launch_configs(name, block_n, num_warps):
+    """The store launches the benchmark times (tq_kernels.tuning.store_config candidates) write the same
+    slots as the reference, at a decode step's size (40 tokens, partial last program)."""
+    from tq_kernels.ops.store import _launch
+    from tq_kernels.tuning import LaunchConfig
+
+    fmt, t, h, d, bs = make_format(name, 128), 40, 8, 128, 16
+    g = generator("gpu-store-config", name, block_n, num_warps)
+    key, value, nb, slots = _paged_inputs(t, h, d, bs, torch.bfloat16, g, spare_blocks=8)
+    key, value, slots = key.cuda(), value.cuda(), slots.cuda()
+    cache = torch.full(fmt.cache_shape(nb, bs, h), POISON, dtype=torch.uint8, device="cuda")
+    _launch(key, value, cache, slots, fmt, 2, LaunchConfig(block_n, num_warps, 1))
+    torch.cuda.synchronize()
+    _check_paged(cache.cpu(), key.cpu(), value.cpu(), slots.cpu(), fmt, 2)

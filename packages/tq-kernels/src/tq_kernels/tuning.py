@@ -61,8 +61,11 @@ def extend_config(head_dim: int, group: int, device: torch.device) -> LaunchConf
 def store_config(num_rows: int, device: torch.device) -> LaunchConfig:
     """Rows per program (``block_n``) and warps of the store kernel for ``num_rows`` (token, head) rows.
 
-    16 rows x 4 warps is the largest tile that compiles without spills for sm_90 (230 registers;
-    ``experiments/kernels/aot_report.py --kernel store``); the benchmark's store sweep times the others.
+    16 rows a program: larger tiles spill (``experiments/kernels/aot_report.py --kernel store``) and
+    ran slower.  H200, CUDA graphs (experiments/results/kernels_h200.json "decode_tuning", op store):
+    a decode step's 32 tokens x 8 heads took 0.015 ms with 8 warps against 0.022 with 4; 65536 tokens
+    took 2.41 ms with 4 warps against 2.56 with 8.  Switching small stores to 8 warps waits for a GPU
+    correctness run of that launch (test_store_gpu_launch_configs; only 4 warps have run on a GPU).
     """
     return LaunchConfig(block_n=16, num_warps=4, num_stages=1)
 
