@@ -246,7 +246,7 @@ def _headline_vllm() -> str:
         f"({bf16['decode_step_ms']:.1f} ms)"
     )
     if fp8:
-        text += f" and fp8 ({fp8['decode_step_ms']:.1f} ms, {fp8['capacity_vs_bf16']:.1f}x capacity)"
+        text += f"; fp8 takes {fp8['decode_step_ms']:.1f} ms at {fp8['capacity_vs_bf16']:.1f}x capacity"
     return text + "."
 
 
