@@ -57,6 +57,28 @@ def ppl_delta_ci(r: dict, b: dict, draws: int = 2000, seed: int = 0) -> list[flo
     return [deltas[int(0.025 * draws)], deltas[int(0.975 * draws) - 1]]
 
 
+def delta_difference_ci(r: dict, o: dict, b: dict, draws: int = 2000, seed: int = 0) -> list[float] | None:
+    """Median and 95% interval of (Δppl% of ``r``) - (Δppl% of ``o``), both against ``b``, by a paired
+    bootstrap over the held-out sequences that all three rows scored: whether two configs of the same
+    engine are told apart.  None without per-sequence NLLs."""
+    a, c, z = r.get("nll_per_seq"), o.get("nll_per_seq"), b.get("nll_per_seq")
+    if not a or not c or not z or not len(a) == len(c) == len(z):
+        return None
+    rng = random.Random(seed)
+    n = len(a)
+    tokens = r["scored_tokens"]  # every sequence scores the same number of targets
+
+    def pct(x: list[float], idx: list[int]) -> float:
+        return 100 * (math.exp(sum(x[i] - z[i] for i in idx) / tokens) - 1)
+
+    diffs = []
+    for _ in range(draws):
+        idx = [rng.randrange(n) for _ in range(n)]
+        diffs.append(pct(a, idx) - pct(c, idx))
+    diffs.sort()
+    return [diffs[draws // 2], diffs[int(0.025 * draws)], diffs[int(0.975 * draws) - 1]]
+
+
 def merge(rows: list[dict]) -> list[dict]:
     base = {r["engine"]: r for r in rows if r.get("config") == "bf16" and "error" not in r}
     out = []
@@ -85,10 +107,20 @@ def merge(rows: list[dict]) -> list[dict]:
     return out
 
 
-def targets(rows: list[dict]) -> dict:
-    """The issue's targets, checked where both rows exist."""
+def targets(rows: list[dict], raw: list[dict] | None = None) -> dict:
+    """The issue's targets, checked where both rows exist; with the ``raw`` RESULT rows, also the paired
+    difference between ours and vLLM's scheme where both ran on the same engine."""
     by = {(r["engine"], r["kv"]): r for r in rows if "error" not in r}
     res = {}
+    nll = {(r["engine"], r["config"]): r for r in raw or [] if "error" not in r}
+    for s in ("k8v4", "4bit_nc", "k3v4_nc", "3bit_nc", "4bit_nc-full"):
+        for eng, ours, theirs in (("vllm", f"ours-{s}", f"vllm-{s}"), ("hf", f"qdq-ours-{s}", f"qdq-vllm-like-{s}")):
+            a, o, b = nll.get((eng, ours)), nll.get((eng, theirs)), nll.get((eng, "bf16"))
+            if a and o and b:
+                d = delta_difference_ci(a, o, b)
+                if d is not None:
+                    res[f"{eng}:{ours} minus {eng}:{theirs}, paired (ppl delta points)"] = {
+                        "median": d[0], "ci95": d[1:], "ours_lower": d[2] < 0}  # fmt: skip
     for s in ("k8v4", "4bit_nc", "k3v4_nc", "3bit_nc"):
         for ours, theirs in ((("vllm", f"ours-{s}"), ("vllm", f"vllm-{s}")), (("hf", f"ours-{s}"), ("vllm", f"vllm-{s}-full"))):  # fmt: skip
             if ours in by and theirs in by:
@@ -211,12 +243,13 @@ def main() -> None:
     protocol = next((r["protocol"] for r in raw if "protocol" in r), None)
     model = {"dir": str(args.model_dir), "parameters": prov.get("architecture", {}).get("parameters"),
              "bf16_needle_accuracy_at_training": prov.get("eval", {}).get("needle_accuracy_bf16")}  # fmt: skip
+    checks = targets(rows, raw)
     (RESULTS / f"{args.name}.md").write_text(table(rows))
     plot(rows, RESULTS / f"{args.name}.png")
-    path = write_result(args.name, {"model": model, "protocol": protocol, "rows": rows, "targets": targets(rows),
+    path = write_result(args.name, {"model": model, "protocol": protocol, "rows": rows, "targets": checks,
                                     "definitions": AGREEMENT, "raw_logs": [str(f) for f in args.jsonl]})  # fmt: skip
     print(table(rows))
-    print(json.dumps(targets(rows), indent=1))
+    print(json.dumps(checks, indent=1))
     print(f"wrote {path}, {args.name}.md, {args.name}.png")
 
 
