@@ -126,7 +126,7 @@ case "${1:?phase}" in
       echo "== profile $args" | tee -a $RES/profile_decode.log
       # shellcheck disable=SC2086
       timeout "${PROFILE_TIMEOUT:-240}" python3 "$ROOT/experiments/vllm/profile_decode.py" $args >> $RES/profile_decode.log 2>&1
-      grep -A 25 "^RESULT" $RES/profile_decode.log | tail -n 26 | cut -c1-140
+      grep -A 25 "^RESULT" $RES/profile_decode.log | tail -n 26 | cut -c1-140; grep "^TIMELINE" $RES/profile_decode.log | tail -n 1
     done
     tail -3 $RES/queue.log
     pack

@@ -114,7 +114,10 @@ def targets(rows: list[dict], raw: list[dict] | None = None) -> dict:
     res = {}
     nll = {(r["engine"], r["config"]): r for r in raw or [] if "error" not in r}
     for s in ("k8v4", "4bit_nc", "k3v4_nc", "3bit_nc", "4bit_nc-full"):
-        for eng, ours, theirs in (("vllm", f"ours-{s}", f"vllm-{s}"), ("hf", f"qdq-ours-{s}", f"qdq-vllm-like-{s}")):
+        for eng, ours, theirs in (
+            ("vllm", f"ours-{s}", f"vllm-{s}"),
+            ("hf", f"qdq-ours-{s}", f"qdq-vllm-like-{s}"),
+        ):
             a, o, b = nll.get((eng, ours)), nll.get((eng, theirs)), nll.get((eng, "bf16"))
             if a and o and b:
                 d = delta_difference_ci(a, o, b)

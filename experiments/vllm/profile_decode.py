@@ -7,12 +7,15 @@ Why: on 2026-11-28 the anchor decoded at 30-31 ms/step with tq-vllm against 13.4
 (experiments/results/vllm_anchor_h200.json), while the kernel benchmark put our decode attention at
 0.51 ms per layer call (32 layers: ~16 ms).  This prints the CUDA kernels of ``STEPS`` decode steps of
 the same workload (Llama-8B shape, dummy weights, ``NSEQ`` x ``CTX`` prompts), sorted by total GPU
-time, with their time per step, so the gap can be attributed.  The engine runs in this process
+time, with their time per step, so the gap can be attributed, and a per-step timeline (``TIMELINE``:
+wall time between the sampler kernels of consecutive steps against the time any kernel ran), which
+tells GPU work from GPU idle time spent waiting for the host.  The engine runs in this process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which lets torch.profiler see its kernels, CUDA graphs included.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -31,6 +34,29 @@ CONFIG = {
     "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
     "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
 }  # fmt: skip
+
+
+def step_timeline(kernels: list[tuple[str, float, float]], marker: str) -> list[tuple[float, float]]:
+    """(wall ms, GPU-busy ms) of each step between consecutive ``marker`` kernels (the sampler runs
+    once per step), from kernel (name, start us, end us) records: how much of a step the GPU idles,
+    waiting for the host, between the kernels it runs."""
+    kernels = sorted(kernels, key=lambda k: k[1])
+    ends = [e for n, _, e in kernels if marker in n]
+    steps = []
+    for lo, hi in itertools.pairwise(ends):
+        busy, cur_s, cur_e = 0.0, None, None
+        for _, s, e in kernels:
+            s, e = max(s, lo), min(e, hi)
+            if e <= s:
+                continue
+            if cur_e is None or s > cur_e:  # a gap: close the current busy interval
+                busy += (cur_e - cur_s) if cur_e is not None else 0.0
+                cur_s, cur_e = s, e
+            else:
+                cur_e = max(cur_e, e)
+        busy += (cur_e - cur_s) if cur_e is not None else 0.0
+        steps.append(((hi - lo) / 1e3, busy / 1e3))
+    return steps
 
 
 def main() -> None:
@@ -77,6 +103,23 @@ def main() -> None:
     print(
         f"self GPU time in total: {total / 1e3:.2f} ms ({total / 1e3 / (STEPS + 1):.2f} ms per step incl. prefill)"
     )
+    # Per-step timeline: wall time between sampler kernels against the time some kernel was running.
+    kernels = []
+    for e in prof.events():
+        if getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type):
+            kernels.append((e.name, float(e.time_range.start), float(e.time_range.end)))
+    marker = next(
+        (n for n in ("_gumbel_sample_kernel", "argmax", "sample") if any(n in k[0] for k in kernels)), None
+    )
+    if marker is None:
+        print("TIMELINE unavailable: no sampler kernel to split steps at")
+    else:
+        steps = step_timeline(kernels, marker)[1:]  # the first interval holds the (cached) prefill
+        if steps:
+            wall = sum(w for w, _ in steps) / len(steps)
+            busy = sum(b for _, b in steps) / len(steps)
+            print(f"TIMELINE decode steps={len(steps)} wall_ms_per_step={wall:.2f} gpu_busy_ms_per_step={busy:.2f} "
+                  f"idle_fraction={1 - busy / max(wall, 1e-9):.3f} (between '{marker}' kernels)")  # fmt: skip
     torch.cuda.synchronize()
 
 
