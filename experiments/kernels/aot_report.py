@@ -1,6 +1,7 @@
-"""Compile the decode or store kernel for a GPU target without a GPU and report what limits it on paper.
+"""Compile the decode, store or extend kernel for a GPU target without a GPU and report what limits it
+on paper.
 
-    python experiments/kernels/aot_report.py [--kernel decode|store] [--formats turboquant_4bit_nc,...]
+    python experiments/kernels/aot_report.py [--kernel decode|store|extend] [--formats turboquant_4bit_nc,...]
                                               [--configs 128x4,64x4] [--arch 90] [--ablate 0] [--dump DIR]
 
 Triton lowers the kernel to TTGIR and PTX on the CPU and its bundled ``ptxas`` assembles it for
@@ -36,6 +37,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from tq_core import named_format  # noqa: E402
 from tq_kernels._format import kernel_format  # noqa: E402
 from tq_kernels._kernels.decode import _tq_decode_attention_kernel  # noqa: E402
+from tq_kernels._kernels.extend import _tq_extend_attention_kernel  # noqa: E402
 from tq_kernels._kernels.store import _tq_store_kernel  # noqa: E402
 from tq_kernels.ops._slot_checks import field_constexprs  # noqa: E402
 
@@ -64,6 +66,38 @@ def compile_decode(
     src = ASTSource(fn=_tq_decode_attention_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     stem = f"decode_{name}_{block_n}x{warps}{'n' if nibble else ''}{'y' if nibble and lut == 'sym' else ''}_a{ablate}"
     return dict(format=name, block_n=block_n, warps=warps, nibble=nibble, ablate=ablate,
+                **_measure(src, arch, warps, dump, stem))  # fmt: skip
+
+
+EXTEND_ARGS = [("q_ptr", "*fp32"), ("k_ptr", "*fp16"), ("v_ptr", "*fp16"), ("cache_ptr", "*u8"),
+               ("block_table_ptr", "*i32"), ("prefix_lens_ptr", "*i32"), ("qsl_ptr", "*i32"),
+               ("k_lut_ptr", "*fp16"), ("v_lut_ptr", "*fp16"), ("sinks_ptr", "*fp32"), ("out_ptr", "*fp32"),
+               *((n, "i64") for n in ("stride_q_t", "stride_q_h", "stride_k_t", "stride_k_h", "stride_cache_blk",
+                                      "stride_cache_head", "stride_bt_b", "stride_o_t", "stride_o_h")),
+               ("softcap", "fp32"), ("sliding_window", "i32")]  # fmt: skip
+
+
+def compile_extend(
+    name: str,
+    block_n: int,
+    warps: int,
+    arch: int,
+    dump: Path | None,
+    nibble: bool = False,
+    lut: str = "exact",
+) -> dict:
+    """The extend kernel at the benchmark's shape (GQA group 4, 64 query rows a program, page 16)."""
+    kf = kernel_format(named_format(name, 128))
+    nibble = nibble and all(c.bits in (3, 4) for c in (kf.key, kf.value))
+    k_asm, v_asm = kf.nibble_asm(symmetric=lut == "sym") if nibble else ("", "")
+    constexprs = dict(GROUP=4, GROUP_P2=4, BLOCK_R=64, M_TOK=16, BLOCK_N=block_n, USE_SOFTCAP=False,
+                      USE_WINDOW=False, USE_SINKS=False, NIBBLE=nibble, BLOCK_W=16, K_ASM=k_asm, V_ASM=v_asm,
+                      **kf.region_constexprs(16))  # fmt: skip
+    signature = {n: t for n, t in EXTEND_ARGS} | dict.fromkeys(constexprs, "constexpr")
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(EXTEND_ARGS) - 2)}
+    src = ASTSource(fn=_tq_extend_attention_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    stem = f"extend_{name}_{block_n}x{warps}{'n' if nibble else ''}{'y' if nibble and lut == 'sym' else ''}"
+    return dict(format=name, block_n=block_n, warps=warps, nibble=nibble, ablate=0,
                 **_measure(src, arch, warps, dump, stem))  # fmt: skip
 
 
@@ -140,7 +174,7 @@ def loop_profile(sass: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kernel", choices=("decode", "store"), default="decode")
+    ap.add_argument("--kernel", choices=("decode", "store", "extend"), default="decode")
     ap.add_argument(
         "--formats", default="turboquant_k8v4,turboquant_4bit_nc,turboquant_k3v4_nc,turboquant_3bit_nc"
     )
@@ -164,6 +198,11 @@ def main() -> None:
             bn, w = (int(x) for x in cfg.rstrip("ny").split("x"))
             if args.kernel == "store":
                 r = compile_store(name, bn, w, args.arch, args.dump)
+            elif args.kernel == "extend":
+                r = compile_extend(
+                    name, bn, w, args.arch, args.dump,
+                    cfg.rstrip("y").endswith("n"), "sym" if cfg.endswith("ny") else "exact",
+                )  # fmt: skip
             else:
                 r = compile_decode(
                     name, bn, w, args.arch, args.ablate, args.dump,

@@ -239,6 +239,43 @@ def tune_store(tokens: int, cache_tokens: int) -> list[dict]:
     return rows
 
 
+def tune_extend(prefix: int, chunk: int) -> list[dict]:
+    """Time the extend kernel's loops and tiles on one shape (the eight-phase loop is opt-in there)."""
+    from tq_kernels.tuning import LaunchConfig
+
+    q = torch.randn(chunk, H, D, device="cuda", dtype=torch.bfloat16)
+    kn = torch.randn(chunk, HKV, D, device="cuda", dtype=torch.bfloat16)
+    vn = torch.randn_like(kn)
+    nblk = (prefix + chunk) // PAGE + 1
+    table = torch.arange(nblk, device="cuda", dtype=torch.int32)[None]
+    plens = torch.tensor([prefix], device="cuda", dtype=torch.int32)
+    qsl = torch.tensor([0, chunk], device="cuda", dtype=torch.int32)
+    rows = []
+    for name in ("turboquant_4bit_nc", "turboquant_k3v4_nc"):
+        fmt = named_format(name, D)
+        cache = random_cache(fmt, nblk)
+        configs = [LaunchConfig(64, 4, 2, nibble=False)] + [
+            LaunchConfig(bn, w, st, nibble=True, lut=lut, nibble_3bit=True)
+            for bn, w in ((64, 4), (32, 4), (64, 8))
+            for st in (2, 3)
+            for lut in ("exact", "sym")
+        ]
+        for cfg in configs:
+            try:
+                ms = graph_ms(
+                    lambda fmt=fmt, cache=cache, cfg=cfg: tq_extend_attention(
+                        q, kn, vn, cache, table, plens, qsl, chunk, fmt, config=cfg
+                    )
+                )
+            except Exception as e:
+                print(f"extend tune {cfg}: {type(e).__name__}: {e}", flush=True)
+                continue
+            rows.append(dict(op="extend", format=name, block_n=cfg.block_n, num_warps=cfg.num_warps,
+                             num_stages=cfg.num_stages, nibble=cfg.nibble, lut=cfg.lut, ms_graph=ms))  # fmt: skip
+            print(f"extend tune P{prefix}+C{chunk} {name} {cfg}: {ms:.3f} ms (CUDA graph)", flush=True)
+    return rows
+
+
 def extend_rows(prefix: int, chunk: int, copy_gbps: float) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
@@ -313,6 +350,7 @@ def main() -> None:
             print(f"store benchmark failed: {type(e).__name__}: {e}", flush=True)
     if "extend" in only:
         rows += extend_rows(8192, 2048, copy_gbps) if not args.quick else extend_rows(1024, 256, copy_gbps)
+        tuning += tune_extend(8192, 2048) if not args.quick else tune_extend(1024, 256)
     for r in rows:
         print(
             f"{r['op']:7s} {r['shape']:14s} {r['format']:20s} {r['ms']:8.3f} ms  "

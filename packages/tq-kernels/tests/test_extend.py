@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 from _paged import TOL, make_paged, rel_err
@@ -8,6 +10,13 @@ from tq_kernels.tuning import LaunchConfig
 
 # 16-key tiles: several tiles per prefix and chunk, so tile boundaries are exercised
 SMALL = LaunchConfig(block_n=16, num_warps=4, num_stages=1)
+# each loop of the kernel: the plane loop, the eight-phase loop (4-bit formats), the eight-phase loop
+# for 3-bit codes too (the loop a format cannot run falls back to the plane loop)
+LOOPS = {
+    "plane": LaunchConfig(block_n=16, num_warps=4, num_stages=1, nibble=False),
+    "nibble": SMALL,
+    "nibble3": LaunchConfig(block_n=16, num_warps=4, num_stages=1, nibble_3bit=True),
+}
 
 CASES = [
     # id, prefix lens, chunk lens, heads, kv heads, page, format
@@ -31,17 +40,19 @@ def _setup(prefix, chunk, heads, kv_heads, page, fmt_name, d=64, seed=0):
     return fmt, cache, table, k_new, v_new, torch.tensor(prefix, dtype=torch.int32), qsl, q
 
 
+@pytest.mark.parametrize("loop", list(LOOPS))
 @pytest.mark.parametrize(
     ("prefix", "chunk", "heads", "kv_heads", "page", "fmt_name"),
     [c[1:] for c in CASES],
     ids=[c[0] for c in CASES],
 )
-def test_extend_matches_reference(prefix, chunk, heads, kv_heads, page, fmt_name):
+def test_extend_matches_reference(prefix, chunk, heads, kv_heads, page, fmt_name, loop):
     fmt, cache, table, k_new, v_new, plens, qsl, q = _setup(prefix, chunk, heads, kv_heads, page, fmt_name)
     out = torch.full_like(q, float("nan"))
     tq_extend_attention(
-        q, k_new, v_new, cache, table, plens, qsl, max(chunk), fmt, layer=2, block_r=32, config=SMALL, out=out
-    )
+        q, k_new, v_new, cache, table, plens, qsl, max(chunk), fmt, layer=2, block_r=32, config=LOOPS[loop],
+        out=out,
+    )  # fmt: skip
     ref = paged_extend_attention_ref(q, k_new, v_new, cache, table, plens, qsl, fmt, layer=2)
     assert not out.isnan().any()
     assert rel_err(out, ref) < TOL[torch.float32]
@@ -52,7 +63,8 @@ def test_extend_matches_reference(prefix, chunk, heads, kv_heads, page, fmt_name
     [{"softcap": 4.0}, {"sliding_window": 7}, {"sinks": "random"}, {"sliding_window": 30, "softcap": 4.0}],
     ids=["softcap", "window7", "sinks", "window30-softcap"],
 )
-def test_extend_features(kwargs):
+@pytest.mark.parametrize("loop", ["plane", "nibble"])
+def test_extend_features(kwargs, loop):
     fmt, cache, table, k_new, v_new, plens, qsl, q = _setup(
         [40, 3], [12, 20], 4, 2, 16, "turboquant_4bit_nc", seed=4
     )
@@ -60,10 +72,39 @@ def test_extend_features(kwargs):
     if kw.get("sinks") == "random":
         kw["sinks"] = torch.randn(4)
     out = tq_extend_attention(
-        q, k_new, v_new, cache, table, plens, qsl, 20, fmt, layer=2, block_r=32, config=SMALL, **kw
+        q, k_new, v_new, cache, table, plens, qsl, 20, fmt, layer=2, block_r=32, config=LOOPS[loop], **kw
     )
     ref = paged_extend_attention_ref(q, k_new, v_new, cache, table, plens, qsl, fmt, layer=2, **kw)
     assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize(
+    ("fmt_name", "loop"),
+    [("turboquant_4bit_nc", "nibble"), ("turboquant_3bit_nc", "nibble3"), ("turboquant_k3v4_nc", "nibble3")],
+)
+def test_extend_loops_agree(fmt_name, loop):
+    """The eight-phase loop (gathering from the table, as on CPU) reads these caches (no silent fallback)
+    and computes what the plane loop computes, up to float32 summation order."""
+    from tq_kernels._format import kernel_format
+    from tq_kernels.ops.decode import nibble_eligible
+
+    fmt, cache, table, k_new, v_new, plens, qsl, q = _setup(
+        [45, 16, 0], [9, 20, 5], 8, 2, 16, fmt_name, seed=9
+    )
+    assert nibble_eligible(kernel_format(fmt), cache, allow_3bit=LOOPS[loop].nibble_3bit)
+    outs = [
+        tq_extend_attention(
+            q, k_new, v_new, cache, table, plens, qsl, 20, fmt, layer=2, block_r=32, config=LOOPS[name],
+            sliding_window=30,
+        )
+        for name in ("plane", loop)
+    ]  # fmt: skip
+    ref = paged_extend_attention_ref(
+        q, k_new, v_new, cache, table, plens, qsl, fmt, layer=2, sliding_window=30
+    )
+    for out in outs:
+        assert rel_err(out, ref) < TOL[torch.float32]
+    assert rel_err(outs[0], outs[1]) < 1e-4
 
 
 def test_extend_bf16_inputs():
@@ -120,8 +161,12 @@ def test_extend_gpu_matrix(d, page, group, fmt_name):
     q = torch.randn(int(qsl[-1]), 2 * group, d, device=dev, dtype=torch.bfloat16)
     plens = torch.tensor(prefix, dtype=torch.int32, device=dev)
     cache, table = cache.to(dev), table.to(dev)
-    for kw in ({}, {"sliding_window": 500, "softcap": 20.0}):
-        out = tq_extend_attention(q, k_new, v_new, cache, table, plens, qsl, max(chunk), fmt, **kw)
+    # the default (plane loop on GPUs), then the opt-in eight-phase loop (3-bit codes too, symmetric lookup)
+    configs = (None, LaunchConfig(64, 4, 2, nibble=True, lut="sym", nibble_3bit=True))
+    for config, kw in itertools.product(configs, ({}, {"sliding_window": 500, "softcap": 20.0})):
+        out = tq_extend_attention(
+            q, k_new, v_new, cache, table, plens, qsl, max(chunk), fmt, config=config, **kw
+        )
         ref = paged_extend_attention_ref(
             q.float(), k_new.float(), v_new.float(), cache, table, plens, qsl, fmt, **kw
         )
@@ -156,6 +201,9 @@ def test_extend_custom_op_passes_opcheck():
         32,
         4,
         1,
+        True,
+        "exact",
+        False,
         out,
     )
     torch.library.opcheck(torch.ops.tq.extend_attention.default, args)

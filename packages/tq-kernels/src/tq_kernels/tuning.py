@@ -18,13 +18,13 @@ class LaunchConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    # decode only: the eight-phase loop with register table lookups for formats whose K and V codes
-    # are single 4-bit planes (see tq_kernels._kernels.decode).
+    # decode and extend: the eight-phase loop with register table lookups for formats whose K and V
+    # codes are single 4-bit planes (see tq_kernels._kernels.decode).
     nibble: bool = True
-    # decode only, NIBBLE loop on NVIDIA GPUs: "sym" looks antisymmetric codebooks up with the
+    # NIBBLE loop on NVIDIA GPUs: "sym" looks antisymmetric codebooks up with the
     # 18-instruction program (4 table registers) instead of the general 21-instruction one ("exact")
     lut: str = "exact"
-    # decode only: also run the eight-phase loop for formats with 3-bit components (3bit_nc, k3v4_nc),
+    # also run the eight-phase loop for formats with 3-bit components (3bit_nc, k3v4_nc),
     # opt-in until it has been timed on a GPU
     nibble_3bit: bool = False
 
@@ -52,10 +52,15 @@ def decode_config(head_dim: int, group: int, device: torch.device, nibble: bool 
 
 
 def extend_config(head_dim: int, group: int, device: torch.device) -> LaunchConfig:
-    """Tile and pipelining of the extend (prefill over a compressed prefix) kernel."""
+    """Tile, pipelining and loop of the extend (prefill over a compressed prefix) kernel.
+
+    The interpreter runs the eight-phase loop where the format allows (as decode does); on GPUs the
+    plane loop stays the default until the eight-phase extend loop has been timed and run through the
+    GPU tests (``LaunchConfig(nibble=True)`` opts in).
+    """
     if _arch(device) == (0, 0):
         return LaunchConfig(block_n=32, num_warps=4, num_stages=1)
-    return LaunchConfig(block_n=64, num_warps=4, num_stages=2)
+    return LaunchConfig(block_n=64, num_warps=4, num_stages=2, nibble=False)
 
 
 def store_config(num_rows: int, device: torch.device) -> LaunchConfig:

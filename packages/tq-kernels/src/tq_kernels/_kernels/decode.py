@@ -220,6 +220,63 @@ def _tq_load_words(region, row, n_mask, offs_w, OFF: tl.constexpr, W: tl.constex
 
 
 @triton.jit
+def _tq_load_phases(ptrs, mask):
+    """Eight float16 tiles of a float row block viewed in phases: tile ``p`` holds coordinates
+    ``8w + p`` of ``ptrs`` (a pointer grid ``base + 8 * w``)."""
+    return (
+        tl.load(ptrs + 0, mask=mask, other=0.0).to(tl.float16),
+        tl.load(ptrs + 1, mask=mask, other=0.0).to(tl.float16),
+        tl.load(ptrs + 2, mask=mask, other=0.0).to(tl.float16),
+        tl.load(ptrs + 3, mask=mask, other=0.0).to(tl.float16),
+        tl.load(ptrs + 4, mask=mask, other=0.0).to(tl.float16),
+        tl.load(ptrs + 5, mask=mask, other=0.0).to(tl.float16),
+        tl.load(ptrs + 6, mask=mask, other=0.0).to(tl.float16),
+        tl.load(ptrs + 7, mask=mask, other=0.0).to(tl.float16),
+    )
+
+
+@triton.jit
+def _tq_phase_scores(q0, q1, q2, q3, q4, q5, q6, q7, k0, k1, k2, k3, k4, k5, k6, k7):
+    """``q . k^T`` from the eight phases of both: ``sum_p q_p k_p^T``."""
+    s = tl.dot(q0, tl.trans(k0))
+    s = tl.dot(q1, tl.trans(k1), acc=s)
+    s = tl.dot(q2, tl.trans(k2), acc=s)
+    s = tl.dot(q3, tl.trans(k3), acc=s)
+    s = tl.dot(q4, tl.trans(k4), acc=s)
+    s = tl.dot(q5, tl.trans(k5), acc=s)
+    s = tl.dot(q6, tl.trans(k6), acc=s)
+    return tl.dot(q7, tl.trans(k7), acc=s)
+
+
+@triton.jit
+def _tq_phase_accumulate(pv, alpha, a0, a1, a2, a3, a4, a5, a6, a7, v0, v1, v2, v3, v4, v5, v6, v7):
+    """The eight phase accumulators rescaled by ``alpha`` plus ``pv @ v_p``."""
+    return (
+        tl.dot(pv, v0, acc=a0 * alpha[:, None]),
+        tl.dot(pv, v1, acc=a1 * alpha[:, None]),
+        tl.dot(pv, v2, acc=a2 * alpha[:, None]),
+        tl.dot(pv, v3, acc=a3 * alpha[:, None]),
+        tl.dot(pv, v4, acc=a4 * alpha[:, None]),
+        tl.dot(pv, v5, acc=a5 * alpha[:, None]),
+        tl.dot(pv, v6, acc=a6 * alpha[:, None]),
+        tl.dot(pv, v7, acc=a7 * alpha[:, None]),
+    )
+
+
+@triton.jit
+def _tq_store_phases(ptrs, mask, a0, a1, a2, a3, a4, a5, a6, a7):
+    """Store eight phase tiles back to coordinates ``8w + p`` of ``ptrs`` (a pointer grid ``base + 8 * w``)."""
+    tl.store(ptrs + 0, a0, mask=mask)
+    tl.store(ptrs + 1, a1, mask=mask)
+    tl.store(ptrs + 2, a2, mask=mask)
+    tl.store(ptrs + 3, a3, mask=mask)
+    tl.store(ptrs + 4, a4, mask=mask)
+    tl.store(ptrs + 5, a5, mask=mask)
+    tl.store(ptrs + 6, a6, mask=mask)
+    tl.store(ptrs + 7, a7, mask=mask)
+
+
+@triton.jit
 def _tq_decode_nibbles(
     q_ptr, cache_ptr, block_table_ptr, k_lut_ptr, v_lut_ptr, part_o_ptr, part_ml_ptr,
     b, kvh, split, lo, hi, heads, g_mask, stride_q_b, stride_q_h, stride_cache_blk,
@@ -235,15 +292,9 @@ def _tq_decode_nibbles(
     offs_w = tl.arange(0, BLOCK_W)
     offs_n = tl.arange(0, BLOCK_N)
     qm = g_mask[:, None] & (offs_w < W)[None, :]
-    qg = q_ptr + b * stride_q_b + heads[:, None] * stride_q_h + 8 * offs_w[None, :]
-    q0 = tl.load(qg + 0, mask=qm, other=0.0).to(tl.float16)
-    q1 = tl.load(qg + 1, mask=qm, other=0.0).to(tl.float16)
-    q2 = tl.load(qg + 2, mask=qm, other=0.0).to(tl.float16)
-    q3 = tl.load(qg + 3, mask=qm, other=0.0).to(tl.float16)
-    q4 = tl.load(qg + 4, mask=qm, other=0.0).to(tl.float16)
-    q5 = tl.load(qg + 5, mask=qm, other=0.0).to(tl.float16)
-    q6 = tl.load(qg + 6, mask=qm, other=0.0).to(tl.float16)
-    q7 = tl.load(qg + 7, mask=qm, other=0.0).to(tl.float16)
+    q0, q1, q2, q3, q4, q5, q6, q7 = _tq_load_phases(
+        q_ptr + b * stride_q_b + heads[:, None] * stride_q_h + 8 * offs_w[None, :], qm
+    )
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -274,14 +325,7 @@ def _tq_decode_nibbles(
         k0, k1, k2, k3, k4, k5, k6, k7 = _tq_nibble_phases(
             _tq_load_words(region, row, n_mask, offs_w, K_CODE_OFF, W, K_BITS), k_lut_ptr, K_ASM, K_BITS
         )
-        s = tl.dot(q0, tl.trans(k0))
-        s = tl.dot(q1, tl.trans(k1), acc=s)
-        s = tl.dot(q2, tl.trans(k2), acc=s)
-        s = tl.dot(q3, tl.trans(k3), acc=s)
-        s = tl.dot(q4, tl.trans(k4), acc=s)
-        s = tl.dot(q5, tl.trans(k5), acc=s)
-        s = tl.dot(q6, tl.trans(k6), acc=s)
-        s = tl.dot(q7, tl.trans(k7), acc=s)
+        s = _tq_phase_scores(q0, q1, q2, q3, q4, q5, q6, q7, k0, k1, k2, k3, k4, k5, k6, k7)
         k_gamma = _tq_load_norm_rows(region, row, n_mask, K_NORM_OFF, K_NORM)
         m_new, alpha, p, l_i = _tq_online_softmax(s, k_gamma, n_mask, m_i, l_i, softcap, USE_SOFTCAP)
 
@@ -290,14 +334,9 @@ def _tq_decode_nibbles(
         )
         v_gamma = tl.where(n_mask, _tq_load_norm_rows(region, row, n_mask, V_NORM_OFF, V_NORM), 0.0)
         pv = (p * v_gamma[None, :]).to(tl.float16)
-        a0 = tl.dot(pv, v0, acc=a0 * alpha[:, None])
-        a1 = tl.dot(pv, v1, acc=a1 * alpha[:, None])
-        a2 = tl.dot(pv, v2, acc=a2 * alpha[:, None])
-        a3 = tl.dot(pv, v3, acc=a3 * alpha[:, None])
-        a4 = tl.dot(pv, v4, acc=a4 * alpha[:, None])
-        a5 = tl.dot(pv, v5, acc=a5 * alpha[:, None])
-        a6 = tl.dot(pv, v6, acc=a6 * alpha[:, None])
-        a7 = tl.dot(pv, v7, acc=a7 * alpha[:, None])
+        a0, a1, a2, a3, a4, a5, a6, a7 = _tq_phase_accumulate(
+            pv, alpha, a0, a1, a2, a3, a4, a5, a6, a7, v0, v1, v2, v3, v4, v5, v6, v7
+        )
         m_i = m_new
 
     po = (
@@ -307,15 +346,7 @@ def _tq_decode_nibbles(
         + split * stride_po_s
         + 8 * offs_w[None, :]
     )
-    om = g_mask[:, None] & (offs_w < W)[None, :]
-    tl.store(po + 0, a0, mask=om)
-    tl.store(po + 1, a1, mask=om)
-    tl.store(po + 2, a2, mask=om)
-    tl.store(po + 3, a3, mask=om)
-    tl.store(po + 4, a4, mask=om)
-    tl.store(po + 5, a5, mask=om)
-    tl.store(po + 6, a6, mask=om)
-    tl.store(po + 7, a7, mask=om)
+    _tq_store_phases(po, g_mask[:, None] & (offs_w < W)[None, :], a0, a1, a2, a3, a4, a5, a6, a7)
     _tq_store_ml(part_ml_ptr, b, heads, split, g_mask, m_i, l_i, NUM_HEADS, NUM_SPLITS)
 
 

@@ -10,6 +10,7 @@ from tq_kernels._format import kernel_format, rotation_for
 from tq_kernels._kernels.extend import _tq_extend_attention_kernel
 from tq_kernels.ops._attn_checks import check_attention_common, check_paged_cache
 from tq_kernels.ops._registry import format_key, lookup_format
+from tq_kernels.ops.decode import nibble_eligible
 from tq_kernels.tuning import LaunchConfig, extend_config
 
 __all__ = ["tq_extend_attention"]
@@ -36,6 +37,9 @@ def _extend_op(
     block_n: int,
     num_warps: int,
     num_stages: int,
+    nibble: bool,
+    lut: str,
+    nibble_3bit: bool,
     out: torch.Tensor,
 ) -> None:
     """Launch the extend kernel on validated inputs (``tq_extend_attention`` checks them);
@@ -57,6 +61,10 @@ def _extend_op(
     o_rot = torch.zeros(total_q, num_heads, d, dtype=torch.float32, device=q.device)
     if total_q and max_query_len:
         k_lut, v_lut = kf.centroids(q.device, torch.float16)
+        nibble = nibble and nibble_eligible(kf, cache, nibble_3bit)
+        k_asm = v_asm = ""
+        if nibble and q.device.type == "cuda" and torch.version.hip is None:
+            k_asm, v_asm = kf.nibble_asm(symmetric=lut == "sym")
         grid = (batch, triton.cdiv(max_query_len, m_tok), num_kv_heads)
         _tq_extend_attention_kernel[grid](
             q_rot,
@@ -92,6 +100,10 @@ def _extend_op(
             **kf.region_constexprs(cache.shape[2]),
             num_warps=num_warps,
             num_stages=num_stages,
+            NIBBLE=nibble,
+            BLOCK_W=max(16, triton.next_power_of_2(d // 8)),
+            K_ASM=k_asm,
+            V_ASM=v_asm,
         )
     out.copy_(o_rot @ rot)
 
@@ -116,6 +128,9 @@ def _(
     block_n: int,
     num_warps: int,
     num_stages: int,
+    nibble: bool,
+    lut: str,
+    nibble_3bit: bool,
     out: torch.Tensor,
 ) -> None:
     return None
@@ -154,7 +169,9 @@ def tq_extend_attention(
         max_query_len: the longest chunk (a host int: it sizes the grid).
         fmt, layer, scale, sliding_window, softcap, sinks: as for ``tq_decode_attention``.
         block_r: query rows (tokens x heads of a group) per program.
-        config: key tile and pipelining override (default: :func:`tq_kernels.tuning.extend_config`).
+        config: key tile, pipelining and loop override (default: :func:`tq_kernels.tuning.extend_config`);
+            ``config.nibble`` runs the prefix with the decode kernel's eight-phase loop for 4-bit formats
+            (and with ``config.nibble_3bit`` for 3-bit ones), ``config.lut`` picks its register lookup.
         out: optional `[total_q, num_heads, head_dim]` output of ``q``'s dtype.
 
     Returns:
@@ -189,6 +206,8 @@ def tq_extend_attention(
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}")
 
     cfg = config or extend_config(fmt.head_dim, group, q.device)
+    if cfg.lut not in ("exact", "sym"):
+        raise ValueError(f"config.lut must be 'exact' or 'sym', got {cfg.lut!r}")
     if out is None:
         out = torch.empty_like(q)
     _extend_op(
@@ -210,6 +229,9 @@ def tq_extend_attention(
         cfg.block_n,
         cfg.num_warps,
         cfg.num_stages,
+        cfg.nibble,
+        cfg.lut,
+        cfg.nibble_3bit,
         out,
     )
     return out
