@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from collections.abc import Iterable
 
 __all__ = [
     "PROGRAM",
@@ -159,7 +160,7 @@ def _table_words(table_bits: tuple[int, ...], symmetric: bool = False) -> dict[s
     return _byte_words(table_bits, "tl", "th")  # 8 entries: the 3-bit program's table
 
 
-def float16_bits(values) -> tuple[int, ...]:
+def float16_bits(values: Iterable[float]) -> tuple[int, ...]:
     """The float16 bit patterns of sixteen numbers (round to nearest, as ``torch.half`` does)."""
     return tuple(struct.unpack("<H", struct.pack("<e", float(v)))[0] for v in values)
 
@@ -176,7 +177,7 @@ def lut_asm(table_bits: tuple[int, ...], symmetric: bool = False) -> str:
     lines = ["{", f".reg .b32 {', '.join(regs)};"]
     lines += [f"mov.b32 {name}, {value:#010x};" for name, value in table.items()]
 
-    def arg(x):
+    def arg(x: str | int) -> str:
         return "$8" if x == "$w" else (f"{x:#x}" if isinstance(x, int) else x)
 
     for op, dst, *src in program:
@@ -226,7 +227,7 @@ def emulate(word: int, table_bits: tuple[int, ...], symmetric: bool = False) -> 
     r = dict(_table_words(table_bits, symmetric))
     r["$w"] = word & 0xFFFFFFFF
 
-    def val(x):
+    def val(x: str | int) -> int:
         return x if isinstance(x, int) else r[x]
 
     for op, dst, *src in _program_for(table_bits, symmetric):

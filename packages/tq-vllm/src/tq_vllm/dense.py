@@ -174,6 +174,7 @@ class DenseAttention:
         # the K and V halves of the cache are views with a head stride of 2 * head_size: FlashAttention
         # takes the block, row and head strides of a paged cache as given (only the last dim must be
         # contiguous), as for vLLM's own [2, blocks, block_size, heads, head_size] cache
+        assert self.flash is not None  # the caller checked
         self.flash(
             q=query,
             k=k_cache,

@@ -8,7 +8,7 @@ import torch
 import triton
 
 from tq_core.formats import KVFormat
-from tq_kernels._format import kernel_format, rotation_for
+from tq_kernels._format import KernelFormat, kernel_format, rotation_for
 from tq_kernels._kernels.decode import _tq_decode_attention_kernel, _tq_decode_reduce_kernel
 from tq_kernels.ops._attn_checks import check_attention_common, check_paged_cache, sm_count
 from tq_kernels.ops._registry import format_key, lookup_format
@@ -44,7 +44,7 @@ def nibble_format(fmt: KVFormat, allow_3bit: bool = False) -> bool:
     return all(c.bits in widths and not c.hi_bits_coords for c in (fmt.key, fmt.value))
 
 
-def nibble_eligible(kf, cache: torch.Tensor, allow_3bit: bool = False) -> bool:
+def nibble_eligible(kf: KernelFormat, cache: torch.Tensor, allow_3bit: bool = False) -> bool:
     """Whether the eight-phase loop can read ``cache``: :func:`nibble_format`, and every code row
     starts on a 4-byte boundary (the loop loads int32 and int16 words)."""
     return (
