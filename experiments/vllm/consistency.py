@@ -67,7 +67,8 @@ def run_engine(name: str, mode: str, model_dir: str | None) -> dict:
     if backend:
         kw["attention_backend"] = backend
     if mode == "B":
-        kw.update(enable_prefix_caching=True, num_gpu_blocks_override=BLOCKS_B)
+        # stats logging on: LLM.get_metrics() asserts it ("Stat logging disabled"), and LLM() turns it off
+        kw.update(enable_prefix_caching=True, num_gpu_blocks_override=BLOCKS_B, disable_log_stats=False)
     else:
         kw.update(enable_prefix_caching=False)
     llm = LLM(**kw)
