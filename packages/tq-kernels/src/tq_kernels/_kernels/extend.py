@@ -28,6 +28,53 @@ from tq_kernels._kernels.decode import (
 )
 
 
+@triton.jit
+def _tq_prefix_start(prefix, tile, sliding_window, M_TOK: tl.constexpr, BLOCK_N: tl.constexpr,
+                     USE_WINDOW: tl.constexpr):  # fmt: skip
+    """First prefix token (tile-aligned) that the window lets the tile's first query see."""
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(prefix + tile * M_TOK - sliding_window + 1, 0)
+        lo = lo // BLOCK_N * BLOCK_N
+    return lo
+
+
+@triton.jit
+def _tq_chunk_range(q_len, tile, sliding_window, M_TOK: tl.constexpr, BLOCK_N: tl.constexpr,
+                    USE_WINDOW: tl.constexpr):  # fmt: skip
+    """(first, end) chunk positions the tile's queries can see: causal, and windowed."""
+    hi = tl.minimum(q_len, (tile + 1) * M_TOK)
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(tile * M_TOK - sliding_window + 1, 0)
+        lo = lo // BLOCK_N * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _tq_masked_softmax(s, visible, m_i, l_i, softcap, USE_SOFTCAP: tl.constexpr):
+    """One tile of the online softmax: scores ``s`` `[R, N]` soft-capped and masked to ``visible``;
+    returns (new running max, rescale factor of the old state, probabilities, new sum).  A row that has
+    seen no visible key yet keeps a running max of -inf and probabilities 0."""
+    if USE_SOFTCAP:
+        s = _softcap(s, softcap)
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _tq_sinks(sinks_ptr, head, r_mask, m_i, l_i):
+    """Each head's sink logit joins the softmax sum: (rescale factor of the accumulators, new sum)."""
+    sink = tl.load(sinks_ptr + head, mask=r_mask, other=float("-inf")).to(tl.float32)
+    m_new = tl.maximum(m_i, sink)
+    alpha = tl.exp(m_i - m_new)
+    return alpha, l_i * alpha + tl.exp(sink - m_new)
+
+
 # The block table's row stride is left unspecialized (Triton specializes integers equal to 1 and
 # multiples of 16): a warm-up with a one-column table then compiles the same variant that a serving
 # engine's table uses.  On 2026-11-28 the specialized stride made vLLM recompile this kernel inside the
@@ -120,10 +167,7 @@ def _tq_extend_attention_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
 
     # phase 1: the compressed prefix [lo, prefix)
-    lo = 0
-    if USE_WINDOW:
-        lo = tl.maximum(prefix + tile * M_TOK - sliding_window + 1, 0)
-        lo = lo // BLOCK_N * BLOCK_N
+    lo = _tq_prefix_start(prefix, tile, sliding_window, M_TOK, BLOCK_N, USE_WINDOW)
     for n0 in range(lo, prefix, BLOCK_N):
         tok = n0 + offs_n
         n_mask = tok < prefix
@@ -137,17 +181,10 @@ def _tq_extend_attention_kernel(
         k_c = tl.where(tile_mask, _tq_centroids(k_lut_ptr, k_idx), 0.0).to(tl.float16)
         k_gamma = _tq_load_norm_rows(region, row, n_mask, K_NORM_OFF, K_NORM)
         s = tl.dot(q, tl.trans(k_c)) * k_gamma[None, :]
-        if USE_SOFTCAP:
-            s = _softcap(s, softcap)
         visible = n_mask[None, :]
         if USE_WINDOW:
             visible = visible & ((pos[:, None] - tok[None, :]) < sliding_window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_new, alpha, p, l_i = _tq_masked_softmax(s, visible, m_i, l_i, softcap, USE_SOFTCAP)
         v_idx = _tq_load_plane_codes(
             region + V_CODE_OFF + row * V_ROW, n_mask, 0, V_BITS, HEAD_DIM, BLOCK_D, BLOCK_N
         )
@@ -157,11 +194,7 @@ def _tq_extend_attention_kernel(
         m_i = m_new
 
     # phase 2: the chunk itself, causal
-    hi = tl.minimum(q_len, (tile + 1) * M_TOK)
-    lo2 = 0
-    if USE_WINDOW:
-        lo2 = tl.maximum(tile * M_TOK - sliding_window + 1, 0)
-        lo2 = lo2 // BLOCK_N * BLOCK_N
+    lo2, hi = _tq_chunk_range(q_len, tile, sliding_window, M_TOK, BLOCK_N, USE_WINDOW)
     for n0 in range(lo2, hi, BLOCK_N):
         j = n0 + offs_n
         n_mask = j < hi
@@ -169,26 +202,16 @@ def _tq_extend_attention_kernel(
         tile_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_ptr + kv_off, mask=tile_mask, other=0.0).to(tl.float16)
         s = tl.dot(q, tl.trans(k))
-        if USE_SOFTCAP:
-            s = _softcap(s, softcap)
         visible = n_mask[None, :] & (j[None, :] <= i[:, None])
         if USE_WINDOW:
             visible = visible & ((i[:, None] - j[None, :]) < sliding_window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_new, alpha, p, l_i = _tq_masked_softmax(s, visible, m_i, l_i, softcap, USE_SOFTCAP)
         v = tl.load(v_ptr + kv_off, mask=tile_mask, other=0.0).to(tl.float16)
         acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
         m_i = m_new
 
     if USE_SINKS:
-        sink = tl.load(sinks_ptr + head, mask=r_mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m_i, sink)
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.exp(sink - m_new)
+        alpha, l_i = _tq_sinks(sinks_ptr, head, r_mask, m_i, l_i)
         acc = acc * alpha[:, None]
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
@@ -232,10 +255,7 @@ def _tq_extend_nibbles(
     a7 = tl.zeros([BLOCK_R, BLOCK_W], tl.float32)
 
     # phase 1: the compressed prefix [lo, prefix)
-    lo = 0
-    if USE_WINDOW:
-        lo = tl.maximum(prefix + tile * M_TOK - sliding_window + 1, 0)
-        lo = lo // BLOCK_N * BLOCK_N
+    lo = _tq_prefix_start(prefix, tile, sliding_window, M_TOK, BLOCK_N, USE_WINDOW)
     for n0 in range(lo, prefix, BLOCK_N):
         tok = n0 + offs_n
         n_mask, region, row = _tq_tile_rows(
@@ -247,17 +267,10 @@ def _tq_extend_nibbles(
         )
         s = _tq_phase_scores(q0, q1, q2, q3, q4, q5, q6, q7, k0, k1, k2, k3, k4, k5, k6, k7)
         s = s * _tq_load_norm_rows(region, row, n_mask, K_NORM_OFF, K_NORM)[None, :]
-        if USE_SOFTCAP:
-            s = _softcap(s, softcap)
         visible = n_mask[None, :]
         if USE_WINDOW:
             visible = visible & ((pos[:, None] - tok[None, :]) < sliding_window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_new, alpha, p, l_i = _tq_masked_softmax(s, visible, m_i, l_i, softcap, USE_SOFTCAP)
         v0, v1, v2, v3, v4, v5, v6, v7 = _tq_nibble_phases(
             _tq_load_words(region, row, n_mask, offs_w, V_CODE_OFF, W, V_BITS), v_lut_ptr, V_ASM, V_BITS
         )
@@ -269,11 +282,7 @@ def _tq_extend_nibbles(
         m_i = m_new
 
     # phase 2: the chunk itself, causal
-    hi = tl.minimum(q_len, (tile + 1) * M_TOK)
-    lo2 = 0
-    if USE_WINDOW:
-        lo2 = tl.maximum(tile * M_TOK - sliding_window + 1, 0)
-        lo2 = lo2 // BLOCK_N * BLOCK_N
+    lo2, hi = _tq_chunk_range(q_len, tile, sliding_window, M_TOK, BLOCK_N, USE_WINDOW)
     for n0 in range(lo2, hi, BLOCK_N):
         j = n0 + offs_n
         n_mask = j < hi
@@ -281,17 +290,10 @@ def _tq_extend_nibbles(
         tile_mask = n_mask[:, None] & w_mask[None, :]
         k0, k1, k2, k3, k4, k5, k6, k7 = _tq_load_phases(k_ptr + kv_rows, tile_mask)
         s = _tq_phase_scores(q0, q1, q2, q3, q4, q5, q6, q7, k0, k1, k2, k3, k4, k5, k6, k7)
-        if USE_SOFTCAP:
-            s = _softcap(s, softcap)
         visible = n_mask[None, :] & (j[None, :] <= i[:, None])
         if USE_WINDOW:
             visible = visible & ((i[:, None] - j[None, :]) < sliding_window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_new, alpha, p, l_i = _tq_masked_softmax(s, visible, m_i, l_i, softcap, USE_SOFTCAP)
         v0, v1, v2, v3, v4, v5, v6, v7 = _tq_load_phases(v_ptr + kv_rows, tile_mask)
         a0, a1, a2, a3, a4, a5, a6, a7 = _tq_phase_accumulate(
             p.to(tl.float16), alpha, a0, a1, a2, a3, a4, a5, a6, a7, v0, v1, v2, v3, v4, v5, v6, v7
@@ -299,10 +301,7 @@ def _tq_extend_nibbles(
         m_i = m_new
 
     if USE_SINKS:
-        sink = tl.load(sinks_ptr + head, mask=r_mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m_i, sink)
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.exp(sink - m_new)
+        alpha, l_i = _tq_sinks(sinks_ptr, head, r_mask, m_i, l_i)
         a0, a1, a2, a3 = a0 * alpha[:, None], a1 * alpha[:, None], a2 * alpha[:, None], a3 * alpha[:, None]
         a4, a5, a6, a7 = a4 * alpha[:, None], a5 * alpha[:, None], a6 * alpha[:, None], a7 * alpha[:, None]
     inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)[:, None]
