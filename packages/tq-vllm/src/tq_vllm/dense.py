@@ -144,19 +144,7 @@ class DenseAttention:
         k_scale, v_scale = _scales(layer, query.device)
         descale_shape = (meta.query_start_loc.shape[0] - 1, self.num_kv_heads)
         unified_attention(
-            q=query,
-            k=k_cache,
-            v=v_cache,
-            out=out,
-            cu_seqlens_q=meta.query_start_loc,
-            max_seqlen_q=meta.max_query_len,
-            seqused_k=meta.seq_lens,
-            max_seqlen_k=meta.max_seq_len,
-            softmax_scale=self.scale,
-            causal=True,
-            window_size=window_size(self.sliding_window),
-            block_table=meta.block_table,
-            softcap=self.softcap or 0.0,
+            **self._paged_args(query, k_cache, v_cache, meta, out),
             q_descale=None,
             k_descale=k_scale.expand(descale_shape),
             v_descale=v_scale.expand(descale_shape),
@@ -175,7 +163,14 @@ class DenseAttention:
         # takes the block, row and head strides of a paged cache as given (only the last dim must be
         # contiguous), as for vLLM's own [2, blocks, block_size, heads, head_size] cache
         assert self.flash is not None  # the caller checked
-        self.flash(
+        self.flash(**self._paged_args(query, k_cache, v_cache, meta, out))
+
+    def _paged_args(
+        self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any, out: torch.Tensor
+    ) -> dict[str, Any]:
+        """The keywords vLLM's Triton unified attention and its FlashAttention varlen kernel share for
+        causal attention over a paged cache."""
+        return dict(
             q=query,
             k=k_cache,
             v=v_cache,
