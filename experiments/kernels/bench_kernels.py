@@ -239,17 +239,24 @@ def tune_store(tokens: int, cache_tokens: int) -> list[dict]:
     return rows
 
 
-def tune_extend(prefix: int, chunk: int) -> list[dict]:
-    """Time the extend kernel's loops and tiles on one shape (the eight-phase loop is opt-in there)."""
-    from tq_kernels.tuning import LaunchConfig
-
-    q = torch.randn(chunk, H, D, device="cuda", dtype=torch.bfloat16)
+def extend_inputs(prefix: int, chunk: int) -> tuple[torch.Tensor, ...]:
+    """The chunk's K/V, block table, prefix lengths and query offsets of one sequence extending a
+    ``prefix``-token cache by ``chunk`` tokens, and the cache's block count."""
     kn = torch.randn(chunk, HKV, D, device="cuda", dtype=torch.bfloat16)
     vn = torch.randn_like(kn)
     nblk = (prefix + chunk) // PAGE + 1
     table = torch.arange(nblk, device="cuda", dtype=torch.int32)[None]
     plens = torch.tensor([prefix], device="cuda", dtype=torch.int32)
     qsl = torch.tensor([0, chunk], device="cuda", dtype=torch.int32)
+    return kn, vn, table, plens, qsl, nblk
+
+
+def tune_extend(prefix: int, chunk: int) -> list[dict]:
+    """Time the extend kernel's loops and tiles on one shape (the eight-phase loop is opt-in there)."""
+    from tq_kernels.tuning import LaunchConfig
+
+    q = torch.randn(chunk, H, D, device="cuda", dtype=torch.bfloat16)
+    kn, vn, table, plens, qsl, nblk = extend_inputs(prefix, chunk)
     rows = []
     for name in ("turboquant_4bit_nc", "turboquant_k3v4_nc"):
         fmt = named_format(name, D)
@@ -288,12 +295,7 @@ def extend_rows(prefix: int, chunk: int, copy_gbps: float) -> list[dict]:
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
         base = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))[0]
     qt = q[0].transpose(0, 1).contiguous()
-    kn = torch.randn(chunk, HKV, D, device="cuda", dtype=torch.bfloat16)
-    vn = torch.randn_like(kn)
-    nblk = (prefix + chunk) // PAGE + 1
-    table = torch.arange(nblk, device="cuda", dtype=torch.int32)[None]
-    plens = torch.tensor([prefix], device="cuda", dtype=torch.int32)
-    qsl = torch.tensor([0, chunk], device="cuda", dtype=torch.int32)
+    kn, vn, table, plens, qsl, nblk = extend_inputs(prefix, chunk)
     for name in FORMATS:
         fmt = named_format(name, D)
         cache = random_cache(fmt, nblk)
