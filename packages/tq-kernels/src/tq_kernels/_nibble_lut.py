@@ -48,15 +48,19 @@ def _pairs(half: int) -> list[tuple]:
     ]
 
 
-def _program() -> tuple[tuple, ...]:
-    steps: list[tuple] = [
-        ("and", "s0", "$w", 0x77777777),
+def _selectors_and_masks() -> list[tuple]:
+    """From the selectors ``s0`` (codes 0-3) already in place: ``s1`` for codes 4-7, and the byte masks
+    ``m0``/``m1`` (byte k = 0xFF iff bit 3 of code k; codes 0-3, 4-7) by sign-replicating ``prmt``."""
+    return [
         ("shr", "s1", "s0", 16),
         ("shl", "w4", "$w", 4),
-        # byte k of m0 = 0xFF iff bit 3 of code k (codes 0-3); m1 likewise for codes 4-7
         ("prmt", "m0", "w4", "$w", 0xD9C8),
         ("prmt", "m1", "w4", "$w", 0xFBEA),
     ]
+
+
+def _program() -> tuple[tuple, ...]:
+    steps: list[tuple] = [("and", "s0", "$w", 0x77777777), *_selectors_and_masks()]
     for half in (0, 1):
         sel, mask = f"s{half}", f"m{half}"
         steps += [
@@ -87,10 +91,7 @@ def _program_symmetric() -> tuple[tuple, ...]:
         ("shr", "u", "t", 3),
         ("mul", "xm", "u", 7),  # 0x7 in each nibble of a negative code (no carries: u is 0 or 1 per nibble)
         ("lop3", "s0", "$w", "xm", 0x77777777, _XOR_AND),  # magnitude index: j & 7, or (j ^ 7) & 7
-        ("shr", "s1", "s0", 16),
-        ("shl", "w4", "$w", 4),
-        ("prmt", "m0", "w4", "$w", 0xD9C8),
-        ("prmt", "m1", "w4", "$w", 0xFBEA),
+        *_selectors_and_masks(),
     ]
     for half in (0, 1):
         sel, mask = f"s{half}", f"m{half}"
