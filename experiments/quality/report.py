@@ -39,21 +39,31 @@ def agreement(tokens: list[list[int]], base: list[list[int]]) -> tuple[float | N
     return sum(prefix) / len(prefix), sum(same) / len(same)
 
 
-def ppl_delta_ci(r: dict, b: dict, draws: int = 2000, seed: int = 0) -> list[float] | None:
-    """95% interval of the perplexity change (%) against ``b``, by a paired bootstrap over the held-out
-    sequences (both rows scored the same sequences; each draw resamples sequences with replacement).
+def _paired_bootstrap(rows: list[dict], b: dict, draws: int, seed: int) -> list[list[float]] | None:
+    """Paired bootstrap over the held-out sequences that every row of ``rows`` and ``b`` scored: for each
+    draw (sequences resampled with replacement), the perplexity change (%) of each row against ``b``.
     None when a row lacks per-sequence NLLs (results written before they were recorded)."""
-    a, z = r.get("nll_per_seq"), b.get("nll_per_seq")
-    if not a or not z or len(a) != len(z):
+    series = [r.get("nll_per_seq") for r in rows]
+    z = b.get("nll_per_seq")
+    if not z or any(not x or len(x) != len(z) for x in series):
         return None
     rng = random.Random(seed)
-    per_tok = r["scored_tokens"] / len(a)  # every sequence scores the same number of targets
-    n = len(a)
-    deltas = []
+    n = len(z)
+    tokens = rows[0]["scored_tokens"]  # every sequence scores the same number of targets
+    out = []
     for _ in range(draws):
         idx = [rng.randrange(n) for _ in range(n)]
-        deltas.append(100 * (math.exp(sum(a[i] - z[i] for i in idx) / (per_tok * n)) - 1))
-    deltas.sort()
+        out.append([100 * (math.exp(sum(x[i] - z[i] for i in idx) / tokens) - 1) for x in series])
+    return out
+
+
+def ppl_delta_ci(r: dict, b: dict, draws: int = 2000, seed: int = 0) -> list[float] | None:
+    """95% interval of the perplexity change (%) against ``b``, by a paired bootstrap over the held-out
+    sequences (both rows scored the same sequences).  None without per-sequence NLLs."""
+    boot = _paired_bootstrap([r], b, draws, seed)
+    if boot is None:
+        return None
+    deltas = sorted(d for (d,) in boot)
     return [deltas[int(0.025 * draws)], deltas[int(0.975 * draws) - 1]]
 
 
@@ -61,21 +71,10 @@ def delta_difference_ci(r: dict, o: dict, b: dict, draws: int = 2000, seed: int 
     """Median and 95% interval of (Δppl% of ``r``) - (Δppl% of ``o``), both against ``b``, by a paired
     bootstrap over the held-out sequences that all three rows scored: whether two configs of the same
     engine are told apart.  None without per-sequence NLLs."""
-    a, c, z = r.get("nll_per_seq"), o.get("nll_per_seq"), b.get("nll_per_seq")
-    if not a or not c or not z or not len(a) == len(c) == len(z):
+    boot = _paired_bootstrap([r, o], b, draws, seed)
+    if boot is None:
         return None
-    rng = random.Random(seed)
-    n = len(a)
-    tokens = r["scored_tokens"]  # every sequence scores the same number of targets
-
-    def pct(x: list[float], idx: list[int]) -> float:
-        return 100 * (math.exp(sum(x[i] - z[i] for i in idx) / tokens) - 1)
-
-    diffs = []
-    for _ in range(draws):
-        idx = [rng.randrange(n) for _ in range(n)]
-        diffs.append(pct(a, idx) - pct(c, idx))
-    diffs.sort()
+    diffs = sorted(x - y for x, y in boot)
     return [diffs[draws // 2], diffs[int(0.025 * draws)], diffs[int(0.975 * draws) - 1]]
 
 
