@@ -121,6 +121,27 @@ case "${1:?phase}" in
     ls -la /tmp/refmodel_export && cp /tmp/refmodel_export/* "$OUT"/
     tail -5 $RES/queue.log
     ;;
+  anchor_bg)  # anchor runs on another GPU in the background: anchor_bg GPU NAME ...; results in
+    # $RES/gpuGPU/ (picked up by every later `pack`).  CHECK_FIRST=1 runs prefix_flash_check.py there first.
+    gpu=$2; shift 2
+    mkdir -p $RES/gpu$gpu
+    (export PYTHONPATH=/tmp/site CUDA_VISIBLE_DEVICES=$gpu OUT=$RES/gpu$gpu RUN_TIMEOUT=${RUN_TIMEOUT:-240}
+     if [ -n "${CHECK_FIRST:-}" ]; then
+       timeout 240 python3 "$ROOT/experiments/vllm/prefix_flash_check.py" > $RES/prefix_flash_check.log 2>&1
+     fi
+     setsid nohup bash "$ROOT/experiments/vllm/anchor_ours.sh" "$@" > /dev/null 2>&1; touch $RES/gpu$gpu/done) \
+      > /dev/null 2>&1 &
+    echo "GPU $gpu: anchor $* started"
+    ;;
+  wait_bg)  # waits up to ${2:-300} s for the background anchors, then packs
+    t0=$(date +%s)
+    for d in $RES/gpu*/; do
+      while [ ! -e "$d/done" ] && [ $(($(date +%s) - t0)) -lt "${2:-300}" ]; do sleep 5; done
+    done
+    grep -h '^RESULT' $RES/gpu*/vllm_anchor_ours.log 2>/dev/null | cut -c1-400
+    grep -h '^RESULT' $RES/prefix_flash_check.log 2>/dev/null
+    pack
+    ;;
   profile)  # GPU 0: per-kernel GPU time of decode steps (experiments/vllm/profile_decode.py), per "KV BACKEND"
     shift
     export PYTHONPATH=/tmp/site CUDA_VISIBLE_DEVICES=0
@@ -133,8 +154,13 @@ case "${1:?phase}" in
     tail -3 $RES/queue.log
     pack
     ;;
-  tp2)  # both GPUs of an x2 lease after its queue; GPUs 2 and 3 of an x4 lease (FOUR_GPU=1)
+  tp2)  # both GPUs of an x2 lease after its queue; GPUs 2 and 3 of an x4 lease (FOUR_GPU=1);
+    # TP2_BG=1 returns at once and leaves it running (its log is packed by later calls)
     export PYTHONPATH=/tmp/site
+    if [ -n "${TP2_BG:-}" ]; then
+      (TP2_BG='' setsid nohup bash "$0" tp2 > $RES/tp2_driver.log 2>&1 &)
+      echo "TP2 started in the background"; exit 0
+    fi
     if [ -n "${FOUR_GPU:-}" ]; then
       export CUDA_VISIBLE_DEVICES=2,3
       while [ ! -e $RES/queueb.done ] || pgrep -f "[b]ench_kernels.py" > /dev/null; do sleep 5; done

@@ -253,8 +253,8 @@ def test_impl_rejects_what_it_does_not_serve(kwargs: dict, match: str) -> None:
 
 def test_builder_sizes_decode_splits_for_the_layers_kernel_launch(monkeypatch) -> None:
     """The split count is a compile-time constant of the decode kernel, chosen once per batch size for
-    the launch the layers' format actually gets (one warp per program for 4-bit codes on the GPU), so
-    a one-warp launch gets four times the splits of a four-warp one."""
+    the launch the layers' format actually gets (one warp per program for 3- and 4-bit codes on the
+    GPU, four for 8-bit keys), so a one-warp launch gets four times the splits of a four-warp one."""
     import tq_kernels.tuning
     from tq_kernels.tuning import LaunchConfig
 
@@ -267,7 +267,7 @@ def test_builder_sizes_decode_splits_for_the_layers_kernel_launch(monkeypatch) -
     monkeypatch.setattr(tq_kernels.tuning, "decode_config", config)
     monkeypatch.setattr("tq_kernels.ops.decode.sm_count", lambda device: 132)
     splits = {}
-    for name in ("turboquant_4bit_nc", "turboquant_3bit_nc"):
+    for name in ("turboquant_4bit_nc", "turboquant_3bit_nc", "turboquant_k8v4"):
         case = dict(COMPRESSED_CASES[1], kv=name)
         _, impl, spec, _ = build_layer(case, LAYER_NAME, BLOCK)
         module = Layer(LAYER_NAME)
@@ -277,10 +277,10 @@ def test_builder_sizes_decode_splits_for_the_layers_kernel_launch(monkeypatch) -
         with set_current_vllm_config(config_):
             builder = TurboQuantBackend.get_builder_cls()(spec, [LAYER_NAME], config_, torch.device("cpu"))
         splits[name] = builder.decode_num_splits(32, 8192)
-    assert seen == [(128, COMPRESSED_CASES[1]["h"] // COMPRESSED_CASES[1]["hkv"], True),
-                    (128, COMPRESSED_CASES[1]["h"] // COMPRESSED_CASES[1]["hkv"], False)]  # fmt: skip
+    group = COMPRESSED_CASES[1]["h"] // COMPRESSED_CASES[1]["hkv"]
+    assert seen == [(128, group, True), (128, group, True), (128, group, False)]
     # 32 requests x 2 KV heads on 132 SMs: 33 splits -> 64 (power of two) with one warp, 9 -> 16 with four
-    assert (splits["turboquant_4bit_nc"], splits["turboquant_3bit_nc"]) == (64, 16)
+    assert splits == {"turboquant_4bit_nc": 64, "turboquant_3bit_nc": 64, "turboquant_k8v4": 16}
 
 
 class PagedFakeFlash:

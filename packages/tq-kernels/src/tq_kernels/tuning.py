@@ -22,10 +22,10 @@ class LaunchConfig:
     # codes are single 4-bit planes (see tq_kernels._kernels.decode).
     nibble: bool = True
     # NIBBLE loop on NVIDIA GPUs: "sym" looks antisymmetric codebooks up with the
-    # 18-instruction program (4 table registers) instead of the general 21-instruction one ("exact")
+    # 18-instruction program (4 table registers) instead of the general 21-instruction one ("exact");
+    # a component whose table is not antisymmetric keeps the general program
     lut: str = "exact"
-    # also run the eight-phase loop for formats with 3-bit components (3bit_nc, k3v4_nc),
-    # opt-in until it has been timed on a GPU
+    # also run the eight-phase loop for formats with 3-bit components (3bit_nc, k3v4_nc)
     nibble_3bit: bool = False
 
 
@@ -44,8 +44,10 @@ def decode_config(head_dim: int, group: int, device: torch.device, nibble: bool 
         # the phase accumulators are [BLOCK_G, head_dim / 8]: too narrow to split across warps, so
         # each program is one warp (more warps would each redo the whole tile)
         # H200, B32 x 8K (experiments/results/kernels_h200.json "decode_tuning"): 32-token tiles, three
-        # stages and 8-16 splits ran 0.233-0.237 ms against 0.507 ms for the plane loop's best
-        return LaunchConfig(block_n=32, num_warps=1, num_stages=3)
+        # stages and 8-16 splits ran 0.233-0.237 ms against 0.507 ms for the plane loop's best; the
+        # symmetric lookup took 4-bit to 0.208 ms, and the eight-phase loop took k3v4_nc from 0.542 to
+        # 0.255 ms and 3bit_nc from 0.588 to 0.270 ms
+        return LaunchConfig(block_n=32, num_warps=1, num_stages=3, lut="sym", nibble_3bit=True)
     # H200, B32 x 8K, 4-bit (experiments/results/kernels_h200.json "decode_tuning"): 128-token tiles
     # with 4 warps ran 0.52 ms against 0.73 ms for 64-token tiles and 0.66 ms for 32 with 2 warps.
     return LaunchConfig(block_n=128, num_warps=4, num_stages=2)
@@ -69,10 +71,15 @@ def store_config(num_rows: int, device: torch.device) -> LaunchConfig:
     16 rows a program: larger tiles spill (``experiments/kernels/aot_report.py --kernel store``) and
     ran slower.  H200, CUDA graphs (experiments/results/kernels_h200.json "decode_tuning", op store):
     a decode step's 32 tokens x 8 heads took 0.015 ms with 8 warps against 0.022 with 4; 65536 tokens
-    took 2.41 ms with 4 warps against 2.56 with 8.  Switching small stores to 8 warps waits for a GPU
-    correctness run of that launch (test_store_gpu_launch_configs; only 4 warps have run on a GPU).
+    took 2.41 ms with 4 warps against 2.56 with 8.  So stores of up to ``_STORE_SMALL_ROWS`` rows (a
+    decode step's batch) run 8 warps, larger ones 4 (test_store_gpu_launch_configs runs both on GPUs).
     """
+    if _arch(device) != (0, 0) and num_rows <= _STORE_SMALL_ROWS:
+        return LaunchConfig(block_n=16, num_warps=8, num_stages=1)
     return LaunchConfig(block_n=16, num_warps=4, num_stages=1)
+
+
+_STORE_SMALL_ROWS = 8192  # (token, head) rows: 1024 tokens of 8 KV heads
 
 
 def rotation_dot_precision(device: torch.device) -> str:

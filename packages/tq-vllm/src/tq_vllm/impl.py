@@ -44,6 +44,7 @@ from tq_kernels.ops.extend import tq_extend_attention
 from tq_kernels.ops.store import tq_store, tq_store_paged
 from tq_vllm.dense import DenseAttention, window_size
 from tq_vllm.metadata import TurboQuantMetadata
+from tq_vllm.prefix import gather_prefix_kv, prefix_flash_budget
 from tq_vllm.presets import SUPPORTED_HEAD_DIMS, describe_support, kv_format, layer_index
 
 __all__ = ["TurboQuantImpl", "compressed_cache_view"]
@@ -99,9 +100,17 @@ def _dense_attention_mode() -> str:
     return mode
 
 
-def _flash_varlen(head_size: int) -> Callable[..., Any] | None:
-    """vLLM's FlashAttention varlen function bound to its FA version, or None (not CUDA, not built,
-    or ``TQ_VLLM_PREFILL_FLASH=0``)."""
+def _flash_varlen(head_size: int, contiguous_kv: bool = False) -> Callable[..., Any] | None:
+    """vLLM's FlashAttention varlen function bound to a FA version, or None (not CUDA, not built,
+    or ``TQ_VLLM_PREFILL_FLASH=0``).
+
+    The version is the one vLLM configures, except for ``contiguous_kv`` callers (the prefill
+    paths, which attend over contiguous K/V outside CUDA graphs): they get the platform's best
+    (:func:`_prefill_fa_version`).  With a ``turboquant_*`` kv-cache dtype vLLM pins
+    ``flash_attn_version`` to 2 because its own TurboQuant backend cannot run FA3 boundary layers;
+    that restriction does not concern our prefill.  Paged boundary-layer attention inside decode
+    graphs keeps vLLM's choice.
+    """
     if os.environ.get("TQ_VLLM_PREFILL_FLASH", "1") == "0":
         return None
     try:
@@ -119,6 +128,8 @@ def _flash_varlen(head_size: int) -> Callable[..., Any] | None:
     if not is_flash_attn_varlen_func_available():
         return None
     version = get_flash_attn_version(head_size=head_size)
+    if contiguous_kv:
+        version = _prefill_fa_version(head_size, version)
 
     def flash(**kw: Any) -> Any:
         return (
@@ -128,6 +139,28 @@ def _flash_varlen(head_size: int) -> Callable[..., Any] | None:
         )
 
     return flash
+
+
+def _prefill_fa_version(head_size: int, configured: int | None) -> int | None:
+    """FA3 on Hopper when vLLM's build has it and ``head_size`` fits (FA3 runs head sizes up to 256);
+    else ``configured``.  ``TQ_VLLM_FLASH_VERSION`` (2, 3 or 4) overrides."""
+    raw = os.environ.get("TQ_VLLM_FLASH_VERSION")
+    if raw:
+        if raw not in ("2", "3", "4"):
+            raise ValueError(f"TQ_VLLM_FLASH_VERSION must be 2, 3 or 4, got {raw!r}")
+        return int(raw)
+    if configured != 2 or head_size > 256:
+        return configured
+    try:
+        from vllm.platforms import current_platform
+        from vllm.vllm_flash_attn.flash_attn_interface import is_fa_version_supported
+
+        capability = current_platform.get_device_capability()
+    except ImportError:
+        return configured
+    if capability is not None and capability.major == 9 and is_fa_version_supported(3):
+        return 3
+    return configured
 
 
 class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
@@ -189,8 +222,13 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         )
         self.layer: int | None = None  # rotation seed index, from the layer name on first use
         # First prefill chunks (no cached prefix) on FlashAttention; sinks stay on our kernel.
-        self.flash = _flash_varlen(head_size) if self.fmt is not None and self.sinks is None else None
+        self.flash = (
+            _flash_varlen(head_size, contiguous_kv=True)
+            if self.fmt is not None and self.sinks is None
+            else None
+        )
         self.chunk_kv = _chunk_kv_mode()
+        self.prefix_budget = prefix_flash_budget()
 
     # -- setup ------------------------------------------------------------------------------------
     def _layer_of(self, layer: Any) -> int:
@@ -260,6 +298,14 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             return
         cache = compressed_cache_view(kv_cache, self.fmt.slot_bytes)
         tq_store_paged(key, value, cache, slot_mapping, self.fmt, layer=self._layer_of(layer))
+
+    def _prefix_fits(self, meta: TurboQuantMetadata) -> bool:
+        """Whether this step's prefill can decode its prefix into dense K/V buffers within
+        ``TQ_VLLM_PREFIX_FLASH_MB`` (the buffers, plus the decode's temporaries, four copies)."""
+        if meta.prefill_prefix_tokens is None:
+            return False
+        rows = meta.prefill_prefix_tokens + meta.num_prefill_tokens
+        return 4 * rows * self.num_kv_heads * self.head_size * 2 <= self.prefix_budget
 
     # -- attention --------------------------------------------------------------------------------
     def forward(
@@ -342,22 +388,30 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 slots = torch.empty(*key.shape[:-1], fmt.slot_bytes, dtype=torch.uint8, device=key.device)
                 tq_store(key, value, slots, fmt, layer=common["layer"])
                 key, value = tq_dequantize(slots, fmt, layer=common["layer"], dtype=query.dtype)
-            if self.flash is not None and not meta.prefill_has_prefix and query.dtype != torch.float32:
-                self.flash(
-                    q=query[nd:],
-                    k=key,
-                    v=value,
-                    cu_seqlens_q=qsl,
-                    cu_seqlens_k=qsl,
-                    max_seqlen_q=meta.max_query_len,
-                    max_seqlen_k=meta.max_query_len,
-                    softmax_scale=self.scale,
-                    causal=True,
-                    window_size=window_size(self.sliding_window),
-                    softcap=self.logits_soft_cap or 0.0,
-                    out=out[nd:],
-                )
-                return
+            flash_args: dict[str, Any] = dict(
+                q=query[nd:],
+                max_seqlen_q=meta.max_query_len,
+                softmax_scale=self.scale,
+                causal=True,
+                window_size=window_size(self.sliding_window),
+                softcap=self.logits_soft_cap or 0.0,
+                out=out[nd:],
+            )
+            if self.flash is not None and query.dtype != torch.float32:
+                if not meta.prefill_has_prefix:  # first chunks: the exact K/V is the whole context
+                    self.flash(
+                        k=key, v=value, cu_seqlens_q=qsl, cu_seqlens_k=qsl, max_seqlen_k=meta.max_query_len,
+                        **flash_args,
+                    )  # fmt: skip
+                    return
+                if self._prefix_fits(meta):  # decode the prefix, then attend densely
+                    plan = meta.prefix_plan(cache.shape[2])
+                    dense_k, dense_v = gather_prefix_kv(plan, cache, fmt, common["layer"], key, value)
+                    self.flash(
+                        k=dense_k, v=dense_v, cu_seqlens_q=qsl, cu_seqlens_k=plan.cu_seqlens_k,
+                        max_seqlen_k=plan.max_seqlen_k, **flash_args,
+                    )  # fmt: skip
+                    return
             # Tokens already cached before each chunk; computed on the device (no host sync).
             prefix_lens = meta.seq_lens[first:] - (qsl[1:] - qsl[:-1])
             tq_extend_attention(

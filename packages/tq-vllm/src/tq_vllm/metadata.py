@@ -13,8 +13,8 @@ the model's maximum length, never on the step's sequence lengths: a captured gra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from vllm.v1.attention.backend import (
@@ -24,6 +24,9 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+if TYPE_CHECKING:
+    from tq_vllm.prefix import PrefixGather
 
 __all__ = ["TurboQuantMetadata", "TurboQuantMetadataBuilder"]
 
@@ -50,6 +53,9 @@ class TurboQuantMetadata(AttentionMetadata):
             (a continued chunked prefill or a prefix-cache hit).  False only when the host knows
             every chunk is the whole context so far (first chunks), which lets the impl run them with
             FlashAttention on the exact K/V.
+        prefill_prefix_tokens: cached tokens before the prefill chunks, summed over the prefill
+            requests (host int); None when the host does not know them exactly.
+        prefill_max_seq_len: the longest prefill request's context, chunk included (host int).
     """
 
     num_actual_tokens: int
@@ -66,6 +72,32 @@ class TurboQuantMetadata(AttentionMetadata):
     num_prefill_tokens: int
     decode_num_splits: int
     prefill_has_prefix: bool = True
+    prefill_prefix_tokens: int | None = None
+    prefill_max_seq_len: int = 0
+    # the dense prefix layout of this step's prefill requests, planned by the first layer that
+    # needs it and shared by the rest (keyed by the cache's block size)
+    _prefix_plans: dict[int, PrefixGather] = field(default_factory=dict, repr=False, compare=False)
+
+    def prefix_plan(self, block_size: int) -> PrefixGather:
+        """This step's :class:`~tq_vllm.prefix.PrefixGather` for a cache of ``block_size``-token blocks."""
+        plan = self._prefix_plans.get(block_size)
+        if plan is None:
+            from tq_vllm.prefix import plan_prefix_gather
+
+            if self.prefill_prefix_tokens is None:
+                raise ValueError("the prefill requests' prefix lengths are not known on the host")
+            first = self.num_decodes
+            plan = plan_prefix_gather(
+                self.seq_lens[first:],
+                self.query_start_loc[first:] - self.num_decode_tokens,
+                self.block_table[first:],
+                block_size,
+                total_prefix=self.prefill_prefix_tokens,
+                num_chunk_tokens=self.num_prefill_tokens,
+                max_seqlen_k=self.prefill_max_seq_len,
+            )
+            self._prefix_plans[block_size] = plan
+        return plan
 
 
 class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
@@ -109,7 +141,7 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
                         impl.fmt.head_dim,
                         impl.num_heads // impl.num_kv_heads,
                         torch.device(device),
-                        nibble=nibble_format(impl.fmt),
+                        nibble=nibble_format(impl.fmt, allow_3bit=True),
                     )
                     self._decode_block_n, self._decode_warps = cfg.block_n, cfg.num_warps
 
@@ -152,8 +184,11 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             cam, decode_threshold=self.reorder_batch_threshold
         )
         bound = self.max_model_len or cam.block_table_tensor.shape[1] * self.kv_cache_spec.block_size
+        prefix_tokens, prefill_max_seq_len = _prefill_prefix_tokens(cam, num_decodes, num_prefills)
         return TurboQuantMetadata(
-            prefill_has_prefix=_prefill_has_prefix(cam, num_decodes, num_prefills),
+            prefill_has_prefix=prefix_tokens is None or prefix_tokens > 0,
+            prefill_prefix_tokens=prefix_tokens,
+            prefill_max_seq_len=prefill_max_seq_len,
             num_actual_tokens=cam.num_actual_tokens,
             max_query_len=cam.max_query_len,
             max_seq_len=cam.max_seq_len,
@@ -170,15 +205,26 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         )
 
 
-def _prefill_has_prefix(cam: CommonAttentionMetadata, num_decodes: int, num_prefills: int) -> bool:
-    """Whether a prefill request of the batch has context before its chunk, decided on the host.
+def _prefill_prefix_tokens(
+    cam: CommonAttentionMetadata, num_decodes: int, num_prefills: int
+) -> tuple[int | None, int]:
+    """(cached tokens before the prefill chunks summed over the prefill requests, longest prefill
+    context), decided on the host; (None, 0) when unknown or when there is no prefill.
 
-    ``seq_lens_cpu_upper_bound`` is exact for prefill rows (vLLM's contract); without it the answer is
-    the safe True.  Reads host tensors only: no device synchronization.
+    ``seq_lens_cpu_upper_bound`` is exact for prefill rows (vLLM's contract).  Reads host tensors only:
+    no device synchronization.
     """
     upper = getattr(cam, "seq_lens_cpu_upper_bound", None)
     if num_prefills == 0 or upper is None:
-        return True
+        return None, 0
     lo, hi = num_decodes, num_decodes + num_prefills
     qsl = cam.query_start_loc_cpu
-    return bool((upper[lo:hi] != qsl[lo + 1 : hi + 1] - qsl[lo:hi]).any())
+    seq = upper[lo:hi]
+    return int((seq - (qsl[lo + 1 : hi + 1] - qsl[lo:hi])).sum()), int(seq.max())
+
+
+def _prefill_has_prefix(cam: CommonAttentionMetadata, num_decodes: int, num_prefills: int) -> bool:
+    """Whether a prefill request of the batch has context before its chunk, decided on the host
+    (True when unknown, the safe answer)."""
+    tokens, _ = _prefill_prefix_tokens(cam, num_decodes, num_prefills)
+    return tokens is None or tokens > 0

@@ -240,7 +240,9 @@ def tq_decode_attention(
         raise ValueError(f"sinks must be a [{num_heads}] tensor on {q.device}, got {tuple(sinks.shape)}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
-    cfg = config or decode_config(fmt.head_dim, group, q.device, nibble=nibble_eligible(kf, cache))
+    cfg = config or decode_config(
+        fmt.head_dim, group, q.device, nibble=nibble_eligible(kf, cache, allow_3bit=True)
+    )
     block_n = cfg.block_n
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")

@@ -1,0 +1,148 @@
+"""GPU check of the prefill paths of tq-vllm's impl: numerics and time, on one layer, no engine.
+
+    PYTHONPATH=/tmp/site python3 experiments/vllm/prefix_flash_check.py > prefix_flash.log
+
+For chunks that continue a cached prefix, the impl either decodes the prefix and runs FlashAttention
+over it (``tq_vllm.prefix``, the default) or runs the extend kernel on the compressed cache.  Both
+must give the same attention; this compares them on fresh random caches (Llama-8B heads: 32 query,
+8 KV, head_dim 128) and times each, plus FlashAttention 2 against 3 for first chunks (vLLM pins
+FA2 for turboquant dtypes; the impl asks for the platform's best).  Output rows are NaN-poisoned
+before every call.  Prints one ``RESULT {json}`` line per case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from tq_core import named_format
+from tq_kernels.ops.store import tq_store_paged
+from tq_vllm.impl import TurboQuantImpl, _flash_varlen, _prefill_fa_version
+from tq_vllm.metadata import TurboQuantMetadata
+
+H, HKV, D, BLOCK = 32, 8, 128, 16
+DEV = torch.device("cuda")
+
+
+def make_case(kv: str, requests: list[tuple[int, int]], seed: int):
+    """(impl, kv_cache, metadata, query, key, value) of one prefill step of ``requests`` (prefix, chunk)."""
+    fmt = named_format(kv, D)
+    impl = TurboQuantImpl(H, D, D**-0.5, HKV, None, None, kv, None, "decoder", None)
+    impl.prepare("model.layers.5.self_attn.attn", DEV, BLOCK)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    seq = [p + c for p, c in requests]
+    max_blocks = max(-(-s // BLOCK) for s in seq)
+    num_blocks = len(requests) * max_blocks + 1
+    table = torch.randperm(num_blocks, device=DEV, generator=g)[: len(requests) * max_blocks]
+    table = table.view(len(requests), max_blocks).to(torch.int32)
+    kv_cache = torch.zeros(num_blocks, HKV, BLOCK, fmt.slot_bytes, dtype=torch.uint8, device=DEV)
+    for r, (p, _) in enumerate(requests):  # the cached prefix, written by the store kernel
+        if p:
+            pos = torch.arange(p, device=DEV)
+            slots = table[r, pos // BLOCK].long() * BLOCK + pos % BLOCK
+            k = torch.randn(p, HKV, D, device=DEV, generator=g, dtype=torch.bfloat16) * 2
+            v = torch.randn(p, HKV, D, device=DEV, generator=g, dtype=torch.bfloat16)
+            tq_store_paged(k, v, kv_cache, slots, fmt, layer=5)
+    q_lens = torch.tensor([c for _, c in requests], dtype=torch.int32)
+    qsl_cpu = torch.zeros(len(requests) + 1, dtype=torch.int32)
+    qsl_cpu[1:] = torch.cumsum(q_lens, 0)
+    n = int(qsl_cpu[-1])
+    meta = TurboQuantMetadata(
+        num_actual_tokens=n,
+        max_query_len=int(q_lens.max()),
+        max_seq_len=max(seq),
+        query_start_loc=qsl_cpu.to(DEV),
+        query_start_loc_cpu=qsl_cpu,
+        seq_lens=torch.tensor(seq, dtype=torch.int32, device=DEV),
+        block_table=table,
+        slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=DEV),
+        num_decodes=0,
+        num_decode_tokens=0,
+        num_prefills=len(requests),
+        num_prefill_tokens=n,
+        decode_num_splits=1,
+        prefill_has_prefix=any(p for p, _ in requests),
+        prefill_prefix_tokens=sum(p for p, _ in requests),
+        prefill_max_seq_len=max(seq),
+    )
+    query = torch.randn(n, H, D, device=DEV, generator=g, dtype=torch.bfloat16)
+    key = torch.randn(n, HKV, D, device=DEV, generator=g, dtype=torch.bfloat16) * 2
+    value = torch.randn(n, HKV, D, device=DEV, generator=g, dtype=torch.bfloat16)
+    return impl, kv_cache, meta, query, key, value
+
+
+def run(impl, kv_cache, meta, query, key, value) -> torch.Tensor:
+    out = torch.full((query.shape[0], H, D), float("nan"), dtype=query.dtype, device=DEV)
+    meta._prefix_plans.clear()  # every call plans again, as every engine step does
+    impl.forward(None, query, key, value, kv_cache, meta, output=out)
+    return out
+
+
+def ms(case: tuple, reps: int = 20) -> float:
+    """Median CUDA time of ``run(*case)``."""
+    for _ in range(3):
+        run(*case)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start.record()
+        run(*case)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+CASES = {
+    # what the anchor's second generate schedules while decodes take budget: a 2-token continuation
+    # of an 8190-token chunk beside a first chunk of 8190 (one 16K-token step)
+    "anchor-mixed": [(8190, 2), (0, 8190)],
+    "chunked-32k": [(24576, 8192)],  # the fourth 8K chunk of a 32K prompt
+    "prefix-hits": [(4096, 512)] * 16,  # 16 requests hitting a 4K cached prefix
+}
+
+
+def main() -> None:
+    formats = sys.argv[1:] or ["turboquant_4bit_nc", "turboquant_k3v4_nc"]
+    for kv in formats:
+        for name, requests in CASES.items():
+            case = make_case(kv, requests, seed=len(name))
+            impl = case[0]
+            assert impl.flash is not None, "vLLM's FlashAttention is not available"
+            flash_out = run(*case)
+            t_flash = ms(case)
+            saved, impl.flash = impl.flash, None
+            extend_out = run(*case)
+            t_extend = ms(case)
+            impl.flash = saved
+            row = dict(kv=kv, case=name, requests=requests[:2], num_requests=len(requests),
+                       finite=bool(flash_out.isfinite().all()), rel_err_flash_vs_extend=rel(flash_out, extend_out),
+                       ms_prefix_flash=round(t_flash, 3), ms_extend=round(t_extend, 3),
+                       speedup=round(t_extend / t_flash, 2))  # fmt: skip
+            print("RESULT " + json.dumps(row), flush=True)
+    # first chunks: FlashAttention 2 (vLLM's pinned choice for turboquant dtypes) against 3
+    case = make_case("turboquant_4bit_nc", [(0, 8192), (0, 8192)], seed=7)
+    outs, row = {}, dict(case="first-chunks-2x8k")
+    for version in ("2", "3"):
+        os.environ["TQ_VLLM_FLASH_VERSION"] = version
+        case[0].flash = _flash_varlen(D, contiguous_kv=True)
+        outs[version] = run(*case)
+        row[f"ms_fa{version}"] = round(ms(case), 3)
+    os.environ.pop("TQ_VLLM_FLASH_VERSION")
+    row["rel_err_fa3_vs_fa2"] = rel(outs["3"], outs["2"])
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+    row["default_version"] = _prefill_fa_version(D, get_flash_attn_version(head_size=D))
+    print("RESULT " + json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
