@@ -22,7 +22,8 @@ recompute and prefix-cache hits do not change the attention (beyond float roundi
 more precise inside a chunk and does not pay the extra encode/decode of the chunk.
 
 A layer vLLM keeps at ``"auto"`` runs :class:`tq_vllm.dense.DenseAttention` on a plain cache, with
-vLLM's Triton attention kernel, or its FlashAttention with ``TQ_VLLM_DENSE_ATTENTION=flash``.
+vLLM's FlashAttention where vLLM has it (CUDA), else (or with ``TQ_VLLM_DENSE_ATTENTION=triton``) vLLM's
+Triton attention kernel.
 
 Each layer rotates with its own seed, chosen by the layer number in its vLLM name
 (``model.layers.7.self_attn.attn`` -> 7); a layer that shares another layer's KV cache uses the
@@ -39,7 +40,7 @@ import torch
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from tq_kernels.ops.decode import tq_decode_attention
-from tq_kernels.ops.dequant import tq_dequantize
+from tq_kernels.ops.dequant import tq_dequantize, tq_dequantize_paged
 from tq_kernels.ops.extend import tq_extend_attention
 from tq_kernels.ops.store import tq_store, tq_store_paged
 from tq_vllm.dense import DenseAttention, window_size
@@ -78,6 +79,10 @@ def compressed_cache_view(kv_cache: torch.Tensor, slot_bytes: int) -> torch.Tens
     return kv_cache.flatten(2)[..., : block_size * slot_bytes].unflatten(2, (block_size, slot_bytes))
 
 
+# tokens of the warm-up store that compiles the prefill launch (above the small-batch launch's rows
+# for any number of KV heads)
+_WARM_STORE_TOKENS = 8193
+
 CHUNK_KV_MODES = ("exact", "compressed")
 
 
@@ -92,7 +97,7 @@ DENSE_ATTENTION_MODES = ("triton", "flash")
 
 
 def _dense_attention_mode() -> str:
-    mode = os.environ.get("TQ_VLLM_DENSE_ATTENTION", "triton")
+    mode = os.environ.get("TQ_VLLM_DENSE_ATTENTION", "flash")
     if mode not in DENSE_ATTENTION_MODES:
         raise ValueError(
             f"TQ_VLLM_DENSE_ATTENTION must be one of {', '.join(DENSE_ATTENTION_MODES)}, got {mode!r}"
@@ -253,7 +258,9 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         extend on a scratch block, with K/V of the model's ``dtype``, build them and compile the
         kernels now (vLLM's capture runs decode batches only, so without this the extend kernel would
         compile inside the first timed prefill).  ``warm`` None does that on CUDA only (tests pass
-        True to run it on the CPU).
+        True to run it on the CPU).  The prefill launches of the store and the paged dequantize (the
+        prefix path) are compiled here too: vLLM's warm-up does not reach them, and a Triton compile
+        inside the first requests costs a second or more.
         """
         if self.layer is None:
             self.layer = layer_index(self.kv_sharing_target_layer_name or layer_name)
@@ -267,6 +274,19 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         table = torch.zeros(1, 1, dtype=torch.int32, device=device)
         one = torch.ones(1, dtype=torch.int32, device=device)
         tq_store_paged(kv, kv, cache, torch.zeros(1, dtype=torch.int64, device=device), fmt, layer=self.layer)
+        # a prefill's store launches differently from a decode step's (tq_kernels.tuning.store_config):
+        # compile that launch too, on rows that all skip (slot -1)
+        # (the interpreter has one launch for every size)
+        if device.type == "cuda":
+            big = torch.zeros(
+                _WARM_STORE_TOKENS, self.num_kv_heads, self.head_size, dtype=dtype, device=device
+            )
+            skip = torch.full((_WARM_STORE_TOKENS,), -1, dtype=torch.int64, device=device)
+            tq_store_paged(big, big, cache, skip, fmt, layer=self.layer)
+        # chunks continuing a cached prefix decode it from the paged cache (tq_vllm.prefix)
+        tq_dequantize_paged(
+            cache, torch.zeros(1, dtype=torch.int64, device=device), fmt, layer=self.layer, dtype=dtype
+        )
         tq_decode_attention(q, cache, table, one, fmt, layer=self.layer, num_splits=1)
         qsl = torch.tensor([0, 1], dtype=torch.int32, device=device)
         tq_extend_attention(q, kv, kv, cache, table, one, qsl, 1, fmt, layer=self.layer)
