@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--name", default="vllm_anchor_h200")
     ap.add_argument("--gpu", default="NVIDIA H200")
     ap.add_argument("--vllm", default="0.26.0")
+    ap.add_argument("--runs-command", help="the device commands that produced the rows (recorded as is)")
     args = ap.parse_args()
     rows = [json.loads(ln) for f in args.jsonl for ln in Path(f).read_text().splitlines() if ln.strip()]
     base = next((r for r in rows if r.get("run") == "bf16"), None)
@@ -33,7 +34,8 @@ def main() -> None:
         r["decode_vs_bf16"] = round(r["decode_step_ms"] / base["decode_step_ms"], 3)
         r["prefill_vs_bf16"] = round(r["prefill_s"] / base["prefill_s"], 3)
         r["capacity_vs_bf16"] = round(r["kv_capacity_tokens"] / base["kv_capacity_tokens"], 3)
-    write_result(args.name, {"gpu": args.gpu, "vllm": args.vllm, "rows": rows})
+    extra = {"runs_command": args.runs_command} if args.runs_command else {}
+    write_result(args.name, {"gpu": args.gpu, "vllm": args.vllm, **extra, "rows": rows})
     print(f"{'run':16} {'kv':22} {'backend':10} {'capacity':>10} {'x bf16':>6} {'prefill s':>9} {'x':>5} "
           f"{'ms/step':>8} {'x bf16':>6}")  # fmt: skip
     for r in rows:
