@@ -53,7 +53,8 @@ def test_builder_reorders_decodes_first_and_supports_uniform_decode_graphs() -> 
     builder = _builder()
     assert builder.reorder_batch_threshold == 1
     cg = TurboQuantMetadataBuilder.get_cudagraph_support(VllmConfig(), builder.kv_cache_spec)
-    assert cg == AttentionCGSupport.UNIFORM_BATCH
+    # single-token decodes only: speculative verification runs the prefill path, decided on the host
+    assert cg == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
 
 @pytest.mark.parametrize(

@@ -88,6 +88,18 @@ def test_full_capacity_patch_is_opt_in_and_idempotent(unpatched) -> None:
     assert not boundary_skip.is_applied()
 
 
+def test_a_bad_full_capacity_value_warns_and_stays_off(unpatched, caplog) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="vllm.tq_vllm"):
+        assert apply_enabled({"TQ_VLLM_FULL_CAPACITY": "yes"}) == []
+        assert apply_enabled({"TQ_VLLM_FULL_CAPACITY": "0"}) == []
+    assert not boundary_skip.is_applied()
+    assert [r.getMessage() for r in caplog.records if "not 0 or 1" in r.getMessage()] == [
+        "tq-vllm: TQ_VLLM_FULL_CAPACITY='yes' is not 0 or 1; the full_capacity patch stays off"
+    ]
+
+
 def test_boundary_layers_are_skipped_without_the_patch(unpatched, tiny_model: Path) -> None:
     assert _skip_layers(tiny_model, "turboquant_4bit_nc") == ["0", "1", "4", "5"]
     assert _skip_layers(tiny_model, "auto") == []

@@ -257,3 +257,6 @@ def test_flash_can_be_turned_off(monkeypatch) -> None:
 
     monkeypatch.setenv("TQ_VLLM_PREFILL_FLASH", "0")
     assert tq_vllm.impl._flash_varlen(128) is None
+    monkeypatch.setenv("TQ_VLLM_PREFILL_FLASH", "off")
+    with pytest.raises(ValueError, match="TQ_VLLM_PREFILL_FLASH must be 0 or 1"):
+        tq_vllm.impl._flash_varlen(128)

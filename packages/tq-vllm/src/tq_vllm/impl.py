@@ -116,7 +116,10 @@ def _flash_varlen(head_size: int, contiguous_kv: bool = False) -> Callable[..., 
     that restriction does not concern our prefill.  Paged boundary-layer attention inside decode
     graphs keeps vLLM's choice.
     """
-    if os.environ.get("TQ_VLLM_PREFILL_FLASH", "1") == "0":
+    raw = os.environ.get("TQ_VLLM_PREFILL_FLASH", "1")
+    if raw not in ("0", "1"):
+        raise ValueError(f"TQ_VLLM_PREFILL_FLASH must be 0 or 1, got {raw!r}")
+    if raw == "0":
         return None
     try:
         from vllm.platforms import current_platform

@@ -103,11 +103,15 @@ class TurboQuantMetadata(AttentionMetadata):
 class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
     """Builds :class:`TurboQuantMetadata` from vLLM's ``CommonAttentionMetadata``.
 
-    Full CUDA graphs are supported for uniform decode batches (``UNIFORM_BATCH``); mixed and prefill
-    batches run with piecewise graphs, attention eager between them.
+    Full CUDA graphs are supported for batches of single-token decodes
+    (``UNIFORM_SINGLE_TOKEN_DECODE``); mixed and prefill batches, speculative verification included,
+    run with piecewise graphs, attention eager between them.  Not ``UNIFORM_BATCH``: that would let
+    vLLM capture speculative-verification batches (every request 1 + k tokens), which run the prefill
+    path, whose choices (FlashAttention or the extend kernel, the dense prefix layout) are made on the
+    host from the step's lengths and would be frozen into the graph at capture.
     """
 
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     reorder_batch_threshold: int | None = 1
 
     def __init__(

@@ -63,7 +63,14 @@ class Patch:
     check: Callable[[], None]
 
     def enabled(self, environ: Mapping[str, str] = os.environ) -> bool:
-        return not self.env or environ.get(self.env, "").strip() == "1"
+        """On for ``1``; off when unset, empty or ``0``; anything else stays off with a warning (the
+        plugin loads in every vLLM process, so a typo must not stop unrelated use)."""
+        if not self.env:
+            return True
+        value = environ.get(self.env, "").strip()
+        if value not in ("", "0", "1"):
+            _log.warning("tq-vllm: %s=%r is not 0 or 1; the %s patch stays off", self.env, value, self.name)
+        return value == "1"
 
 
 LEDGER: tuple[Patch, ...] = (
