@@ -65,7 +65,6 @@ def make_case(kv: str, requests: list[tuple[int, int]], seed: int):
         num_prefills=len(requests),
         num_prefill_tokens=n,
         decode_num_splits=1,
-        prefill_has_prefix=any(p for p, _ in requests),
         prefill_prefix_tokens=sum(p for p, _ in requests),
         prefill_max_seq_len=max(seq),
     )

@@ -22,7 +22,6 @@ from _steps import PAD, TOL, Layer, attention_kwargs, build_layer, make_step, re
 
 from tq_core import attention_ref, named_format, paged_decode_attention_ref
 from tq_vllm.impl import TurboQuantImpl
-from tq_vllm.metadata import _prefill_has_prefix
 from tq_vllm.prefix import plan_prefix_gather, prefix_flash_budget
 
 LAYER_NAME = "model.layers.3.self_attn.attn"
@@ -91,9 +90,11 @@ def test_prefix_flag_is_decided_on_the_host(requests, expected) -> None:
         requests, num_heads=4, num_kv_heads=2, head_size=64, block_size=BLOCK, dtype=torch.float16, seed=1
     )
     cam = step.common_metadata()
-    nd = sum(1 for _, q in requests if q == 1)
-    assert _prefill_has_prefix(cam, nd, len(requests) - nd) is expected
-    assert _prefill_has_prefix(cam.replace(seq_lens_cpu_upper_bound=None), nd, len(requests) - nd) is True
+    builder = build_layer(
+        dict(kv="turboquant_4bit_nc", d=64, h=4, hkv=2, dtype=torch.float16), LAYER_NAME, BLOCK
+    )[0]
+    assert builder.build(0, cam).prefill_has_prefix is expected
+    assert builder.build(0, cam.replace(seq_lens_cpu_upper_bound=None)).prefill_has_prefix is True
 
 
 @pytest.mark.parametrize(

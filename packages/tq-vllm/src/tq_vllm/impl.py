@@ -411,16 +411,16 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 slots = torch.empty(*key.shape[:-1], fmt.slot_bytes, dtype=torch.uint8, device=key.device)
                 tq_store(key, value, slots, fmt, layer=common["layer"])
                 key, value = tq_dequantize(slots, fmt, layer=common["layer"], dtype=query.dtype)
-            flash_args: dict[str, Any] = dict(
-                q=query[nd:],
-                max_seqlen_q=meta.max_query_len,
-                softmax_scale=self.scale,
-                causal=True,
-                window_size=window_size(self.sliding_window),
-                softcap=self.logits_soft_cap or 0.0,
-                out=out[nd:],
-            )
             if self.flash is not None and query.dtype != torch.float32:
+                flash_args: dict[str, Any] = dict(
+                    q=query[nd:],
+                    max_seqlen_q=meta.max_query_len,
+                    softmax_scale=self.scale,
+                    causal=True,
+                    window_size=window_size(self.sliding_window),
+                    softcap=self.logits_soft_cap or 0.0,
+                    out=out[nd:],
+                )
                 if not meta.prefill_has_prefix:  # first chunks: the exact K/V is the whole context
                     self.flash(
                         k=key, v=value, cu_seqlens_q=qsl, cu_seqlens_k=qsl, max_seqlen_k=meta.max_query_len,

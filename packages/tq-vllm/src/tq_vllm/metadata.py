@@ -49,12 +49,9 @@ class TurboQuantMetadata(AttentionMetadata):
         num_decodes, num_decode_tokens: requests (first in the batch) with at most one new token.
         num_prefills, num_prefill_tokens: the remaining requests (chunked prefill, prefix-cache hits).
         decode_num_splits: context splits of the decode kernel (fixed per batch size).
-        prefill_has_prefix: whether any prefill request attends to tokens cached before its chunk
-            (a continued chunked prefill or a prefix-cache hit).  False only when the host knows
-            every chunk is the whole context so far (first chunks), which lets the impl run them with
-            FlashAttention on the exact K/V.
         prefill_prefix_tokens: cached tokens before the prefill chunks, summed over the prefill
-            requests (host int); None when the host does not know them exactly.
+            requests (host int); None when the host does not know them exactly (or there is no
+            prefill).
         prefill_max_seq_len: the longest prefill request's context, chunk included (host int).
     """
 
@@ -71,12 +68,19 @@ class TurboQuantMetadata(AttentionMetadata):
     num_prefills: int
     num_prefill_tokens: int
     decode_num_splits: int
-    prefill_has_prefix: bool = True
     prefill_prefix_tokens: int | None = None
     prefill_max_seq_len: int = 0
     # the dense prefix layout of this step's prefill requests, planned by the first layer that
     # needs it and shared by the rest (keyed by the cache's block size)
     _prefix_plans: dict[int, PrefixGather] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def prefill_has_prefix(self) -> bool:
+        """Whether any prefill request attends to tokens cached before its chunk (a continued chunked
+        prefill or a prefix-cache hit).  False only when the host knows every chunk is the whole
+        context so far (first chunks), which lets the impl run them with FlashAttention on the exact
+        K/V."""
+        return self.prefill_prefix_tokens is None or self.prefill_prefix_tokens > 0
 
     def prefix_plan(self, block_size: int) -> PrefixGather:
         """This step's :class:`~tq_vllm.prefix.PrefixGather` for a cache of ``block_size``-token blocks."""
@@ -190,7 +194,6 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         bound = self.max_model_len or cam.block_table_tensor.shape[1] * self.kv_cache_spec.block_size
         prefix_tokens, prefill_max_seq_len = _prefill_prefix_tokens(cam, num_decodes, num_prefills)
         return TurboQuantMetadata(
-            prefill_has_prefix=prefix_tokens is None or prefix_tokens > 0,
             prefill_prefix_tokens=prefix_tokens,
             prefill_max_seq_len=prefill_max_seq_len,
             num_actual_tokens=cam.num_actual_tokens,
@@ -225,10 +228,3 @@ def _prefill_prefix_tokens(
     qsl = cam.query_start_loc_cpu
     seq = upper[lo:hi]
     return int((seq - (qsl[lo + 1 : hi + 1] - qsl[lo:hi])).sum()), int(seq.max())
-
-
-def _prefill_has_prefix(cam: CommonAttentionMetadata, num_decodes: int, num_prefills: int) -> bool:
-    """Whether a prefill request of the batch has context before its chunk, decided on the host
-    (True when unknown, the safe answer)."""
-    tokens, _ = _prefill_prefix_tokens(cam, num_decodes, num_prefills)
-    return tokens is None or tokens > 0
