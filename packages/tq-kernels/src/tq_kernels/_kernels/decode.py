@@ -236,6 +236,21 @@ def _tq_load_phases(ptrs, mask):
 
 
 @triton.jit
+def _tq_zero_phases(ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Eight float32 `[ROWS, BLOCK_W]` zero tiles: the phase accumulators of the output."""
+    return (
+        tl.zeros([ROWS, BLOCK_W], tl.float32),
+        tl.zeros([ROWS, BLOCK_W], tl.float32),
+        tl.zeros([ROWS, BLOCK_W], tl.float32),
+        tl.zeros([ROWS, BLOCK_W], tl.float32),
+        tl.zeros([ROWS, BLOCK_W], tl.float32),
+        tl.zeros([ROWS, BLOCK_W], tl.float32),
+        tl.zeros([ROWS, BLOCK_W], tl.float32),
+        tl.zeros([ROWS, BLOCK_W], tl.float32),
+    )
+
+
+@triton.jit
 def _tq_phase_scores(q0, q1, q2, q3, q4, q5, q6, q7, k0, k1, k2, k3, k4, k5, k6, k7):
     """``q . k^T`` from the eight phases of both: ``sum_p q_p k_p^T``."""
     s = tl.dot(q0, tl.trans(k0))
@@ -298,14 +313,7 @@ def _tq_decode_nibbles(
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
-    a0 = tl.zeros([BLOCK_G, BLOCK_W], tl.float32)
-    a1 = tl.zeros([BLOCK_G, BLOCK_W], tl.float32)
-    a2 = tl.zeros([BLOCK_G, BLOCK_W], tl.float32)
-    a3 = tl.zeros([BLOCK_G, BLOCK_W], tl.float32)
-    a4 = tl.zeros([BLOCK_G, BLOCK_W], tl.float32)
-    a5 = tl.zeros([BLOCK_G, BLOCK_W], tl.float32)
-    a6 = tl.zeros([BLOCK_G, BLOCK_W], tl.float32)
-    a7 = tl.zeros([BLOCK_G, BLOCK_W], tl.float32)
+    a0, a1, a2, a3, a4, a5, a6, a7 = _tq_zero_phases(BLOCK_G, BLOCK_W)
     for n0 in range(lo, hi, BLOCK_N):
         tok = n0 + offs_n
         n_mask, region, row = _tq_tile_rows(

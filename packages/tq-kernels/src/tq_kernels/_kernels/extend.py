@@ -25,6 +25,7 @@ from tq_kernels._kernels.decode import (
     _tq_phase_scores,
     _tq_store_phases,
     _tq_tile_rows,
+    _tq_zero_phases,
 )
 
 
@@ -245,14 +246,7 @@ def _tq_extend_nibbles(
     q0, q1, q2, q3, q4, q5, q6, q7 = _tq_load_phases(q_ptr + rows_q, r_mask[:, None] & w_mask[None, :])
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
-    a0 = tl.zeros([BLOCK_R, BLOCK_W], tl.float32)
-    a1 = tl.zeros([BLOCK_R, BLOCK_W], tl.float32)
-    a2 = tl.zeros([BLOCK_R, BLOCK_W], tl.float32)
-    a3 = tl.zeros([BLOCK_R, BLOCK_W], tl.float32)
-    a4 = tl.zeros([BLOCK_R, BLOCK_W], tl.float32)
-    a5 = tl.zeros([BLOCK_R, BLOCK_W], tl.float32)
-    a6 = tl.zeros([BLOCK_R, BLOCK_W], tl.float32)
-    a7 = tl.zeros([BLOCK_R, BLOCK_W], tl.float32)
+    a0, a1, a2, a3, a4, a5, a6, a7 = _tq_zero_phases(BLOCK_R, BLOCK_W)
 
     # phase 1: the compressed prefix [lo, prefix)
     lo = _tq_prefix_start(prefix, tile, sliding_window, M_TOK, BLOCK_N, USE_WINDOW)
