@@ -10,7 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LaunchConfig", "decode_config", "extend_config", "rotation_dot_precision", "store_config"]
+__all__ = [
+    "STORE_SMALL_ROWS",
+    "LaunchConfig",
+    "decode_config",
+    "extend_config",
+    "rotation_dot_precision",
+    "store_config",
+]
 
 
 @dataclass(frozen=True)
@@ -71,15 +78,15 @@ def store_config(num_rows: int, device: torch.device) -> LaunchConfig:
     16 rows a program: larger tiles spill (``experiments/kernels/aot_report.py --kernel store``) and
     ran slower.  H200, CUDA graphs (experiments/results/kernels_h200.json "decode_tuning", op store):
     a decode step's 32 tokens x 8 heads took 0.015 ms with 8 warps against 0.022 with 4; 65536 tokens
-    took 2.41 ms with 4 warps against 2.56 with 8.  So stores of up to ``_STORE_SMALL_ROWS`` rows (a
+    took 2.41 ms with 4 warps against 2.56 with 8.  So stores of up to ``STORE_SMALL_ROWS`` rows (a
     decode step's batch) run 8 warps, larger ones 4 (test_store_gpu_launch_configs runs both on GPUs).
     """
-    if _arch(device) != (0, 0) and num_rows <= _STORE_SMALL_ROWS:
+    if _arch(device) != (0, 0) and num_rows <= STORE_SMALL_ROWS:
         return LaunchConfig(block_n=16, num_warps=8, num_stages=1)
     return LaunchConfig(block_n=16, num_warps=4, num_stages=1)
 
 
-_STORE_SMALL_ROWS = 8192  # (token, head) rows: 1024 tokens of 8 KV heads
+STORE_SMALL_ROWS = 8192  # (token, head) rows: 1024 tokens of 8 KV heads
 
 
 def rotation_dot_precision(device: torch.device) -> str:

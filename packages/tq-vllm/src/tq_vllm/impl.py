@@ -43,6 +43,7 @@ from tq_kernels.ops.decode import tq_decode_attention
 from tq_kernels.ops.dequant import tq_dequantize, tq_dequantize_paged
 from tq_kernels.ops.extend import tq_extend_attention
 from tq_kernels.ops.store import tq_store, tq_store_paged
+from tq_kernels.tuning import STORE_SMALL_ROWS
 from tq_vllm.dense import DenseAttention, window_size
 from tq_vllm.metadata import TurboQuantMetadata
 from tq_vllm.prefix import gather_prefix_kv, prefix_flash_budget
@@ -79,9 +80,9 @@ def compressed_cache_view(kv_cache: torch.Tensor, slot_bytes: int) -> torch.Tens
     return kv_cache.flatten(2)[..., : block_size * slot_bytes].unflatten(2, (block_size, slot_bytes))
 
 
-# tokens of the warm-up store that compiles the prefill launch (above the small-batch launch's rows
-# for any number of KV heads)
-_WARM_STORE_TOKENS = 8193
+# tokens of the warm-up store that compiles the prefill launch: more rows than the small-batch
+# launch takes, for any number of KV heads
+_WARM_STORE_TOKENS = STORE_SMALL_ROWS + 1
 
 CHUNK_KV_MODES = ("exact", "compressed")
 

@@ -140,5 +140,5 @@ def gather_prefix_kv(
         dense_k.index_copy_(0, plan.prefix_rows, pk)
         dense_v.index_copy_(0, plan.prefix_rows, pv)
     dense_k.index_copy_(0, plan.chunk_rows, key)
-    dense_v.index_copy_(0, plan.chunk_rows, value.to(dense_v.dtype))
+    dense_v.index_copy_(0, plan.chunk_rows, value)
     return dense_k, dense_v
