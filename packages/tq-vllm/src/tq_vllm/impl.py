@@ -6,13 +6,13 @@ A layer with a ``turboquant_*`` kv-cache dtype:
   (:func:`tq_kernels.ops.store.tq_store_paged`; padding slots ``-1`` are skipped);
 * ``forward`` runs the decodes (first in the batch) with the fused split-context decode kernel
   (:func:`tq_kernels.ops.decode.tq_decode_attention`, which reads the slots in place) and the rest
-  (prefill chunks, chunked prefill, prefix-cache hits, speculative verification) with the extend
-  kernel (:func:`tq_kernels.ops.extend.tq_extend_attention`: cached prefix from the compressed
-  cache, the chunk's own K/V exact, causal).  Batches whose prefill chunks have no cached prefix
-  (first chunks: nothing to read from the compressed cache) run those chunks with vLLM's
-  FlashAttention varlen kernel on the exact K/V instead, on CUDA where vLLM has it; the result is the
-  same attention (the extend kernel computes exactly this for an empty prefix), only faster.
-  ``TQ_VLLM_PREFILL_FLASH=0`` turns that off.
+  (prefill chunks, chunked prefill, prefix-cache hits, speculative verification) causally over the
+  cached prefix plus the chunk's own exact K/V.  On CUDA, where vLLM has FlashAttention, first chunks
+  (nothing cached before them) run its varlen kernel on the exact K/V, and chunks over a cached prefix
+  run it over the prefix decoded from the cache (:mod:`tq_vllm.prefix`, within
+  ``TQ_VLLM_PREFIX_FLASH_MB``).  Otherwise the extend kernel
+  (:func:`tq_kernels.ops.extend.tq_extend_attention`) computes the same attention from the compressed
+  cache directly.  ``TQ_VLLM_PREFILL_FLASH=0`` keeps every chunk on the extend kernel.
 
 ``TQ_VLLM_CHUNK_KV`` chooses what a prefill chunk's queries see of the chunk itself: ``exact`` (the
 default: its own K/V as computed) or ``compressed`` (its own K/V quantized and decoded exactly as the
