@@ -130,3 +130,32 @@ def line_plot(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def bar_plot(
+    path: Path, values: dict[str, float], *, xlabel: str, title: str, notes: dict[str, str] | None = None
+) -> None:
+    """Horizontal bars, one per label in order; ``notes`` text goes at the end of its bar (e.g. a ratio).
+    Labels starting with "ours" are drawn in blue, the baselines in grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(values)
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(labels) + 1.5))
+    ax.barh(
+        labels,
+        [values[k] for k in labels],
+        color=["#1f77b4" if k.startswith("ours") else "#7f7f7f" for k in labels],
+    )
+    ax.invert_yaxis()
+    for i, k in enumerate(labels):
+        if notes and k in notes:
+            ax.text(values[k], i, f" {notes[k]}", va="center", fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
