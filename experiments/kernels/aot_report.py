@@ -51,20 +51,27 @@ REGISTERS_PER_SM = 65536
 
 def compile_decode(
     name: str, block_n: int, warps: int, arch: int, ablate: int, dump: Path | None,
-    nibble: bool = False, lut: str = "exact",
+    nibble: bool = False, lut: str = "exact", chunks: int = 1,
 ) -> dict:  # fmt: skip
     kf = kernel_format(named_format(name, 128))
     nibble = nibble and all(c.bits in (3, 4) for c in (kf.key, kf.value))
-    k_asm, v_asm = kf.nibble_asm(symmetric=lut == "sym") if nibble else ("", "")
+    pairs = nibble and lut == "byte"
+    k_asm, v_asm = kf.nibble_asm(symmetric=lut == "sym") if nibble and not pairs else ("", "")
+    scales = {"K_SCALE": 1.0, "V_SCALE": 1.0}
+    if pairs:
+        kb, vb = kf.byte_lookup("cpu")
+        k_asm, v_asm, scales = kb.asm, vb.asm, dict(K_SCALE=kb.scale, V_SCALE=vb.scale)
     page = 16
     constexprs = dict(NUM_HEADS=32, NUM_SPLITS=2, GROUP=4, BLOCK_G=16, BLOCK_N=block_n, USE_SOFTCAP=False,
                       USE_WINDOW=False, ABLATE=ablate, NIBBLE=nibble, BLOCK_W=16, K_ASM=k_asm,
-                      V_ASM=v_asm, **kf.region_constexprs(page))  # fmt: skip
+                      V_ASM=v_asm, GROUP_P2=4, CHUNKS=chunks if nibble else 1, PAIRS=pairs, **scales,
+                      SCORE_CHAINS=int(os.environ.get("AOT_CHAINS", "1")),
+                      **kf.region_constexprs(page))  # fmt: skip
     signature = {n: t for n, t in ARGS} | dict.fromkeys(constexprs, "constexpr")
     # pointers and strides 16-byte aligned/divisible, as Triton specializes them at a real launch
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(16)}
     src = ASTSource(fn=_tq_decode_attention_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    stem = f"decode_{name}_{block_n}x{warps}{'n' if nibble else ''}{'y' if nibble and lut == 'sym' else ''}_a{ablate}"
+    stem = f"decode_{name}_{block_n}x{warps}{'n' if nibble else ''}{'y' if nibble and lut == 'sym' else ''}{'b' if pairs else ''}{f'c{chunks}' if chunks > 1 else ''}_a{ablate}"
     return dict(format=name, block_n=block_n, warps=warps, nibble=nibble, ablate=ablate,
                 **_measure(src, arch, warps, dump, stem))  # fmt: skip
 
@@ -126,7 +133,13 @@ def compile_store(name: str, rows: int, warps: int, arch: int, dump: Path | None
 def _measure(src: ASTSource, arch: int, warps: int, dump: Path | None, stem: str) -> dict:
     """Compile ``src`` for ``sm_<arch>`` and read registers and spills off ``ptxas -v``."""
     kernel = triton.compile(
-        src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=2)
+        src,
+        target=GPUTarget("cuda", arch, 32),
+        options=dict(
+            num_warps=warps,
+            num_stages=int(os.environ.get("AOT_STAGES", "2")),
+            **({"maxnreg": int(os.environ["AOT_MAXNREG"])} if os.environ.get("AOT_MAXNREG") else {}),
+        ),
     )
     ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
     ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
@@ -154,8 +167,8 @@ def _measure(src: ASTSource, arch: int, warps: int, dump: Path | None, stem: str
 def loop_profile(sass: str) -> dict:
     """Instruction mix of the kernel's longest loop (the tile loop): SASS lines between a label and the
     backward branch to it.  Counts are per iteration of the loop, i.e. per tile, across one warp."""
-    lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
-    addr = [int(re.match(r"\s+/\*([0-9a-f]{4})\*/", ln).group(1), 16) for ln in lines]
+    lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,6}\*/", ln)]
+    addr = [int(re.match(r"\s+/\*([0-9a-f]{4,6})\*/", ln).group(1), 16) for ln in lines]
     best = (0, 0)
     for i, ln in enumerate(lines):
         m = re.search(r"BRA .*?0x([0-9a-f]+)", ln)  # the branch target, the first address after BRA
@@ -167,7 +180,7 @@ def loop_profile(sass: str) -> dict:
     body = lines[best[0] : best[1] + 1]
     mix: dict[str, int] = {}
     for ln in body:
-        op = re.sub(r"^\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?", "", ln).split()[0].split(".")[0]
+        op = re.sub(r"^\s+/\*[0-9a-f]{4,6}\*/\s+(@!?U?P\w+\s+)?", "", ln).split()[0].split(".")[0]
         mix[op] = mix.get(op, 0) + 1
     return dict(loop_instructions=len(body), loop_mix=dict(sorted(mix.items(), key=lambda kv: -kv[1])))
 
@@ -182,7 +195,7 @@ def main() -> None:
         "--configs",
         default="128x4,64x4,32x1n,32x1ny",
         help="BLOCK_N x num_warps[n|ny], comma-separated; a trailing n selects the NIBBLE loop (4-bit "
-        "formats), ny the NIBBLE loop with the symmetric-table lookup",
+        "formats), ny the NIBBLE loop with the symmetric-table lookup, nb the byte tables read in pairs (decode), a further cK (decode) K stacked tiles a step",
     )
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument(
@@ -195,19 +208,16 @@ def main() -> None:
           f"{'converts':>8s} {'staging':>7s}")  # fmt: skip
     for name in args.formats.split(","):
         for cfg in args.configs.split(","):
-            bn, w = (int(x) for x in cfg.rstrip("ny").split("x"))
+            base, _, chunks = cfg.partition("c")  # a trailing cK: K stacked tiles a step (NIBBLE loop)
+            bn, w = (int(x) for x in base.rstrip("nyb").split("x"))
+            nib = base.rstrip("yb").endswith("n")
+            lut = {"ny": "sym", "nb": "byte"}.get(base[-2:], "exact")
             if args.kernel == "store":
                 r = compile_store(name, bn, w, args.arch, args.dump)
             elif args.kernel == "extend":
-                r = compile_extend(
-                    name, bn, w, args.arch, args.dump,
-                    cfg.rstrip("y").endswith("n"), "sym" if cfg.endswith("ny") else "exact",
-                )  # fmt: skip
+                r = compile_extend(name, bn, w, args.arch, args.dump, nib, lut)
             else:
-                r = compile_decode(
-                    name, bn, w, args.arch, args.ablate, args.dump,
-                    cfg.rstrip("y").endswith("n"), "sym" if cfg.endswith("ny") else "exact",
-                )  # fmt: skip
+                r = compile_decode(name, bn, w, args.arch, args.ablate, args.dump, nib, lut, int(chunks or 1))
             print(f"{name:20s} {cfg:>7s} {r['registers']:5d} {r['spill_store_bytes']:5d}/{r['spill_load_bytes']:<5d} "
                   f"{r['shared_bytes']:6d} {r['programs_per_sm']:7d} {r['convert_layouts']:8d} {r['smem_staging']:7d}  loop {r['loop_instructions']} instr/tile/warp {r['loop_mix']}",
                   flush=True)  # fmt: skip

@@ -19,9 +19,24 @@ import torch
 
 from tq_core.codebooks import lloyd_max_codebook
 from tq_core.formats import ComponentFormat, KVFormat
-from tq_kernels._nibble_lut import is_antisymmetric, lut_asm
+from tq_kernels._nibble_lut import (
+    BYTE_BIAS,
+    byte_table,
+    is_antisymmetric,
+    lut_asm,
+    pair_lut_asm,
+    pair_table_words,
+)
 
-__all__ = ["NORM_CODES", "KernelComponent", "KernelFormat", "kernel_format", "rotation_for"]
+__all__ = [
+    "NORM_CODES",
+    "ByteLookup",
+    "KernelComponent",
+    "KernelFormat",
+    "byte_centroids",
+    "kernel_format",
+    "rotation_for",
+]
 
 # norm dtype -> small integer understood by the kernels
 NORM_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
@@ -79,6 +94,10 @@ class KernelFormat:
         only for components of 3 or 4 bits.  ``symmetric`` uses the shorter program for
         antisymmetric codebooks where the table is one (every Lloyd-Max codebook here is)."""
         return _nibble_asm(self.fmt, symmetric)
+
+    def byte_lookup(self, device: torch.device) -> tuple[ByteLookup, ByteLookup]:
+        """(key, value) byte tables of the decode kernel's ``PAIRS`` loop (4-bit components only)."""
+        return _byte_lookups(self.fmt, str(device))
 
     def boundaries(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(key, value) boundary tables, float32 `[2, 256]` (+inf padded), on ``device``."""
@@ -140,6 +159,39 @@ def _tables(fmt: KVFormat, device: str, what: str) -> tuple[torch.Tensor, torch.
 def _cast_tables(fmt: KVFormat, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     k, v = _tables(fmt, device, "centroids")
     return k.to(dtype), v.to(dtype)
+
+
+@dataclass(frozen=True)
+class ByteLookup:
+    """A 4-bit codebook as bytes ``m_k`` (:func:`tq_kernels._nibble_lut.byte_table`): centroid
+    ``k`` is ``scale * (table[k] - BYTE_BIAS)`` with ``table[k] = 1024 + m_k``.  ``table`` is float16
+    `[26]`: the sixteen entries (what the interpreter gathers), then the five int32 registers of the
+    register lookup (:func:`~tq_kernels._nibble_lut.pair_table_words`, int32 words 8-12); ``asm`` is
+    that lookup, for NVIDIA GPUs."""
+
+    scale: float
+    table: torch.Tensor
+    asm: str
+
+
+@functools.lru_cache(maxsize=256)
+def _byte_lookups(fmt: KVFormat, device: str) -> tuple[ByteLookup, ByteLookup]:
+    out = []
+    for comp in (fmt.key, fmt.value):
+        if comp.bits != 4 or comp.hi_bits_coords:
+            raise ValueError(f"the byte tables serve 4-bit codes, got {comp.bits} bits")
+        scale, table = byte_table(lloyd_max_codebook(fmt.head_dim, 4).centroids.tolist())
+        magic = torch.tensor([1024.0 + m for m in table], dtype=torch.float16)
+        words = torch.tensor(pair_table_words(table), dtype=torch.int64).to(torch.int32).view(torch.float16)
+        out.append(ByteLookup(scale, torch.cat([magic, words]).to(device), pair_lut_asm()))
+    return out[0], out[1]
+
+
+def byte_centroids(fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key, value) float32 `[16]` centroids as the ``PAIRS`` loop reads them: ``scale * (m_k - 127.5)``."""
+    return tuple(  # type: ignore[return-value]
+        (lk.table[:16].float().cpu() - BYTE_BIAS) * lk.scale for lk in _byte_lookups(fmt, "cpu")
+    )
 
 
 @functools.lru_cache(maxsize=256)

@@ -25,12 +25,19 @@ import struct
 from collections.abc import Iterable
 
 __all__ = [
+    "BYTE_BIAS",
     "PROGRAM",
+    "PROGRAM_PAIRS",
     "PROGRAM_3BIT",
     "PROGRAM_SYMMETRIC",
+    "byte_table",
     "emulate",
+    "emulate_pairs",
     "is_antisymmetric",
     "lut_asm",
+    "PAIR_CONSTRAINTS",
+    "pair_lut_asm",
+    "pair_table_words",
     "word_3bit",
 ]
 
@@ -258,3 +265,131 @@ def word_3bit(codes: list[int]) -> int:
     hi = sum(((c >> 1) & 3) << (2 * p) for p, c in enumerate(codes))
     lo = sum((c & 1) << p for p, c in enumerate(codes))
     return hi | lo << 16
+
+
+# -- byte tables: two words at once, straight into tensor-core pairs ---------------------------------
+# A 16-entry table of bytes m_k stands for the centroids s * (m_k - 127.5); the float16 whose high byte
+# is 0x64 and low byte m_k is exactly 1024 + m_k, so a looked-up byte becomes a float16 operand with one
+# byte permute and no arithmetic.  The kernel subtracts the bias 1024 + 127.5 in float32, after the
+# products (every product and the bias are exact there), and multiplies by s once per score or output.
+BYTE_BIAS = 1024.0 + 127.5
+_MAGIC_HI = 0x64  # high byte of the float16 1024 + m for m in [0, 256)
+_INTERLEAVE = 0xE4  # lop3 immLut of (a & c) | (b & ~c)
+
+
+def byte_table(centroids: Iterable[float]) -> tuple[float, tuple[int, ...]]:
+    """(scale ``s``, sixteen bytes ``m_k``) with ``s * (m_k - 127.5)`` the nearest of 256 evenly spaced
+    levels to each centroid: the error is at most ``max|c| / 255`` (for a 4-bit Lloyd-Max codebook it adds
+    about 0.4% to the mean squared error of a coordinate)."""
+    c = [float(v) for v in centroids]
+    if len(c) != 16:
+        raise ValueError("the byte table needs sixteen centroids")
+    top = max(abs(v) for v in c)
+    s = top / 127.5 if top > 0 else 1.0
+    return s, tuple(min(255, max(0, round(v / s + 127.5))) for v in c)
+
+
+def _program_pairs() -> tuple[tuple, ...]:
+    """34 instructions for sixteen 4-bit codes, words ``$a`` and ``$b`` (codes ``a_p``, ``b_p`` in bits
+    ``[4p, 4p + 4)``), into eight float16 pairs ``o_p = (x(a_p), x(b_p))``: the operand pairs of a
+    tensor-core product whose reduction runs over the two words (adjacent coordinates of one row for
+    keys, adjacent rows for values).  The nibbles of both words are interleaved first (byte ``i`` of
+    ``x`` holds ``a_2i`` and ``b_2i``, of ``y`` ``a_2i+1`` and ``b_2i+1``), each looked up as bytes in
+    the 16-entry table (entries 0-7 in ``t0, t1``, 8-15 in ``t2, t3``), and two bytes plus the 0x64 high
+    bytes make a pair."""
+    steps: list[tuple] = [
+        ("shl", "bs", "$b", 4),
+        ("lop3", "x", "$a", "bs", 0x0F0F0F0F, _INTERLEAVE),
+        ("shr", "as", "$a", 4),
+        ("lop3", "y", "as", "$b", 0x0F0F0F0F, _INTERLEAVE),
+    ]
+    for src in ("x", "y"):
+        steps += [
+            ("and", "s0", src, 0x77777777),
+            ("shr", "s1", "s0", 16),
+            ("shl", "w4", src, 4),
+            ("prmt", "m0", "w4", src, 0xD9C8),
+            ("prmt", "m1", "w4", src, 0xFBEA),
+        ]
+        for half in (0, 1):
+            steps += [
+                ("prmt", "la", "t0", "t1", f"s{half}"),
+                ("prmt", "lb", "t2", "t3", f"s{half}"),
+                ("lop3", f"{src}{half}", "la", "lb", f"m{half}", _SELECT),
+            ]
+    # byte 2i of x0/x1 is a_{4 half + 2i}'s entry, byte 2i + 1 b's; y0/y1 hold the odd codes
+    for p in range(8):
+        reg = f"{'x' if p % 2 == 0 else 'y'}{p // 4}"
+        sel = 0x4140 if (p // 2) % 2 == 0 else 0x4342
+        steps.append(("prmt", f"o{p}", reg, "hi", sel))
+    return tuple(steps)
+
+
+PROGRAM_PAIRS = _program_pairs()
+
+
+def _pair_table_words(table_bytes: tuple[int, ...]) -> dict[str, int]:
+    if len(table_bytes) != 16 or any(not 0 <= b < 256 for b in table_bytes):
+        raise ValueError("the byte table needs sixteen bytes")
+    words = {f"t{r}": sum(table_bytes[4 * r + k] << (8 * k) for k in range(4)) for r in range(4)}
+    return words | {"hi": _MAGIC_HI * 0x01010101}
+
+
+# operands of the pair program: eight outputs, then (pack 2: two registers per input) the words and the
+# five table registers, which the kernel loads once (as constants, ptxas re-materialized them every call)
+_PAIR_OPERANDS = {"$a": "$8", "$b": "$9", "t0": "$10", "t1": "$12", "t2": "$14", "t3": "$16", "hi": "$18"}
+PAIR_CONSTRAINTS = ",".join(["=r"] * 8 + ["r"] * 12)
+
+
+def pair_table_words(table_bytes: tuple[int, ...]) -> tuple[int, ...]:
+    """The five int32 registers of the pair program: entries 0-15 four a word, then the 0x64 bytes."""
+    t = _pair_table_words(table_bytes)
+    return tuple(t[name] for name in ("t0", "t1", "t2", "t3", "hi"))
+
+
+@functools.lru_cache(maxsize=64)
+def pair_lut_asm() -> str:
+    """PTX for ``tl.inline_asm_elementwise`` with pack 2 over int32 words of eight 4-bit codes
+    (constraints :data:`PAIR_CONSTRAINTS`): inputs two consecutive words of a thread (``$8``, ``$9``) and
+    the five table registers of :func:`pair_table_words` (tensors of one value each), outputs ``$0 .. $7``
+    per code ``p`` the float16 ``1024 + m`` of both words, the first word's in the low half."""
+    regs = sorted({st[1] for st in PROGRAM_PAIRS})
+    lines = ["{", f".reg .b32 {', '.join(regs)};"]
+
+    def arg(x: str | int) -> str:
+        return _PAIR_OPERANDS.get(x, x) if isinstance(x, str) else f"{x:#x}"
+
+    for op, dst, *src in PROGRAM_PAIRS:
+        if op == "lop3":
+            lines.append(f"lop3.b32 {dst}, {arg(src[0])}, {arg(src[1])}, {arg(src[2])}, {src[3]:#x};")
+        elif op == "prmt":
+            lines.append(f"prmt.b32 {dst}, {arg(src[0])}, {arg(src[1])}, {arg(src[2])};")
+        else:  # and, shl, shr
+            lines.append(f"{op}.b32 {dst}, {arg(src[0])}, {arg(src[1])};")
+    lines += [f"mov.b32 ${p}, o{p};" for p in range(8)]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def emulate_pairs(a: int, b: int, table_bytes: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """What :func:`pair_lut_asm`'s program returns for words ``a`` and ``b``, step by step in Python:
+    eight (first word's, second word's) float16 bit patterns, code 0 first."""
+    r = dict(_pair_table_words(table_bytes))
+    r["$a"], r["$b"] = a & 0xFFFFFFFF, b & 0xFFFFFFFF
+
+    def val(x: str | int) -> int:
+        return x if isinstance(x, int) else r[x]
+
+    for op, dst, *src in PROGRAM_PAIRS:
+        v = [val(x) for x in src]
+        if op == "and":
+            r[dst] = v[0] & v[1]
+        elif op == "shr":
+            r[dst] = v[0] >> v[1]
+        elif op == "shl":
+            r[dst] = (v[0] << v[1]) & 0xFFFFFFFF
+        elif op == "prmt":
+            r[dst] = _prmt(v[0], v[1], v[2])
+        else:
+            r[dst] = _lop3(v[0], v[1], v[2], v[3])
+    return tuple((r[f"o{p}"] & 0xFFFF, r[f"o{p}"] >> 16) for p in range(8))

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "MAX_SPLITS",
+    "MIN_SPLIT_TOKENS",
     "STORE_SMALL_ROWS",
     "LaunchConfig",
     "decode_config",
@@ -30,10 +32,19 @@ class LaunchConfig:
     nibble: bool = True
     # NIBBLE loop on NVIDIA GPUs: "sym" looks antisymmetric codebooks up with the
     # 18-instruction program (4 table registers) instead of the general 21-instruction one ("exact");
-    # a component whose table is not antisymmetric keeps the general program
+    # a component whose table is not antisymmetric keeps the general program.  "byte" (formats with
+    # 4-bit keys and values, on every device) reads byte tables two words at a time
+    # (tq_kernels._kernels.decode_pairs): centroids on a 256-level grid, operands in place
     lut: str = "exact"
     # also run the eight-phase loop for formats with 3-bit components (3bit_nc, k3v4_nc)
     nibble_3bit: bool = False
+    # decode's eight-phase loop: up to this many BLOCK_N-token tiles a step, stacked in the rows of the
+    # score tile that a GQA group smaller than 16 leaves empty (1, 2 or 4; see tq_kernels._kernels.decode)
+    chunks: int = 1
+    # decode's eight-phase loop: independent chains of score products (1, 2 or 4; see _tq_phase_scores)
+    score_chains: int = 1
+    # a register cap per thread for ptxas (0: none): fewer registers, more programs resident per SM
+    maxnreg: int = 0
 
 
 def _arch(device: torch.device) -> tuple[int, int]:
@@ -87,6 +98,14 @@ def store_config(num_rows: int, device: torch.device) -> LaunchConfig:
 
 
 STORE_SMALL_ROWS = 8192  # (token, head) rows: 1024 tokens of 8 KV heads
+
+# Decode context splits (tq_kernels.ops.decode.default_num_splits).  H200 and H100, 4-bit eight-phase
+# loop, CUDA graphs (experiments/results/kernels_decode_sweep_*.json): one 128K sequence ran 0.119 ms
+# with 128 splits against 0.150 with the earlier cap of 64 (H200); 32 x 8K ran 0.202 ms with 16 splits
+# against 0.216 with 9; 32 x 2K ran 0.080 ms with 9 splits against 0.087 with 16, so a split keeps
+# at least 256 tokens.
+MAX_SPLITS = 128
+MIN_SPLIT_TOKENS = 256
 
 
 def rotation_dot_precision(device: torch.device) -> str:

@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 
 __all__ = ["TurboQuantMetadata", "TurboQuantMetadataBuilder"]
 
-_MAX_SPLITS = 64  # tq-kernels' own cap on context splits
-
 
 @dataclass
 class TurboQuantMetadata(AttentionMetadata):
@@ -172,9 +170,6 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
                 self._decode_block_n,
                 self._decode_warps,
             )
-            # The split count is a compile-time constant of the kernel: rounding it up to a power of
-            # two bounds the variants compiled while vLLM captures a graph per batch size to 7.
-            splits = min(1 << (splits - 1).bit_length(), _MAX_SPLITS)
             self._splits[batch] = splits
         return splits
 

@@ -247,15 +247,48 @@ def _tq_phase_code(words, P: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _tq_nibble_phases(words, lut_ptr, ASM: tl.constexpr, BITS: tl.constexpr = 4):
+def _tq_pair_table(lut_ptr):
+    """The five int32 table registers of the pair lookup, stored after a byte table's sixteen float16
+    entries (:class:`tq_kernels._format.ByteLookup`)."""
+    tab = lut_ptr.to(tl.pointer_type(tl.int32)) + 8
+    return tl.load(tab), tl.load(tab + 1), tl.load(tab + 2), tl.load(tab + 3), tl.load(tab + 4)
+
+
+@triton.jit
+def _tq_nibble_phases(words, lut_ptr, ASM: tl.constexpr, BITS: tl.constexpr = 4, PAIRS: tl.constexpr = 0,
+                      tab=None):  # fmt: skip
     """The eight codes of each int32 word (``tq_kernels._kernels.decode._tq_load_words``: a 4-bit
     plane's word, or a 3-bit row's 2-bit and 1-bit plane bytes) as eight float16 tensors shaped like
     ``words``: tensor ``p`` holds the centroid of coordinate ``8w + p``.
 
     ``ASM`` (from :func:`tq_kernels._nibble_lut.lut_asm`) looks the codes up in registers on NVIDIA
     GPUs; ``""`` gathers them from the float16 table at ``lut_ptr`` (the interpreter, other GPUs).
+    ``PAIRS``: ``ASM`` is :func:`tq_kernels._nibble_lut.pair_lut_asm`, which reads a thread's words two
+    at a time and returns float16 pairs, the operand pairs of the tensor-core products where ``words``
+    sits in their layout; ``tab`` holds its five table registers (:func:`_tq_pair_table`).
     """
-    if ASM != "":
+    if ASM != "" and PAIRS:
+        # the table operands are built from ``words`` (``& 0`` folds away) so that the layout that the
+        # products want propagates back through the lookup to the load, as for a lookup of words alone
+        z = words & 0
+        return tl.inline_asm_elementwise(
+            ASM,
+            "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r",
+            [words, z + tab[0], z + tab[1], z + tab[2], z + tab[3], z + tab[4]],
+            dtype=(
+                tl.float16,
+                tl.float16,
+                tl.float16,
+                tl.float16,
+                tl.float16,
+                tl.float16,
+                tl.float16,
+                tl.float16,
+            ),
+            is_pure=True,
+            pack=2,
+        )
+    elif ASM != "":
         return tl.inline_asm_elementwise(
             ASM,
             "=h,=h,=h,=h,=h,=h,=h,=h,r",

@@ -25,7 +25,11 @@ from tq_kernels._kernels.codes import (
     _tq_load_norm_rows,
     _tq_load_plane_codes,
     _tq_nibble_phases,
+    _tq_pair_table,
 )
+from tq_kernels._nibble_lut import BYTE_BIAS as _BIAS
+
+BYTE_BIAS = tl.constexpr(_BIAS)
 
 
 @triton.jit
@@ -115,6 +119,12 @@ def _tq_decode_attention_kernel(
     BLOCK_W: tl.constexpr = 16,
     K_ASM: tl.constexpr = "",
     V_ASM: tl.constexpr = "",
+    GROUP_P2: tl.constexpr = 16,
+    CHUNKS: tl.constexpr = 1,
+    PAIRS: tl.constexpr = 0,
+    K_SCALE: tl.constexpr = 1.0,
+    V_SCALE: tl.constexpr = 1.0,
+    SCORE_CHAINS: tl.constexpr = 1,
 ):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
@@ -124,7 +134,9 @@ def _tq_decode_attention_kernel(
     start = 0
     if USE_WINDOW:
         start = tl.maximum(seq_len - sliding_window, 0)
-    per_split = tl.cdiv(tl.cdiv(seq_len - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    # a split covers whole loop steps: BLOCK_N tokens, or CHUNKS tiles of them in the NIBBLE loop
+    STEP: tl.constexpr = BLOCK_N * CHUNKS if NIBBLE or PAIRS else BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(seq_len - start, NUM_SPLITS), STEP) * STEP
     lo = start + split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
 
@@ -134,13 +146,14 @@ def _tq_decode_attention_kernel(
     g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g
-    if NIBBLE:
+    if NIBBLE or PAIRS:
         _tq_decode_nibbles(
             q_ptr, cache_ptr, block_table_ptr, k_lut_ptr, v_lut_ptr, part_o_ptr, part_ml_ptr,
-            b, kvh, split, lo, hi, heads, g_mask, stride_q_b, stride_q_h, stride_cache_blk,
+            b, kvh, split, lo, hi, stride_q_b, stride_q_h, stride_cache_blk,
             stride_cache_head, stride_bt_b, stride_po_b, stride_po_h, stride_po_s, softcap,
-            NUM_HEADS, NUM_SPLITS, BLOCK_G, BLOCK_N, PAGE, USE_SOFTCAP, HEAD_DIM, BLOCK_W,
-            K_BITS, K_CODE_OFF, K_NORM_OFF, K_NORM, V_BITS, V_CODE_OFF, V_NORM_OFF, V_NORM, K_ASM, V_ASM,
+            NUM_HEADS, NUM_SPLITS, GROUP, GROUP_P2, CHUNKS, BLOCK_G, BLOCK_N, PAGE, USE_SOFTCAP, HEAD_DIM,
+            BLOCK_W, K_BITS, K_CODE_OFF, K_NORM_OFF, K_NORM, V_BITS, V_CODE_OFF, V_NORM_OFF, V_NORM, K_ASM,
+            V_ASM, PAIRS, K_SCALE, V_SCALE, SCORE_CHAINS,
         )  # fmt: skip
         return
     q = tl.load(
@@ -251,16 +264,36 @@ def _tq_zero_phases(ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
-def _tq_phase_scores(q0, q1, q2, q3, q4, q5, q6, q7, k0, k1, k2, k3, k4, k5, k6, k7):
-    """``q . k^T`` from the eight phases of both: ``sum_p q_p k_p^T``."""
-    s = tl.dot(q0, tl.trans(k0))
-    s = tl.dot(q1, tl.trans(k1), acc=s)
-    s = tl.dot(q2, tl.trans(k2), acc=s)
-    s = tl.dot(q3, tl.trans(k3), acc=s)
-    s = tl.dot(q4, tl.trans(k4), acc=s)
-    s = tl.dot(q5, tl.trans(k5), acc=s)
-    s = tl.dot(q6, tl.trans(k6), acc=s)
-    return tl.dot(q7, tl.trans(k7), acc=s)
+def _tq_phase_scores(q0, q1, q2, q3, q4, q5, q6, q7, k0, k1, k2, k3, k4, k5, k6, k7, init=None,
+                     CHAINS: tl.constexpr = 1):  # fmt: skip
+    """``q . k^T`` from the eight phases of both: ``sum_p q_p k_p^T`` (plus ``init``).
+
+    ``CHAINS`` (1, 2 or 4) independent accumulations summed at the end: each tensor-core product waits
+    for the one before it in its chain, so fewer, shorter chains hide their latency with fewer warps."""
+    if CHAINS == 4:
+        s0 = tl.dot(q4, tl.trans(k4), acc=tl.dot(q0, tl.trans(k0), acc=init))
+        s1 = tl.dot(q5, tl.trans(k5), acc=tl.dot(q1, tl.trans(k1)))
+        s2 = tl.dot(q6, tl.trans(k6), acc=tl.dot(q2, tl.trans(k2)))
+        s3 = tl.dot(q7, tl.trans(k7), acc=tl.dot(q3, tl.trans(k3)))
+        return (s0 + s1) + (s2 + s3)
+    elif CHAINS == 2:
+        s0 = tl.dot(q0, tl.trans(k0), acc=init)
+        s1 = tl.dot(q1, tl.trans(k1))
+        s0 = tl.dot(q2, tl.trans(k2), acc=s0)
+        s1 = tl.dot(q3, tl.trans(k3), acc=s1)
+        s0 = tl.dot(q4, tl.trans(k4), acc=s0)
+        s1 = tl.dot(q5, tl.trans(k5), acc=s1)
+        s0 = tl.dot(q6, tl.trans(k6), acc=s0)
+        return s0 + tl.dot(q7, tl.trans(k7), acc=s1)
+    else:
+        s = tl.dot(q0, tl.trans(k0), acc=init)
+        s = tl.dot(q1, tl.trans(k1), acc=s)
+        s = tl.dot(q2, tl.trans(k2), acc=s)
+        s = tl.dot(q3, tl.trans(k3), acc=s)
+        s = tl.dot(q4, tl.trans(k4), acc=s)
+        s = tl.dot(q5, tl.trans(k5), acc=s)
+        s = tl.dot(q6, tl.trans(k6), acc=s)
+        return tl.dot(q7, tl.trans(k7), acc=s)
 
 
 @triton.jit
@@ -292,61 +325,207 @@ def _tq_store_phases(ptrs, mask, a0, a1, a2, a3, a4, a5, a6, a7):
 
 
 @triton.jit
+def _tq_phase_accumulate_chunk(pv, a0, a1, a2, a3, a4, a5, a6, a7, v0, v1, v2, v3, v4, v5, v6, v7):
+    """The eight phase accumulators plus ``pv @ v_p`` (no rescale: one chunk of a stacked step)."""
+    return (
+        tl.dot(pv, v0, acc=a0),
+        tl.dot(pv, v1, acc=a1),
+        tl.dot(pv, v2, acc=a2),
+        tl.dot(pv, v3, acc=a3),
+        tl.dot(pv, v4, acc=a4),
+        tl.dot(pv, v5, acc=a5),
+        tl.dot(pv, v6, acc=a6),
+        tl.dot(pv, v7, acc=a7),
+    )
+
+
+@triton.jit
+def _tq_rescale_phases(alpha, a0, a1, a2, a3, a4, a5, a6, a7):
+    """The eight phase accumulators times ``alpha`` (one factor per row)."""
+    return (
+        a0 * alpha[:, None],
+        a1 * alpha[:, None],
+        a2 * alpha[:, None],
+        a3 * alpha[:, None],
+        a4 * alpha[:, None],
+        a5 * alpha[:, None],
+        a6 * alpha[:, None],
+        a7 * alpha[:, None],
+    )
+
+
+@triton.jit
+def _tq_merge_chunks(a, w, NCH: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_W: tl.constexpr):
+    """`[NCH * GROUP_P2, BLOCK_W]` rows ``(chunk, head)`` weighted by ``w`` `[NCH, GROUP_P2]` and summed
+    over the chunks: `[GROUP_P2, BLOCK_W]`."""
+    return tl.sum(tl.reshape(a, [NCH, GROUP_P2, BLOCK_W]) * w[:, :, None], axis=0)
+
+
+@triton.jit
 def _tq_decode_nibbles(
     q_ptr, cache_ptr, block_table_ptr, k_lut_ptr, v_lut_ptr, part_o_ptr, part_ml_ptr,
-    b, kvh, split, lo, hi, heads, g_mask, stride_q_b, stride_q_h, stride_cache_blk,
+    b, kvh, split, lo, hi, stride_q_b, stride_q_h, stride_cache_blk,
     stride_cache_head, stride_bt_b, stride_po_b, stride_po_h, stride_po_s, softcap,
-    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr, USE_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr,
+    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
+    CHUNKS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr,
     K_BITS: tl.constexpr, K_CODE_OFF: tl.constexpr, K_NORM_OFF: tl.constexpr, K_NORM: tl.constexpr,
     V_BITS: tl.constexpr, V_CODE_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr, V_NORM: tl.constexpr,
-    K_ASM: tl.constexpr, V_ASM: tl.constexpr,
+    K_ASM: tl.constexpr, V_ASM: tl.constexpr, PAIRS: tl.constexpr, K_SCALE: tl.constexpr,
+    V_SCALE: tl.constexpr, SCORE_CHAINS: tl.constexpr,
 ):  # fmt: skip
-    """The ``NIBBLE`` loop of ``_tq_decode_attention_kernel`` (see the module docstring)."""
+    """The ``NIBBLE`` loop of ``_tq_decode_attention_kernel`` (see the module docstring).
+
+    Chunk stacking: the GQA group fills only ``GROUP_P2`` of the ``BLOCK_G >= 16`` rows that a tensor-core
+    product needs, so a step reads ``CHUNKS`` consecutive tiles of ``BLOCK_N`` tokens and row ``i`` of
+    the score and output tiles belongs to head ``i % GROUP_P2`` and tile ``i // GROUP_P2``.  Every row is
+    its own online softmax over the tokens of its tile column; the rows of one head are merged before
+    the split is written.  Per token this divides the softmax, the rescaling of the accumulators and
+    the padded rows' work by ``CHUNKS``; the products cost what they cost with one tile.
+
+    ``PAIRS`` (4-bit keys and values): the codes are looked up in byte tables, two words of a thread at
+    a time, into float16 ``x = c / scale + BYTE_BIAS`` that are already the products' operand pairs
+    (:func:`tq_kernels._nibble_lut.pair_lut_asm`).  The bias leaves in float32, where every product and
+    the bias are exact: the score accumulator starts at ``-BYTE_BIAS * sum(q)`` (q as the float16 the
+    products read), one more product ``p . 1`` accumulates ``sum(p)`` as the products see it, and the
+    output is ``V_SCALE * (acc - BYTE_BIAS * sum)``; ``K_SCALE`` joins the key norms.
+    """
     W: tl.constexpr = HEAD_DIM // 8  # int32 words per code row
     offs_w = tl.arange(0, BLOCK_W)
     offs_n = tl.arange(0, BLOCK_N)
-    qm = g_mask[:, None] & (offs_w < W)[None, :]
+    rows = tl.arange(0, BLOCK_G)
+    row_head = rows % GROUP_P2
+    row_chunk = rows // GROUP_P2
+    row_ok = (row_head < GROUP) & (row_chunk < CHUNKS)
+    qm = row_ok[:, None] & (offs_w < W)[None, :]
     q0, q1, q2, q3, q4, q5, q6, q7 = _tq_load_phases(
-        q_ptr + b * stride_q_b + heads[:, None] * stride_q_h + 8 * offs_w[None, :], qm
+        q_ptr + b * stride_q_b + (kvh * GROUP + row_head)[:, None] * stride_q_h + 8 * offs_w[None, :], qm
     )
+
+    s_init = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+    if PAIRS:
+        q_sum = tl.sum(
+            q0.to(tl.float32) + q1.to(tl.float32) + q2.to(tl.float32) + q3.to(tl.float32)
+            + q4.to(tl.float32) + q5.to(tl.float32) + q6.to(tl.float32) + q7.to(tl.float32),
+            axis=1,
+        )  # fmt: skip
+        s_init -= BYTE_BIAS * q_sum[:, None]
+    ones = tl.full([BLOCK_N, BLOCK_W], 1.0, tl.float16)
+    a_sum = tl.zeros([BLOCK_G, BLOCK_W], tl.float32)
+    k_tab = None
+    v_tab = None
+    if PAIRS and K_ASM != "":
+        k_tab = _tq_pair_table(k_lut_ptr)
+        v_tab = _tq_pair_table(v_lut_ptr)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     a0, a1, a2, a3, a4, a5, a6, a7 = _tq_zero_phases(BLOCK_G, BLOCK_W)
-    for n0 in range(lo, hi, BLOCK_N):
-        tok = n0 + offs_n
-        n_mask, region, row = _tq_tile_rows(
-            cache_ptr,
-            block_table_ptr,
-            b,
-            kvh,
-            tok,
-            hi,
-            stride_bt_b,
-            stride_cache_blk,
-            stride_cache_head,
-            PAGE,
-        )
-        # masked rows read code 0 (a finite centroid): their scores become -inf and their values get
-        # weight 0 below, so the tiles need no masking of their own
-        k0, k1, k2, k3, k4, k5, k6, k7 = _tq_nibble_phases(
-            _tq_load_words(region, row, n_mask, offs_w, K_CODE_OFF, W, K_BITS), k_lut_ptr, K_ASM, K_BITS
-        )
-        s = _tq_phase_scores(q0, q1, q2, q3, q4, q5, q6, q7, k0, k1, k2, k3, k4, k5, k6, k7)
-        k_gamma = _tq_load_norm_rows(region, row, n_mask, K_NORM_OFF, K_NORM)
-        m_new, alpha, p, l_i = _tq_online_softmax(s, k_gamma, n_mask, m_i, l_i, softcap, USE_SOFTCAP)
+    for n0 in range(lo, hi, BLOCK_N * CHUNKS):
+        s = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+        for c in tl.static_range(CHUNKS):
+            n_mask, region, row = _tq_tile_rows(
+                cache_ptr, block_table_ptr, b, kvh, n0 + c * BLOCK_N + offs_n, hi, stride_bt_b,
+                stride_cache_blk, stride_cache_head, PAGE,
+            )  # fmt: skip
+            # masked rows read code 0 (a finite centroid): their scores become -inf and their values get
+            # weight 0 below, so the tiles need no masking of their own
+            k0, k1, k2, k3, k4, k5, k6, k7 = _tq_nibble_phases(
+                _tq_load_words(region, row, n_mask, offs_w, K_CODE_OFF, W, K_BITS),
+                k_lut_ptr,
+                K_ASM,
+                K_BITS,
+                PAIRS,
+                k_tab,
+            )
+            s_c = _tq_phase_scores(
+                q0,
+                q1,
+                q2,
+                q3,
+                q4,
+                q5,
+                q6,
+                q7,
+                k0,
+                k1,
+                k2,
+                k3,
+                k4,
+                k5,
+                k6,
+                k7,
+                init=s_init,
+                CHAINS=SCORE_CHAINS,
+            )
+            k_gamma = _tq_load_norm_rows(region, row, n_mask, K_NORM_OFF, K_NORM) * K_SCALE
+            s = tl.where(row_chunk[:, None] == c, s_c * k_gamma[None, :], s)
+        if USE_SOFTCAP:
+            s = _softcap(s, softcap)
+        # rows of empty row blocks (chunk >= CHUNKS) and tokens past the split stay out
+        tok = n0 + row_chunk[:, None] * BLOCK_N + offs_n[None, :]
+        s = tl.where((tok < hi) & (row_chunk < CHUNKS)[:, None], s, float("-inf"))
+        m_i, alpha, p, l_i = _tq_softmax_step(s, m_i, l_i)
+        a0, a1, a2, a3, a4, a5, a6, a7 = _tq_rescale_phases(alpha, a0, a1, a2, a3, a4, a5, a6, a7)
+        if PAIRS:
+            a_sum = a_sum * alpha[:, None]
+        for c in tl.static_range(CHUNKS):
+            n_mask, region, row = _tq_tile_rows(
+                cache_ptr, block_table_ptr, b, kvh, n0 + c * BLOCK_N + offs_n, hi, stride_bt_b,
+                stride_cache_blk, stride_cache_head, PAGE,
+            )  # fmt: skip
+            v0, v1, v2, v3, v4, v5, v6, v7 = _tq_nibble_phases(
+                _tq_load_words(region, row, n_mask, offs_w, V_CODE_OFF, W, V_BITS),
+                v_lut_ptr,
+                V_ASM,
+                V_BITS,
+                PAIRS,
+                v_tab,
+            )
+            v_gamma = tl.where(n_mask, _tq_load_norm_rows(region, row, n_mask, V_NORM_OFF, V_NORM), 0.0)
+            pv = tl.where(row_chunk[:, None] == c, p * v_gamma[None, :], 0.0).to(tl.float16)
+            if PAIRS:
+                a_sum = tl.dot(pv, ones, acc=a_sum)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _tq_phase_accumulate_chunk(
+                pv, a0, a1, a2, a3, a4, a5, a6, a7, v0, v1, v2, v3, v4, v5, v6, v7
+            )
 
-        v0, v1, v2, v3, v4, v5, v6, v7 = _tq_nibble_phases(
-            _tq_load_words(region, row, n_mask, offs_w, V_CODE_OFF, W, V_BITS), v_lut_ptr, V_ASM, V_BITS
+    if PAIRS:  # o = s_v * (acc - BYTE_BIAS * sum(pv)): every column of a_sum holds its row's sum
+        corr = BYTE_BIAS * a_sum
+        a0, a1, a2, a3, a4, a5, a6, a7 = (
+            a0 - corr,
+            a1 - corr,
+            a2 - corr,
+            a3 - corr,
+            a4 - corr,
+            a5 - corr,
+            a6 - corr,
+            a7 - corr,
         )
-        v_gamma = tl.where(n_mask, _tq_load_norm_rows(region, row, n_mask, V_NORM_OFF, V_NORM), 0.0)
-        pv = (p * v_gamma[None, :]).to(tl.float16)
-        a0, a1, a2, a3, a4, a5, a6, a7 = _tq_phase_accumulate(
-            pv, alpha, a0, a1, a2, a3, a4, a5, a6, a7, v0, v1, v2, v3, v4, v5, v6, v7
-        )
-        m_i = m_new
+    _tq_store_merged(
+        part_o_ptr, part_ml_ptr, b, kvh, split, stride_po_b, stride_po_h, stride_po_s, m_i, l_i, V_SCALE,
+        a0, a1, a2, a3, a4, a5, a6, a7, NUM_HEADS, NUM_SPLITS, GROUP, GROUP_P2, BLOCK_G, HEAD_DIM, BLOCK_W,
+    )  # fmt: skip
 
+
+@triton.jit
+def _tq_store_merged(
+    part_o_ptr, part_ml_ptr, b, kvh, split, stride_po_b, stride_po_h, stride_po_s, m_i, l_i, scale,
+    a0, a1, a2, a3, a4, a5, a6, a7, NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr,
+    GROUP_P2: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    """Merge the stacked row blocks of each head (a flash-decoding merge inside the program) and write
+    the split's phase accumulators times ``scale``, running max and sum."""
+    W: tl.constexpr = HEAD_DIM // 8
+    NCH: tl.constexpr = BLOCK_G // GROUP_P2
+    offs_w = tl.arange(0, BLOCK_W)
+    m2 = tl.reshape(m_i, [NCH, GROUP_P2])
+    m_h = tl.max(m2, axis=0)
+    w = tl.where(m2 == float("-inf"), 0.0, tl.exp(m2 - tl.where(m_h == float("-inf"), 0.0, m_h)[None, :]))
+    l_h = tl.sum(tl.reshape(l_i, [NCH, GROUP_P2]) * w, axis=0)
+    w = w * scale
+    heads = kvh * GROUP + tl.arange(0, GROUP_P2)
+    h_mask = tl.arange(0, GROUP_P2) < GROUP
     po = (
         part_o_ptr
         + b * stride_po_b
@@ -354,8 +533,30 @@ def _tq_decode_nibbles(
         + split * stride_po_s
         + 8 * offs_w[None, :]
     )
-    _tq_store_phases(po, g_mask[:, None] & (offs_w < W)[None, :], a0, a1, a2, a3, a4, a5, a6, a7)
-    _tq_store_ml(part_ml_ptr, b, heads, split, g_mask, m_i, l_i, NUM_HEADS, NUM_SPLITS)
+    _tq_store_phases(
+        po,
+        h_mask[:, None] & (offs_w < W)[None, :],
+        _tq_merge_chunks(a0, w, NCH, GROUP_P2, BLOCK_W),
+        _tq_merge_chunks(a1, w, NCH, GROUP_P2, BLOCK_W),
+        _tq_merge_chunks(a2, w, NCH, GROUP_P2, BLOCK_W),
+        _tq_merge_chunks(a3, w, NCH, GROUP_P2, BLOCK_W),
+        _tq_merge_chunks(a4, w, NCH, GROUP_P2, BLOCK_W),
+        _tq_merge_chunks(a5, w, NCH, GROUP_P2, BLOCK_W),
+        _tq_merge_chunks(a6, w, NCH, GROUP_P2, BLOCK_W),
+        _tq_merge_chunks(a7, w, NCH, GROUP_P2, BLOCK_W),
+    )
+    _tq_store_ml(part_ml_ptr, b, heads, split, h_mask, m_h, l_h, NUM_HEADS, NUM_SPLITS)
+
+
+@triton.jit
+def _tq_softmax_step(s, m_i, l_i):
+    """Online softmax of a masked score tile: (new max, rescale of the old state, probabilities, new sum).
+    A row whose tiles held no token yet keeps -inf: it shifts by 0 so exp() gives 0, not NaN."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_use)
+    p = tl.exp(s - m_use[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=1)
 
 
 @triton.jit

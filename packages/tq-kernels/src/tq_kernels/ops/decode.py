@@ -12,7 +12,7 @@ from tq_kernels._format import KernelFormat, kernel_format, rotation_for
 from tq_kernels._kernels.decode import _tq_decode_attention_kernel, _tq_decode_reduce_kernel
 from tq_kernels.ops._attn_checks import check_attention_common, check_paged_cache, sm_count
 from tq_kernels.ops._registry import format_key, lookup_format
-from tq_kernels.tuning import LaunchConfig, decode_config
+from tq_kernels.tuning import MAX_SPLITS, MIN_SPLIT_TOKENS, LaunchConfig, decode_config
 
 __all__ = ["tq_decode_attention", "default_num_splits", "nibble_format"]
 
@@ -25,15 +25,18 @@ def default_num_splits(
     block_n: int = 64,
     num_warps: int = 4,
 ) -> int:
-    """Splits of the context so that the grid puts about 16 warps on every SM (1 split when the batch
-    alone does); ``block_n`` and ``num_warps`` are the launch configuration's.
+    """Splits of the context: enough that the grid puts about 16 warps on every SM (1 split when the
+    batch alone does), at most one per ``max(block_n, MIN_SPLIT_TOKENS)`` tokens, rounded up to a power
+    of two and at most ``MAX_SPLITS``; ``block_n`` and ``num_warps`` are the launch configuration's.
 
-    Pass the result (or any fixed number) explicitly when capturing CUDA graphs, so the grid does not
-    depend on the batch.
+    The split count is a compile-time constant of the kernel, so powers of two bound the variants a
+    serving engine compiles (vLLM captures a graph per batch size).  Pass the result (or any fixed
+    number) explicitly when capturing CUDA graphs, so the grid does not depend on the batch.
     """
     programs = max(batch * num_kv_heads, 1)
     want = max(1, math.ceil(16 * sm_count(device) / (programs * num_warps)))
-    return int(max(1, min(want, math.ceil(max(max_seq_len, 1) / block_n), 64)))
+    want = min(want, math.ceil(max(max_seq_len, 1) / max(block_n, MIN_SPLIT_TOKENS)))
+    return int(min(1 << (max(want, 1) - 1).bit_length(), MAX_SPLITS))
 
 
 def nibble_format(fmt: KVFormat, allow_3bit: bool = False) -> bool:
@@ -53,6 +56,12 @@ def nibble_eligible(kf: KernelFormat, cache: torch.Tensor, allow_3bit: bool = Fa
         and cache.stride(0) % 4 == 0
         and cache.stride(1) % 4 == 0
     )
+
+
+def stacked_chunks(group: int, chunks: int) -> int:
+    """Tiles a step of the eight-phase loop stacks in the score tile's rows: ``chunks`` (the launch
+    configuration's), at most as many as the 16 rows hold GQA groups of ``group`` padded to a power of 2."""
+    return max(1, min(chunks, 16 // triton.next_power_of_2(group)))
 
 
 # -- custom op --------------------------------------------------------------------------------------
@@ -75,6 +84,9 @@ def _decode_op(
     nibble: bool,
     lut: str,
     nibble_3bit: bool,
+    chunks: int,
+    score_chains: int,
+    maxnreg: int,
     ablate: int,
     out: torch.Tensor,
     lse: torch.Tensor | None,
@@ -92,10 +104,19 @@ def _decode_op(
     part_o = torch.empty(batch, num_heads, num_splits, bd, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(batch, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
     k_lut, v_lut = kf.centroids(q.device, torch.float16)
-    block_g = max(16, triton.next_power_of_2(group))
+    group_p2 = triton.next_power_of_2(group)
+    block_g = max(16, group_p2)
     nibble = nibble and ablate == 0 and nibble_eligible(kf, cache, nibble_3bit)
+    pairs = nibble and lut == "byte" and kf.key.bits == kf.value.bits == 4
+    on_nvidia = q.device.type == "cuda" and torch.version.hip is None
     k_asm = v_asm = ""
-    if nibble and q.device.type == "cuda" and torch.version.hip is None:
+    k_scale = v_scale = 1.0
+    if pairs:
+        kb, vb = kf.byte_lookup(q.device)
+        k_lut, v_lut, k_scale, v_scale = kb.table, vb.table, kb.scale, vb.scale
+        if on_nvidia:
+            k_asm, v_asm = kb.asm, vb.asm
+    elif nibble and on_nvidia:
         k_asm, v_asm = kf.nibble_asm(symmetric=lut == "sym")
     _tq_decode_attention_kernel[(batch, num_kv_heads, num_splits)](
         q_rot,
@@ -132,6 +153,13 @@ def _decode_op(
         BLOCK_W=max(16, triton.next_power_of_2(d // 8)),
         K_ASM=k_asm,
         V_ASM=v_asm,
+        GROUP_P2=group_p2,
+        CHUNKS=stacked_chunks(group, chunks) if nibble else 1,
+        PAIRS=pairs,
+        K_SCALE=k_scale,
+        V_SCALE=v_scale,
+        SCORE_CHAINS=score_chains if nibble else 1,
+        **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     o_rot = torch.empty(batch, num_heads, bd, dtype=torch.float32, device=q.device)
     _tq_decode_reduce_kernel[(batch, num_heads)](
@@ -174,6 +202,9 @@ def _(
     nibble: bool,
     lut: str,
     nibble_3bit: bool,
+    chunks: int,
+    score_chains: int,
+    maxnreg: int,
     ablate: int,
     out: torch.Tensor,
     lse: torch.Tensor | None,
@@ -243,6 +274,7 @@ def tq_decode_attention(
     cfg = config or decode_config(
         fmt.head_dim, group, q.device, nibble=nibble_eligible(kf, cache, allow_3bit=True)
     )
+    runs_nibble = cfg.nibble and _ablate == 0 and nibble_eligible(kf, cache, cfg.nibble_3bit)
     block_n = cfg.block_n
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
@@ -251,11 +283,18 @@ def tq_decode_attention(
     page = cache.shape[2]
     if num_splits is None:
         bound = max_seq_len if max_seq_len is not None else block_table.shape[1] * page
-        num_splits = default_num_splits(batch, num_kv_heads, bound, q.device, block_n, cfg.num_warps)
+        step = block_n * (stacked_chunks(group, cfg.chunks) if runs_nibble else 1)  # tokens per loop step
+        num_splits = default_num_splits(batch, num_kv_heads, bound, q.device, step, cfg.num_warps)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    if cfg.lut not in ("exact", "sym"):
-        raise ValueError(f"config.lut must be 'exact' or 'sym', got {cfg.lut!r}")
+    if cfg.score_chains not in (1, 2, 4):
+        raise ValueError(f"config.score_chains must be 1, 2 or 4, got {cfg.score_chains}")
+    if cfg.maxnreg < 0:
+        raise ValueError(f"config.maxnreg must be >= 0, got {cfg.maxnreg}")
+    if cfg.chunks not in (1, 2, 4):
+        raise ValueError(f"config.chunks must be 1, 2 or 4, got {cfg.chunks}")
+    if cfg.lut not in ("exact", "sym", "byte"):
+        raise ValueError(f"config.lut must be 'exact', 'sym' or 'byte', got {cfg.lut!r}")
 
     if out is None:
         out = torch.empty_like(q)
@@ -278,6 +317,9 @@ def tq_decode_attention(
         cfg.nibble,
         cfg.lut,
         cfg.nibble_3bit,
+        cfg.chunks,
+        cfg.score_chains,
+        cfg.maxnreg,
         _ablate,
         out,
         lse,
