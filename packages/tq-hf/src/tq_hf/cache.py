@@ -167,6 +167,9 @@ class TurboQuantLayer(CacheLayerMixin):
         self.kernel_state: dict[str, Any] = {}  # memo of the attention path (block tables), per storage state
         self.keys = self.values = None
         self.is_initialized = False
+        # transformers sets record_past back to False itself (DeferredStopCheck.finish), hence a plain field
+        self.record_past = False
+        self._crop_floor = 0  # while recording, a crop may go back to this length (see _retain_from)
         self._pending_registry.discard(self.layer_idx)
 
     def __repr__(self) -> str:
@@ -297,9 +300,16 @@ class TurboQuantLayer(CacheLayerMixin):
     def prefetch(self) -> None:
         return None
 
-    def activate_past_recording(self) -> None:
-        # sliding layers always keep chunk_tokens spare tokens, enough for assisted decoding's rollbacks
-        return None
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None, **kwargs: Any) -> None:
+        """Until the next :meth:`crop`, keep every token a crop may roll back to (transformers calls this
+        before assisted decoding; 5.25 passes ``recurrent_states_to_keep``).
+
+        As in transformers' own attention layers the count is ignored: it sizes recurrent-state history, and
+        this layer has none.  Sliding layers also keep a spare chunk without this call, so transformers
+        before 5.14, which never makes it, can still roll back up to ``chunk_tokens`` tokens.
+        """
+        self.record_past = True
+        self._crop_floor = self.cumulative_length
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest ``-tokens_to_remove`` tokens (0: nothing; a positive value, as in transformers
@@ -309,25 +319,25 @@ class TurboQuantLayer(CacheLayerMixin):
         """
         self.flush_pending()
         n = self.cumulative_length
-        if tokens_to_remove == 0:
-            return
-        target = n + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, n)
-        remove = n - max(target, 0)
-        if remove <= 0 or not self.is_initialized:
-            return
-        if remove <= self.r:
-            self.r -= remove
-        else:
-            new_comp = self.n_comp - (remove - self.r)
-            if new_comp < self.start:
+        target = max(n + tokens_to_remove, 0) if tokens_to_remove <= 0 else min(tokens_to_remove, n)
+        remove = n - target
+        if remove > 0 and self.is_initialized:
+            # the next query, at position target, must still find its whole window
+            if self.is_sliding and max(target + 1 - (self.sliding_window or 0), 0) < self.start:
                 raise RuntimeError(
                     f"cannot crop {remove} tokens from sliding-window layer {self.layer_idx}: it only kept "
-                    f"positions >= {self.start} (window {self.sliding_window} + {self.chunk_tokens} spare)"
+                    f"positions >= {self.start} (window {self.sliding_window} + {self.chunk_tokens} spare). "
+                    "Call cache.activate_past_recording() (transformers >= 5.14) before the steps to roll "
+                    f"back, or create the cache with chunk_tokens >= {remove}"
                 )
-            self.r = 0
-            self.n_comp = new_comp
-            self.kernel_state.clear()
-        self.cumulative_length = target
+            if remove <= self.r:
+                self.r -= remove
+            else:
+                self.r, self.n_comp = 0, target
+                self.kernel_state.clear()
+            self.cumulative_length = target
+        # as in transformers, recording keeps what one crop may undo: the next rollback starts here
+        self._crop_floor = self.cumulative_length
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the batch for beam search: a gather of the compressed bytes, no requantization."""
@@ -425,9 +435,11 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def _retain_from(self, total_after: int) -> int:
         """Oldest position a sliding layer must keep (queries see ``sliding_window`` keys, plus a spare
-        chunk so that a rollback of up to ``chunk_tokens`` tokens still finds its window)."""
+        chunk so that a rollback of up to ``chunk_tokens`` tokens still finds its window; while recording
+        the past, the window of every length down to the last crop's)."""
         assert self.sliding_window is not None
-        return max(0, total_after - self.sliding_window - self.chunk_tokens)
+        end = min(total_after, self._crop_floor) if self.record_past else total_after
+        return max(0, end - self.sliding_window - self.chunk_tokens)
 
     def _floor(self, p: int) -> int:
         return p // self.chunk_tokens * self.chunk_tokens
@@ -700,9 +712,8 @@ class TurboQuantCache(Cache):
         >>> model.set_attn_implementation("turboquant")
         >>> cache = tq_hf.TurboQuantCache(model.config, "turboquant_4bit_nc", residual_length=8)
         >>> ids = torch.randint(0, 128, (1, 20))
-        >>> out = model.generate(
-        ...     ids, past_key_values=cache, max_new_tokens=4, do_sample=False
-        ... )  # doctest: +SKIP
+        >>> # past_key_values=cache before transformers 5.24
+        >>> out = model.generate(ids, cache=cache, max_new_tokens=4, do_sample=False)  # doctest: +SKIP
         >>> cache.get_seq_length()  # doctest: +SKIP
         23
     """
