@@ -268,13 +268,12 @@ def _tq_nibble_phases(words, lut_ptr, ASM: tl.constexpr, BITS: tl.constexpr = 4,
     sits in their layout; ``tab`` holds its five table registers (:func:`_tq_pair_table`).
     """
     if ASM != "" and PAIRS:
-        # the table operands are built from ``words`` (``& 0`` folds away) so that the layout that the
-        # products want propagates back through the lookup to the load, as for a lookup of words alone
-        z = words & 0
+        # the table registers are operands (loaded once), not constants in the PTX: ptxas re-materialized
+        # those before every call
         return tl.inline_asm_elementwise(
             ASM,
             "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r",
-            [words, z + tab[0], z + tab[1], z + tab[2], z + tab[3], z + tab[4]],
+            [words, tab[0], tab[1], tab[2], tab[3], tab[4]],
             dtype=(
                 tl.float16,
                 tl.float16,
