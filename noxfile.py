@@ -347,11 +347,9 @@ def _write_pins(session: nox.Session, requirements: list[str], out: Path, header
     """Resolve ``requirements`` in one pip call without installing anything; write every third-party
     distribution it would install, at its exact version, to ``out``."""
     report = Path(session.create_tmp()) / f"{out.stem}.json"
-    session.run(
-        "python", "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
-        str(report), *requirements,
-    )  # fmt: skip
-    pins = {}
+    pip = ("python", "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet")
+    session.run(*pip, "--report", str(report), *requirements)
+    pins: dict[str, str] = {}
     for item in json.loads(report.read_text())["install"]:
         name, version = item["metadata"]["name"], item["metadata"]["version"]
         key = name.lower().replace("_", "-")

@@ -119,8 +119,8 @@ def test_crop_is_exact():
     before = cache.layers[0].dequantize()[0]
     cache.crop(0)  # nothing (transformers calls it after every assisted step)
     assert cache.get_seq_length() == 35
-    cache.crop(-3)  # inside the residual window
-    assert cache.get_seq_length() == 32
+    cache.crop(torch.tensor(-3))  # inside the residual window; a 0-d tensor, as transformers 5.17 passes
+    assert cache.get_seq_length() == 32 and type(cache.layers[0].cumulative_length) is int
     torch.testing.assert_close(cache.layers[0].dequantize()[0], before[:, :, :32])
     cache.crop(-10)  # into the compressed tokens
     layer = cache.layers[0]
@@ -181,7 +181,8 @@ def test_sliding_layer_keeps_only_its_window():
     cfg = _cfg(sliding_window=24)  # every layer sliding (Mistral style)
     cache = _store_only(cfg, fmt, residual_length=4, chunk_tokens=8)
     layer = cache.layers[0]
-    assert layer.is_sliding and cache.get_max_length() == 24
+    get_max_length = getattr(cache, "get_max_length", None) or cache.get_max_cache_shape  # renamed in 5.13
+    assert layer.is_sliding and get_max_length() == 24
     k, v = _feed(cache, [100] + [1] * 150)
     n = 250
     assert layer.capacity <= 24 + 3 * 8 + 4 + 8

@@ -318,6 +318,9 @@ class TurboQuantLayer(CacheLayerMixin):
         Exact: every token is quantized on its own, so cropping compressed tokens just forgets them.
         """
         self.flush_pending()
+        # transformers 5.17 passes a 0-d tensor: kept as one, it would become the length fields, and an
+        # in-place `+=` on one would move the others that share it
+        tokens_to_remove = int(tokens_to_remove)
         n = self.cumulative_length
         target = max(n + tokens_to_remove, 0) if tokens_to_remove <= 0 else min(tokens_to_remove, n)
         remove = n - target
