@@ -61,6 +61,14 @@ start_queue() {  # once per machine, on its first call
     (setsid nohup bash "$ROOT/experiments/gpu1_queue.sh" > $RES/queue.log 2>&1 &)
     echo "GPU-1 queue started"
   fi
+  # GPU_TESTS_BG=1: GPU 0 runs the kernels' GPU test matrix while the vLLM bundle is still arriving
+  # (the `throughput` phase waits for it to finish before timing anything)
+  if [ -n "${GPU_TESTS_BG:-}" ]; then
+    (CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$src setsid nohup bash -c "cd $ROOT && timeout 480 python3 -m pytest \
+      packages/tq-kernels/tests -m gpu -q -n 8 -p no:cacheprovider --durations=5 > $RES/kernels_gpu_tests.log 2>&1; \
+      echo EXIT \$? >> $RES/kernels_gpu_tests.log" > /dev/null 2>&1 &)
+    echo "GPU-0 kernel test matrix started"
+  fi
   # KERNELS_BG=1: GPU 0 runs the kernel benchmarks while the vLLM bundle is still arriving
   if [ -n "${KERNELS_BG:-}" ]; then
     (CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$src OUT=$RES setsid nohup timeout 420 \
@@ -174,6 +182,22 @@ case "${1:?phase}" in
       TP=2 timeout 280 python3 "$ROOT/experiments/vllm/anchor_tp.py" $args 2>&1 | tee -a $RES/vllm_anchor_tp2.log \
         | grep '^RESULT '
     done
+    pack
+    ;;
+  throughput)  # GPU 0, in the background: experiments/vllm/throughput.py ARGS... (rows one after another;
+    # each later call, `wait_tp S`, keeps the machine while they run and packs what is done)
+    shift
+    rm -f $RES/throughput.done
+    (export PYTHONPATH=/tmp/site CUDA_VISIBLE_DEVICES=0 OUT=$RES
+     while pgrep -f "[p]ytest packages/tq-kernels" > /dev/null; do sleep 2; done  # nothing else on GPU 0
+     setsid nohup python3 "$ROOT/experiments/vllm/throughput.py" "$@" > $RES/throughput_driver.log 2>&1
+     touch $RES/throughput.done) > /dev/null 2>&1 &
+    echo "throughput $* started"
+    ;;
+  wait_tp)  # waits up to ${2:-540} s for the background throughput rows, then packs
+    t0=$(date +%s)
+    while [ ! -e $RES/throughput.done ] && [ $(($(date +%s) - t0)) -lt "${2:-540}" ]; do sleep 5; done
+    cat $RES/throughput_driver.log; [ -e $RES/throughput.done ] && echo "ALL ROWS DONE"
     pack
     ;;
   collect)  # waits up to ${2:-0} s for the queue(s) to finish

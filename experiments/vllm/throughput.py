@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness import bar_plot, gpu_name, out_path, write_result
+from harness import StackSampler, bar_plot, gpu_name, out_path, write_result
 
 # name: (kv_cache_dtype, attention_backend (None: vLLM picks), TQ_VLLM_FULL_CAPACITY)
 ROWS = {
@@ -90,6 +90,18 @@ def pct_ms(xs: list[float], q: float) -> float | None:
     return round(1000 * sorted(xs)[min(len(xs) - 1, int(q * len(xs)))], 3) if xs else None
 
 
+def triton_cache_entries() -> int:
+    """Kernels in Triton's on-disk cache (one directory per compiled specialization): the difference
+    over a phase counts the compiles it did (cache hits add nothing)."""
+    root = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    return sum(1 for _ in root.iterdir()) if root.is_dir() else 0
+
+
+# vLLM's own log lines for the start-up phases (seconds)
+INIT_LOG = {"capture_s": r"Graph capturing finished in ([\d.]+) secs",
+            "engine_init_s": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+)"}  # fmt: skip
+
+
 def run_row(name: str, s: dict) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: its metrics
     kv, backend, full = ROWS[name]
@@ -118,9 +130,19 @@ def run_row(name: str, s: dict) -> dict:
         kw["max_num_batched_tokens"] = s["max_num_batched_tokens"]
     if backend:
         kw["attention_backend"] = backend
-    t0 = time.perf_counter()
-    llm = LLM(**kw)
+    if s.get(
+        "capture_sizes"
+    ):  # the same CUDA-graph sizes for every row (fewer than vLLM's ~50: faster start)
+        kw["compilation_config"] = {"cudagraph_capture_sizes": s["capture_sizes"]}
+    compiles0, t0 = triton_cache_entries(), time.perf_counter()
+    with StackSampler() as sampler:  # where the start-up time goes (printed, not part of the result)
+        llm = LLM(**kw)
     init_s = time.perf_counter() - t0
+    compiles_init = triton_cache_entries() - compiles0
+    for pct, where in sampler.top(int(os.environ.get("TQ_INIT_PROFILE_TOP", "90"))):
+        print(f"INIT_PROFILE {pct:5.1f}% {where}")
+    for pct, where in sampler.top(30, leaves=True):
+        print(f"INIT_SELF {pct:5.1f}% {where}")
     cfgv = llm.llm_engine.vllm_config
     cc = cfgv.cache_config
     gen = torch.Generator().manual_seed(s["seed"])
@@ -136,13 +158,13 @@ def run_row(name: str, s: dict) -> dict:
         while not done.wait(0.25):
             samples.append(metrics(llm).get("vllm:num_requests_running", 0.0))
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    t0 = time.perf_counter()
+    poller = threading.Thread(target=sample, daemon=True)
+    poller.start()
+    compiles1, t0 = triton_cache_entries(), time.perf_counter()
     outs = llm.generate(prompts, SamplingParams(max_tokens=G, **greedy), use_tqdm=False)
     wall = time.perf_counter() - t0
     done.set()
-    sampler.join()
+    poller.join()
     after = metrics(llm)
     d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     out_tok = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -155,6 +177,8 @@ def run_row(name: str, s: dict) -> dict:
             "max_num_batched_tokens": cfgv.scheduler_config.max_num_batched_tokens, "block_size": cc.block_size,
             "num_gpu_blocks": cc.num_gpu_blocks, "kv_capacity_tokens": cap,
             "full_length_seqs_that_fit": round(cap / (P + G), 2), "init_s": round(init_s, 1),
+            "torch_compile_s": round(float(getattr(cfgv.compilation_config, "compilation_time", 0) or 0), 1),
+            "triton_compiles_init": compiles_init, "triton_compiles_timed": triton_cache_entries() - compiles1,
             "wall_s": round(wall, 3), "output_tokens": out_tok, "all_outputs_full": out_tok == N * G,
             "output_tok_s": round(out_tok / wall, 1), "total_tok_s": round((out_tok + N * P) / wall, 1),
             "tpot_p50_ms": pct_ms(tpot, 0.5), "tpot_p99_ms": pct_ms(tpot, 0.99),
@@ -185,9 +209,19 @@ def run_rows(names: list[str], s: dict, jsonl: Path, timeout: float) -> None:
         text = log.read_text(errors="replace").rsplit(f"== {name}: ", 1)[-1]
         line = next((ln for ln in reversed(text.splitlines()) if ln.startswith("RESULT ")), None)
         row = json.loads(line[7:]) if line else {"row": name, "settings": s, "error": text[-3000:]}
+        for key, pattern in INIT_LOG.items():
+            if line and (m := re.search(pattern, text)):
+                row[key] = float(m.group(1))
         with open(jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
-        keys = ("kv_capacity_tokens", "output_tok_s", "tpot_p50_ms", "running_max_sampled", "preemptions")
+        keys = (
+            "kv_capacity_tokens",
+            "output_tok_s",
+            "tpot_p50_ms",
+            "running_max_sampled",
+            "preemptions",
+            "init_s",
+        )
         print(f"{name}: {f'ERROR, see {log}' if line is None else {k: row[k] for k in keys}}", flush=True)
 
 
@@ -212,6 +246,11 @@ def report(files: list[str], name: str | None) -> None:
             r["tpot_p50_vs_fp8"] = round(r["tpot_p50_ms"] / ok["fp8"]["tpot_p50_ms"], 3)
     targets = {f"{row} output tok/s >= {x}x {base}": {"ratio": ok[row][f"output_tok_s_vs_{base}"], "target": x,
                "met": ok[row][f"output_tok_s_vs_{base}"] >= x} for row, base, x in TARGETS if row in ok and base in ok}  # fmt: skip
+    if "bf16" in ok:  # start-up (engine init, all phases) against bf16's in the same run
+        for r in ok.values():
+            r["init_vs_bf16"] = round(r["init_s"] / ok["bf16"]["init_s"], 2)
+            if r.get("capture_s") and ok["bf16"].get("capture_s"):
+                r["capture_vs_bf16"] = round(r["capture_s"] / ok["bf16"]["capture_s"], 2)
     m = re.search(r"\b[A-Z]\d{2,4}\b", first["gpu"])
     gpu = m.group(0).lower() if m else re.sub(r"\W+", "_", first["gpu"]).lower()
     shape = ("" if s["shape"] == "llama8b" else "_" + s["shape"]) + ("_tiny" if s["tiny"] else "")
@@ -220,7 +259,8 @@ def report(files: list[str], name: str | None) -> None:
     path = write_result(name, {"gpu": first["gpu"], "vllm": first["vllm"], "settings": s, "targets": targets,
                                "sources": files, "rows": [rows[k] for k in order]})  # fmt: skip
     keys = ("kv_capacity_tokens", "output_tok_s", "output_tok_s_vs_fp8", "output_tok_s_vs_bf16", "tpot_p50_ms",
-            "tpot_p50_vs_fp8", "running_max_sampled", "preemptions")  # fmt: skip
+            "tpot_p50_vs_fp8", "running_max_sampled", "preemptions", "init_s", "init_vs_bf16", "torch_compile_s",
+            "capture_s", "triton_compiles_init", "triton_compiles_timed")  # fmt: skip
     for k in order:
         print(
             f"{k:15} " + ("ERROR" if "error" in rows[k] else "  ".join(f"{c} {rows[k].get(c)}" for c in keys))
@@ -255,6 +295,10 @@ def main() -> None:
     ap.add_argument("--kv-gib", type=float, help="fixed KV budget (kv_cache_memory_bytes); default: --gmu")
     ap.add_argument("--gmu", type=float, default=0.9, help="gpu_memory_utilization, the same for every row")
     ap.add_argument("--max-num-batched-tokens", type=int, help="default: vLLM's (16384 on H100/H200)")
+    ap.add_argument(
+        "--capture-sizes", type=lambda t: sorted({int(x) for x in t.split(",")}), metavar="N,N,...",
+        help="CUDA-graph batch sizes for every row (default: vLLM's)",
+    )  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=4, help="requests (P + 4 tokens) run before the timed call")
     ap.add_argument("--timeout", type=float, default=560, help="seconds per row (device calls stop at 600)")
@@ -272,7 +316,8 @@ def main() -> None:
         report(args.report, args.name)
         return
     s = {"shape": args.shape, "tiny": args.tiny, "gmu": args.gmu, "seed": args.seed, "warmup": args.warmup,
-         "max_num_batched_tokens": args.max_num_batched_tokens, "prefix_caching": False, "greedy": True,
+         "max_num_batched_tokens": args.max_num_batched_tokens, "capture_sizes": args.capture_sizes,
+         "prefix_caching": False, "greedy": True,
          "ignore_eos": True}  # fmt: skip
     for k, (full, tiny) in DEFAULTS.items():
         v = getattr(args, k)
