@@ -94,6 +94,55 @@ def test_extend_reference_is_causal_over_prefix_and_chunk():
     torch.testing.assert_close(out[:4], attention_ref(q[:4], ks[0], vs[0]), atol=1e-5, rtol=1e-5)
 
 
+def test_query_without_visible_key_outputs_zero():
+    q, k, v = torch.randn(3, 2, 8), torch.randn(4, 1, 8), torch.randn(4, 1, 8)
+    # queries at positions 10..12 with a window of 2 see none of the keys 0..3
+    out = attention_ref(q, k, v, q_offset=10, sliding_window=2)
+    assert torch.equal(out, torch.zeros(3, 2, 8))
+    out = attention_ref(q, k, v, q_offset=10, sliding_window=2, sinks=torch.zeros(2))
+    assert torch.equal(out, torch.zeros(3, 2, 8))
+    q[1, 0] = float("nan")  # it sees nothing, so it still outputs 0
+    assert torch.equal(attention_ref(q, k, v, q_offset=10, sliding_window=2), torch.zeros(3, 2, 8))
+
+
+def test_nonfinite_inputs_propagate_to_the_rows_that_see_them():
+    """An all-NaN query or an infinite key used to give all-zero rows (nan_to_num); now NaN."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(n, h, 8, generator=gen) for n, h in ((4, 2), (6, 1), (6, 1)))
+    clean = attention_ref(q, k, v)  # queries at positions 2..5, causal
+    bad_q = q.clone()
+    bad_q[1] = float("nan")
+    out = attention_ref(bad_q, k, v)
+    assert bool(out[1].isnan().all())
+    torch.testing.assert_close(out[[0, 2, 3]], clean[[0, 2, 3]])
+    for tensor, value in (
+        ("k", float("inf")),
+        ("k", float("-inf")),
+        ("v", float("nan")),
+        ("v", float("inf")),
+    ):
+        kk, vv = k.clone(), v.clone()
+        (kk if tensor == "k" else vv)[4, 0, 3] = value  # key 4: seen by the queries at 4 and 5 only
+        out = attention_ref(q, kk, vv)
+        assert bool(out[2:].isnan().all()), (tensor, value)
+        torch.testing.assert_close(out[:2], clean[:2])  # a masked key never leaks in (no 0 * NaN)
+        windowed = attention_ref(q, kk, vv, sliding_window=1)  # each query sees only itself
+        assert bool(windowed[2].isnan().all()) and bool(torch.isfinite(windowed[[0, 1, 3]]).all())
+    out = attention_ref(q, k, v, sinks=torch.tensor([0.0, float("nan")]))
+    assert bool(out[:, 1].isnan().all()) and bool(torch.isfinite(out[:, 0]).all())
+
+
+def test_nonfinite_slot_in_a_paged_cache_shows_as_nan():
+    fmt = named_format("turboquant_4bit_nc", 64)
+    cache = fmt.allocate_cache(2, 4, 1)
+    k, v = torch.randn(5, 1, 64), torch.randn(5, 1, 64)
+    k[2, 0, 0] = float("nan")
+    fmt.store_paged(cache, k, v, torch.arange(5))  # "propagate": a NaN norm for token 2
+    table, seq_lens = torch.tensor([[0, 1], [0, 1]]), torch.tensor([2, 5])
+    out = paged_decode_attention_ref(torch.randn(2, 2, 64), cache, table, seq_lens, fmt)
+    assert bool(torch.isfinite(out[0]).all()) and bool(out[1].isnan().all())
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         attention_ref(torch.randn(1, 3, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tq_core import ComponentFormat, KVFormat, budget_bytes, format_names, named_format
+from tq_core import NORM_RANGE, ComponentFormat, KVFormat, budget_bytes, format_names, named_format
 
 BUDGETS_128 = {
     "turboquant_k8v4": 196,
@@ -79,11 +79,64 @@ def test_nonfinite_vector_only_poisons_its_own_slot():
     assert bool(torch.isfinite(kd[[0, 2]]).all()) and bool(torch.isfinite(vd).all())
 
 
-def test_fp16_norm_saturates_instead_of_inf():
+def _with_norm(norm: float, d: int = 64) -> torch.Tensor:
+    x = torch.randn(2, d, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    return (x / x.norm(dim=-1, keepdim=True) * norm).to(torch.float32)
+
+
+def test_norm_range_is_what_each_norm_dtype_stores():
+    assert NORM_RANGE["float16"] == (2.0**-24, 65504.0)
+    for name, (tiny, top) in NORM_RANGE.items():
+        dt = ComponentFormat(4, norm_dtype=name).torch_norm_dtype  # type: ignore[arg-type]
+        assert torch.tensor(top).to(dt).item() == top and torch.tensor(tiny).to(dt).item() == tiny
+        assert torch.tensor(tiny / 4).to(dt).item() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("norm", "why"),
+    [
+        (1.13e5, r"2 vector\(s\) whose stored norm .* exceeds 65504"),
+        (1e30, r"2 finite vector\(s\) .* overflows float32"),
+    ],
+)
+def test_encode_raises_on_norms_float16_cannot_hold(norm, why):
+    """1.13e5 used to decode as 6.07e4 (gamma clamped to 65504, times ||c|| < 1) and 1e30 as 8376
+    (the float32 norm overflowed: direction lost, then clamped); both now raise and say what to do."""
+    fmt = named_format("turboquant_3bit_nc", 64)
+    ok, big = _with_norm(1.0), _with_norm(norm)
+    with pytest.raises(ValueError, match=rf"^k has {why}.*scale"):
+        fmt.encode(big, ok)
+    with pytest.raises(ValueError, match=rf"^v has {why}.*scale"):
+        fmt.encode(ok, big)
+
+
+def test_encode_accepts_norms_up_to_the_limit_and_keeps_them():
+    fmt = named_format("turboquant_4bit_nc", 64)
+    x = _with_norm(6e4)  # gamma = ||x|| / ||c[codes]|| stays below 65504
+    kd, _ = fmt.decode(fmt.encode(x, x))
+    torch.testing.assert_close(kd.norm(dim=-1), x.norm(dim=-1), rtol=1e-3, atol=0)
+    # bfloat16 norms hold far more (at 3 significant digits)
+    wide = KVFormat(64, ComponentFormat(4, norm_dtype="bfloat16"), ComponentFormat(4))
+    kd, _ = wide.decode(wide.encode(_with_norm(1e12), x))
+    torch.testing.assert_close(kd.norm(dim=-1), torch.full((2,), 1e12), rtol=1e-2, atol=0)
+
+
+def test_propagate_saturates_float16_norms_like_the_kernels():
     fmt = KVFormat(64, ComponentFormat(4), ComponentFormat(4))
     k = torch.full((1, 64), 1e5)
-    kd, _ = fmt.decode(fmt.encode(k, k))
+    kc, _ = fmt.decode_codes(fmt.encode(k, k, nonfinite="propagate"))
+    assert float(kc.gamma[0]) == NORM_RANGE["float16"][1]
+    kd, _ = fmt.decode(fmt.encode(k, k, nonfinite="propagate"))
     assert bool(torch.isfinite(kd).all())
+
+
+def test_tiny_norms_flush_to_zero_vectors():
+    fmt = named_format("turboquant_4bit_nc", 64)
+    for norm in (1e-30, NORM_RANGE["float16"][0] / 4, 0.0):
+        kd, vd = fmt.decode(fmt.encode(_with_norm(norm), torch.zeros(2, 64)))
+        assert torch.equal(kd, torch.zeros(2, 64)) and torch.equal(vd, torch.zeros(2, 64))
+    kd, _ = fmt.decode(fmt.encode(_with_norm(1e-3), torch.zeros(2, 64)))  # normal float16: kept
+    torch.testing.assert_close(kd.norm(dim=-1), torch.full((2,), 1e-3), rtol=1e-3, atol=0)
 
 
 def test_budget_overflow_is_rejected():
@@ -98,6 +151,15 @@ def test_budget_overflow_is_rejected():
         (lambda: budget_bytes("fp8", 128), "unknown preset"),
         (lambda: ComponentFormat(4, hi_bits_coords=12), "multiple of 8"),
         (lambda: ComponentFormat(4, norm_dtype="int8"), "norm_dtype"),  # type: ignore[arg-type]
+        (lambda: ComponentFormat(4, hi_bits_coords=8.0), "hi_bits_coords must be an integer"),  # type: ignore[arg-type]
+        (lambda: ComponentFormat(4, norm_correction="no"), "norm_correction"),  # type: ignore[arg-type]
+        (lambda: KVFormat(64, ComponentFormat(4), ComponentFormat(4), seed=1.5), "seed must be"),  # type: ignore[arg-type]
+        (lambda: KVFormat(64, ComponentFormat(4), 4), "value must be a ComponentFormat"),  # type: ignore[arg-type]
+        (lambda: named_format(["turboquant_4bit_nc"]), "unknown format"),  # type: ignore[arg-type]
+        (lambda: named_format("turboquant_4bit_nc", [128]), "head_dim must be"),  # type: ignore[arg-type]
+        (lambda: named_format("turboquant_4bit_nc", seed="a"), "seed must be"),  # type: ignore[arg-type]
+        (lambda: named_format("turboquant_4bit_nc", rotation="dct"), "rotation must be"),  # type: ignore[arg-type]
+        (lambda: budget_bytes(["fp8"], 128), "unknown preset"),  # type: ignore[arg-type]
         (
             lambda: named_format("turboquant_4bit_nc").encode(torch.randn(2, 128), torch.randn(3, 128)),
             "same shape",

@@ -39,6 +39,44 @@ def test_bad_input():
         unpack_bits(torch.zeros(48, dtype=torch.int32), 3, 128)
 
 
+@pytest.mark.parametrize("pack", ["pack_bits", "pack_planes"])
+@pytest.mark.parametrize(
+    ("values", "bits", "shown"),
+    [
+        ([8, 1, 2, 3, 4, 5, 6, 7], 3, "min 1 and max 8"),  # used to unpack as [0, 2, ...]
+        ([-1, 0, 0, 0, 0, 0, 0, 0], 3, "min -1 and max 0"),  # used to unpack as 7
+        ([2, 0, 0, 0, 0, 0, 0, 0], 1, "min 0 and max 2"),
+        ([256, 0], 8, "min 0 and max 256"),
+        ([16, 0], 4, "min 0 and max 16"),
+    ],
+)
+def test_out_of_range_indices_are_rejected(pack, values, bits, shown):
+    from tq_core import packing
+
+    with pytest.raises(ValueError, match=rf"0\.\.{2**bits - 1} for {bits} bits, got {shown}"):
+        getattr(packing, pack)(torch.tensor(values), bits)
+
+
+def test_index_dtypes_and_shapes_are_checked():
+    from tq_core.packing import pack_planes, unpack_planes
+
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        assert pack_bits(torch.tensor([1, 2, 3, 4, 5, 6, 7, 0], dtype=dtype), 3).tolist() == [209, 88, 31]
+    for bad in (torch.tensor([1, 2], dtype=torch.uint16), torch.tensor([True]), torch.tensor([1j])):
+        with pytest.raises(ValueError, match="integer tensor"):
+            pack_bits(bad, 3)
+    with pytest.raises(ValueError, match=r"integer torch\.Tensor"):
+        pack_bits([1, 2, 3], 3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least one dimension"):
+        pack_planes(torch.tensor(3), 3)
+    with pytest.raises(ValueError, match=r"bits must be an integer in 1\.\.8, got 0"):
+        pack_planes(torch.tensor([0]), 0)
+    with pytest.raises(ValueError, match=r"n \(indices per row\) must be an integer >= 0"):
+        unpack_planes(torch.zeros(3, dtype=torch.uint8), 3, -8)
+    with pytest.raises(ValueError, match=r"uint8 torch\.Tensor"):
+        unpack_bits([0, 1], 3, 1)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_empty_leading_dims(bits):
     idx = torch.zeros(0, 2, 128, dtype=torch.int64)

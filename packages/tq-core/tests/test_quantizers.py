@@ -114,6 +114,18 @@ def test_nonfinite_raise_and_propagate():
     torch.testing.assert_close(out[~bad], clean)  # neighbours are untouched
 
 
+@pytest.mark.parametrize("make", [lambda: TurboQuantMSE(64, 3), lambda: TurboQuantProd(64, 3)])
+def test_norm_overflowing_float32_raises_or_saturates(make):
+    q = make()
+    x = torch.randn(3, 64)
+    x[1] *= 1e30  # finite, but ||x||^2 overflows float32: the direction would be lost
+    with pytest.raises(
+        ValueError, match=r"1 finite vector\(s\) whose norm overflows float32.*scale the input"
+    ):
+        q.quantize(x)
+    q.quantize(x, nonfinite="propagate")  # the kernels' mode does not raise
+
+
 def test_zero_vector_decodes_to_zero():
     q = TurboQuantMSE(64, 3, norm_correction=True)
     out = q.dequantize(q.quantize(torch.zeros(2, 64)))

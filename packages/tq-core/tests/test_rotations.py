@@ -58,7 +58,7 @@ def test_haar_coordinates_follow_sphere_law():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="'haar' or 'hadamard'"):
+    with pytest.raises(ValueError, match=r"one of \['haar', 'hadamard'\]"):
         make_rotation(64, "givens")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="last dimension 64"):
         make_rotation(64).apply(torch.randn(3, 65))

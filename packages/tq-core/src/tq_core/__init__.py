@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from tq_core.attention import attention_ref, paged_decode_attention_ref, paged_extend_attention_ref
 from tq_core.codebooks import Codebook, coordinate_density, lloyd_max_codebook, mse_lower_bound
 from tq_core.formats import (
+    NORM_RANGE,
     VLLM_PRESETS,
     ComponentFormat,
     KVFormat,
@@ -38,6 +39,7 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "NORM_RANGE",
     "VLLM_PRESETS",
     "Codebook",
     "ComponentFormat",

@@ -14,6 +14,13 @@ def check_bits(bits: object, name: str = "bits") -> int:
     return bits
 
 
+def check_int(value: object, name: str, low: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        bound = "" if low is None else f" >= {low}"
+        raise ValueError(f"{name} must be an integer{bound}, got {value!r}")
+    return value
+
+
 def check_head_dim(d: object, name: str = "d") -> int:
     if isinstance(d, bool) or not isinstance(d, int) or d < 2:
         raise ValueError(f"{name} must be an integer >= 2, got {d!r}")

@@ -60,6 +60,12 @@ def attention_ref(
     Returns:
         float32 `[num_q, num_heads, d]`.
 
+    Non-finite inputs propagate, they are never zeroed: the output of a query (one head) is NaN when
+    the query, or a key or value it can see, holds a NaN or an Inf; a NaN or +Inf sink makes its whole
+    head NaN.  Keys and values a query cannot see (causal mask, sliding window) never affect it.  A
+    query that sees no key at all (a sliding window past every key) outputs 0, whatever it holds, as
+    the kernels do; with ``sinks`` its weight goes to the sink, which carries no value: 0 as well.
+
     Example:
         >>> q, k = torch.randn(3, 4, 16), torch.randn(10, 2, 16)
         >>> attention_ref(q, k, k).shape
@@ -71,12 +77,10 @@ def attention_ref(
     nq, h, d = q.shape
     nk = k.shape[0]
     scale = d**-0.5 if scale is None else scale
-    q32 = q.to(torch.float32)
-    k32 = k.to(torch.float32).repeat_interleave(group, dim=1)
-    v32 = v.to(torch.float32).repeat_interleave(group, dim=1)
-    s = torch.einsum("qhd,khd->hqk", q32, k32) * scale
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    if sinks is not None and sinks.shape != (h,):
+        raise ValueError(f"sinks must be [num_heads={h}], got {tuple(sinks.shape)}")
     off = nk - nq if q_offset is None else q_offset
     pos = off + torch.arange(nq, device=q.device)[:, None]
     j = torch.arange(nk, device=q.device)[None, :]
@@ -84,19 +88,33 @@ def attention_ref(
     if causal:
         mask &= j <= pos
     if sliding_window is not None:
-        if sliding_window < 1:
-            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
         mask &= (pos - j) < sliding_window
+    # Non-finite inputs: computed as zeros (so a masked key's NaN cannot leak in through 0 * NaN), then
+    # the rows that saw them are set to NaN.
+    q32, bad_q = _finite_rows(q.to(torch.float32))  # [nq, h, d], [nq, h]
+    k32, bad_k = _finite_rows(k.to(torch.float32).repeat_interleave(group, dim=1))
+    v32, bad_v = _finite_rows(v.to(torch.float32).repeat_interleave(group, dim=1))
+    s = torch.einsum("qhd,khd->hqk", q32, k32) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~mask, float("-inf"))
     if sinks is not None:
-        if sinks.shape != (h,):
-            raise ValueError(f"sinks must be [num_heads={h}], got {tuple(sinks.shape)}")
         sink_col = sinks.to(torch.float32).to(q.device)[:, None, None].expand(h, nq, 1)
         p = torch.softmax(torch.cat([s, sink_col], dim=-1), dim=-1)[..., :nk]
     else:
         p = torch.softmax(s, dim=-1)
-    p = torch.nan_to_num(p, nan=0.0)  # a query with no visible key (window past all keys) outputs 0
-    return torch.einsum("hqk,khd->qhd", p, v32)
+        # a query with no visible key: softmax over nothing is 0/0; it outputs 0
+        p = p.masked_fill(~mask.any(-1)[None, :, None], 0.0)
+    out = torch.einsum("hqk,khd->qhd", p, v32)
+    seen_bad = (mask[None] & (bad_k | bad_v).T[:, None, :]).any(-1).T  # [nq, h]
+    poisoned = seen_bad | (bad_q & mask.any(-1)[:, None])
+    return out.masked_fill(poisoned[..., None], float("nan"))
+
+
+def _finite_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` `[n, h, d]` with its non-finite vectors zeroed, and which vectors those were `[n, h]`."""
+    bad = ~torch.isfinite(x).all(-1)
+    return x.masked_fill(bad[..., None], 0.0), bad
 
 
 def _check_paged_args(cache: torch.Tensor, block_table: torch.Tensor, lens: torch.Tensor, batch: int) -> None:

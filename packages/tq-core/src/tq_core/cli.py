@@ -1,13 +1,20 @@
 """The ``turboquant`` command.
 
-turboquant eval [--json] [--plot PATH | --no-plot] [--max-tokens N] [--seed S] [--sweep]
+turboquant eval [--json] [--plot PATH] [--max-tokens N] [--seed S] [--sweep] [--no-progress]
 turboquant formats [--head-dim D]
+
+``eval`` writes no file unless ``--plot PATH`` is given; every argument (the plot's directory exists
+and is writable, its extension is an image format, the ``eval`` extra is installed, ``--max-tokens``
+is in range) is checked before the minute of work, and a bad one exits at once with status 2 and a
+one-line error.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -107,13 +114,63 @@ def _plot(result: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+def _plot_error(path: str) -> str | None:
+    """Why ``--plot path`` cannot be written, or None; checks the file system only."""
+    target = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(target):
+        return f"--plot {path!r} is a directory; give a file name, e.g. {os.path.join(path, 'turboquant_eval.png')}"
+    if not os.path.splitext(target)[1]:
+        return f"--plot {path!r} has no extension; end it with .png (or .svg, .pdf)"
+    parent = os.path.dirname(target)
+    if not os.path.isdir(parent):
+        return f"--plot {path!r}: directory {parent} does not exist; create it or choose another path"
+    if not os.access(parent, os.W_OK | os.X_OK) or (
+        os.path.exists(target) and not os.access(target, os.W_OK)
+    ):
+        return f"--plot {path!r}: cannot write to {target} (permission denied); choose another path"
+    return None
+
+
+def _plot_format_error(path: str) -> str | None:
+    """Why matplotlib cannot write ``path``'s format, or None (imports matplotlib)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return 'the plot needs matplotlib: pip install "tq-core[eval]" (or matplotlib), or drop --plot'
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    ext = os.path.splitext(path)[1].lower().removeprefix(".")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext not in formats:
+        return f"--plot {path!r}: matplotlib cannot write .{ext} files; use one of .{', .'.join(sorted(formats))}"
+    return None
+
+
+def _check_eval_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every check that can fail, before any work; a failure exits with status 2 and one line."""
+    if args.plot is not None and args.no_plot:
+        parser.error("--plot and --no-plot contradict each other; pass one (no plot is the default)")
+    if args.max_tokens < 2:
+        parser.error(f"--max-tokens must be at least 2 (it counts [CLS] and [SEP]), got {args.max_tokens}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    if args.plot is not None:
+        why = _plot_error(args.plot) or _plot_format_error(args.plot)
+        if why:
+            parser.error(why)
+    from tq_core.eval.runner import check_eval_inputs
+
+    try:
+        check_eval_inputs(args.max_tokens, args.seed)
+    except (ValueError, ModuleNotFoundError) as e:
+        parser.error(str(e))
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from tq_core.eval.runner import run_eval
 
     result = run_eval(
         max_tokens=args.max_tokens, seed=args.seed, sweep=args.sweep, progress=_progress(not args.no_progress)
     )
-    if args.plot and not args.no_plot:
+    if args.plot is not None:
         _plot(result, args.plot)
         result["plot"] = args.plot
     if args.json:
@@ -140,8 +197,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("eval", help="distortion vs the paper and attention error vs uniform at equal bytes")
     ev.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    ev.add_argument("--plot", default="turboquant_eval.png", help="PNG to write (default: %(default)s)")
-    ev.add_argument("--no-plot", action="store_true", help="do not write a plot")
+    ev.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="also draw the results into PATH (.png, .svg, .pdf, ...; needs matplotlib, in the eval extra); "
+        "without it no file is written",
+    )
+    ev.add_argument("--no-plot", action="store_true", help="write no plot (the default; kept for scripts)")
     ev.add_argument("--max-tokens", type=int, default=256, help="MiniLM tokens (2..512, default 256)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--sweep", action="store_true", help="also score every candidate layout per budget")
@@ -151,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fm.add_argument("--head-dim", type=int, default=128)
     fm.set_defaults(func=_cmd_formats)
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        _check_eval_args(ev, args)
     try:
         return int(args.func(args))
     except (ValueError, ModuleNotFoundError) as e:

@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
-from tq_core._validate import check_bits, check_float_tensor, check_head_dim, check_last_dim
+from tq_core._validate import check_bits, check_float_tensor, check_head_dim, check_int, check_last_dim
 from tq_core.packing import pack_planes, packed_bytes, planes_bytes, unpack_planes
 from tq_core.quantizers import MSECodes, NonFinite, TurboQuantMSE
 from tq_core.rotations import RotationKind, layer_seed, make_rotation
@@ -41,6 +41,7 @@ from tq_core.rotations import RotationKind, layer_seed, make_rotation
 __all__ = [
     "ComponentFormat",
     "KVFormat",
+    "NORM_RANGE",
     "NormDtype",
     "VLLM_PRESETS",
     "budget_bytes",
@@ -50,7 +51,15 @@ __all__ = [
 
 NormDtype = Literal["float16", "bfloat16", "float32"]
 _NORM_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_FP16_MAX = 65504.0
+
+#: ``(smallest non-zero, largest)`` norm each norm dtype stores: float16 ``(2**-24 ~ 6e-8, 65504)``.
+#: :meth:`KVFormat.encode` raises on a larger norm; ``nonfinite="propagate"`` (and the kernels) saturate
+#: float16 there instead.  A norm below half the smallest stores as 0: its vector decodes as zeros (a zero
+#: vector is exact); between that and the smallest normal float16 (6.1e-5) it keeps fewer than 11 bits.
+NORM_RANGE: dict[str, tuple[float, float]] = {
+    name: (float(torch.finfo(t).tiny * torch.finfo(t).eps), float(torch.finfo(t).max))
+    for name, t in _NORM_TORCH.items()
+}
 
 # vLLM's TurboQuant presets at head_dim d: (key bits, value bits, metadata bytes per token-head).
 # vLLM stores keys as Hadamard-rotated Lloyd-Max codes (k8v4: raw fp8) + a float16 norm, and values with
@@ -65,7 +74,7 @@ VLLM_PRESETS: dict[str, tuple[int, int, int]] = {
 
 def budget_bytes(preset: str, head_dim: int) -> int:
     """Bytes per token-head that vLLM's preset ``preset`` takes at ``head_dim`` (196/134/118/102 at 128)."""
-    if preset not in VLLM_PRESETS:
+    if not isinstance(preset, str) or preset not in VLLM_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(VLLM_PRESETS)}")
     check_head_dim(head_dim, "head_dim")
     kb, vb, meta = VLLM_PRESETS[preset]
@@ -81,7 +90,8 @@ class ComponentFormat:
         bits: bits per rotated coordinate, 1..8.
         hi_bits_coords: the first ``hi_bits_coords`` rotated coordinates get ``bits + 1`` bits; a multiple
             of 8 so both segments start on a byte.
-        norm_dtype: dtype of the stored scale ``gamma``; float16 saturates at 65504.
+        norm_dtype: dtype of the stored scale ``gamma``; its range is :data:`NORM_RANGE` (float16: up
+            to 65504).
         norm_correction: store ``||x|| / ||c[codes]||`` so decoded vectors keep their norm.
     """
 
@@ -92,14 +102,17 @@ class ComponentFormat:
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
+        check_int(self.hi_bits_coords, "hi_bits_coords")
         if self.hi_bits_coords < 0 or self.hi_bits_coords % 8:
             raise ValueError(
                 f"hi_bits_coords must be a non-negative multiple of 8, got {self.hi_bits_coords}"
             )
         if self.hi_bits_coords and self.bits == 8:
             raise ValueError("hi_bits_coords needs bits < 8")
-        if self.norm_dtype not in _NORM_TORCH:
+        if not isinstance(self.norm_dtype, str) or self.norm_dtype not in _NORM_TORCH:
             raise ValueError(f"norm_dtype must be one of {list(_NORM_TORCH)}, got {self.norm_dtype!r}")
+        if not isinstance(self.norm_correction, bool):
+            raise ValueError(f"norm_correction must be True or False, got {self.norm_correction!r}")
 
     def code_bytes(self, d: int) -> int:
         h = self.hi_bits_coords
@@ -119,6 +132,12 @@ class ComponentFormat:
         extra = f"+{self.hi_bits_coords}" if self.hi_bits_coords else ""
         nc = "" if self.norm_correction else ",raw-norm"
         return f"{self.bits}b{extra}({self.bits + self.hi_bits_coords / d:.3g}){nc}"
+
+
+def _check_rotation(rotation: object) -> None:
+    kinds = get_args(RotationKind)
+    if not isinstance(rotation, str) or rotation not in kinds:
+        raise ValueError(f"rotation must be one of {list(kinds)}, got {rotation!r}")
 
 
 def _align(x: int, a: int) -> int:
@@ -160,8 +179,14 @@ class KVFormat:
 
     def __post_init__(self) -> None:
         check_head_dim(self.head_dim, "head_dim")
-        if self.rotation not in ("hadamard", "haar"):
-            raise ValueError(f"rotation must be 'hadamard' or 'haar', got {self.rotation!r}")
+        for what, comp in (("key", self.key), ("value", self.value)):
+            if not isinstance(comp, ComponentFormat):
+                raise ValueError(f"{what} must be a ComponentFormat, got {type(comp).__name__}")
+        check_int(self.slot_bytes, "slot_bytes", 0)
+        check_int(self.seed, "seed")
+        if not isinstance(self.name, str):
+            raise ValueError(f"name must be a string, got {type(self.name).__name__}")
+        _check_rotation(self.rotation)
         kc, vc = self.key.code_bytes(self.head_dim), self.value.code_bytes(self.head_dim)
         kn = _align(kc + vc, self.key.norm_bytes)
         vn = _align(kn + self.key.norm_bytes, self.value.norm_bytes)
@@ -244,7 +269,25 @@ class KVFormat:
     def encode(
         self, k: torch.Tensor, v: torch.Tensor, *, layer: int = 0, nonfinite: NonFinite = "raise"
     ) -> torch.Tensor:
-        """Encode K and V `[..., d]` (same shape) into slots uint8 `[..., slot_bytes]`."""
+        """Encode K and V `[..., d]` (same shape) into slots uint8 `[..., slot_bytes]`.
+
+        Args:
+            k, v: float tensors of one shape `[..., d]`.
+            layer: the layer (selects the rotation).
+            nonfinite: ``"raise"`` (default) or ``"propagate"``, see below.
+
+        Raises:
+            ValueError: with ``nonfinite="raise"``: ``k`` or ``v`` holds a NaN/Inf, or a vector whose
+                stored norm ``gamma`` (``||x|| / ||c[codes]||`` with norm correction, a few percent above
+                ``||x||``) exceeds what ``norm_dtype`` holds (:data:`NORM_RANGE`, float16: 65504).  Scale
+                the inputs down (a model's K/V norms are normally far below that) or store norms as
+                bfloat16/float32.  With ``"propagate"`` (the kernels' behaviour, used by
+                :meth:`store_paged`) a vector holding NaN/Inf gets a NaN norm instead, and a float16 norm
+                past 65504 saturates at 65504.
+
+        Norms below the smallest non-zero value of ``norm_dtype`` (float16: about 6e-8) store as 0, so
+        such a vector decodes as the zero vector (exact for a zero vector).
+        """
         check_float_tensor(k, "k")
         check_float_tensor(v, "v")
         check_last_dim(k, self.head_dim, "k")
@@ -252,11 +295,17 @@ class KVFormat:
             raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
         qk, qv = self.quantizers(layer)
         out = torch.zeros(*k.shape[:-1], self.slot_bytes, dtype=torch.uint8, device=k.device)
-        for comp, q, x, code_off, norm_off in (
-            (self.key, qk, k, self.key_code_offset, self.key_norm_offset),
-            (self.value, qv, v, self.value_code_offset, self.value_norm_offset),
+        for name, comp, q, x, code_off, norm_off in (
+            ("k", self.key, qk, k, self.key_code_offset, self.key_norm_offset),
+            ("v", self.value, qv, v, self.value_code_offset, self.value_norm_offset),
         ):
-            codes = q.quantize(x, nonfinite=nonfinite)
+            try:
+                codes = q.quantize(x, nonfinite=nonfinite)
+            except ValueError as e:  # the quantizer names its input x
+                msg = str(e)
+                raise ValueError(name + msg[1:] if msg.startswith("x ") else msg) from None
+            if nonfinite == "raise":
+                _check_norm_range(codes.gamma, comp, name)
             packed = _pack_codes(codes.idx, comp, self.head_dim)
             out[..., code_off : code_off + packed.shape[-1]] = packed
             out[..., norm_off : norm_off + comp.norm_bytes] = _norm_to_bytes(codes.gamma, comp)
@@ -322,7 +371,7 @@ class KVFormat:
         """Reference store: write K, V `[num_tokens, num_kv_heads, d]` at ``slot_mapping`` (-1 = skip).
 
         Non-finite vectors are stored with a NaN norm (``"propagate"``, the kernels' behaviour) and touch
-        no other slot.
+        no other slot; a float16 norm past 65504 saturates there (see :meth:`encode`).
         """
         regions = self._check_cache(cache)
         nb, hkv, bs, _ = cache.shape
@@ -431,10 +480,27 @@ def _unpack_codes(packed: torch.Tensor, comp: ComponentFormat, d: int) -> torch.
     )
 
 
+def _check_norm_range(gamma: torch.Tensor, comp: ComponentFormat, name: str) -> None:
+    """Raise if a stored norm would not fit ``comp.norm_dtype`` (one max over the norms)."""
+    limit = NORM_RANGE[comp.norm_dtype][1]
+    if not gamma.numel():
+        return
+    top = float(gamma.amax())  # norms are >= 0; NaN cannot occur here (non-finite input raised)
+    if top > limit:
+        n = int((gamma > limit).sum())
+        raise ValueError(
+            f"{name} has {n} vector(s) whose stored norm (up to {top:.4g}) exceeds {limit:.6g}, the largest "
+            f"{comp.norm_dtype} (tq_core.formats.NORM_RANGE); scale {name} down before encoding (a model's K/V "
+            f"norms are normally far below this), store norms as bfloat16 or float32 "
+            f"(ComponentFormat norm_dtype), or pass nonfinite='propagate' to saturate them as the kernels do"
+        )
+
+
 def _norm_to_bytes(gamma: torch.Tensor, comp: ComponentFormat) -> torch.Tensor:
     g = gamma.to(torch.float32)
     if comp.norm_dtype == "float16":
-        g = g.clamp(-_FP16_MAX, _FP16_MAX)  # saturate instead of overflowing to inf (NaN stays NaN)
+        fp16_max = NORM_RANGE["float16"][1]
+        g = g.clamp(-fp16_max, fp16_max)  # "propagate": saturate instead of inf (NaN stays NaN)
     g = g.to(comp.torch_norm_dtype).contiguous()
     return g.view(torch.uint8).reshape(*gamma.shape, comp.norm_bytes)
 
@@ -469,17 +535,28 @@ def _fit_component(comp: ComponentFormat, d: int) -> ComponentFormat:
     return ComponentFormat(comp.bits, hi, comp.norm_dtype, comp.norm_correction)
 
 
-@functools.lru_cache(maxsize=256)
 def named_format(
     name: str, head_dim: int = 128, *, seed: int = 0, rotation: RotationKind = "hadamard"
 ) -> KVFormat:
     """Our format in the byte budget of vLLM's preset ``name`` at ``head_dim``.
 
     The slot is padded to exactly the preset's bytes so the page (and KV capacity) matches vLLM's.
+
+    Raises:
+        ValueError: ``name`` is not one of :func:`format_names`, ``head_dim`` is not an integer >= 2,
+            ``seed`` is not an integer, ``rotation`` is not ``"hadamard"``/``"haar"``, or the layout
+            does not fit the budget (only possible when ``head_dim`` is not a multiple of 8).
     """
-    if name not in _NAMED_LAYOUTS:
+    if not isinstance(name, str) or name not in _NAMED_LAYOUTS:
         raise ValueError(f"unknown format {name!r}; known: {', '.join(_NAMED_LAYOUTS)}")
     check_head_dim(head_dim, "head_dim")
+    check_int(seed, "seed")
+    _check_rotation(rotation)
+    return _named_format(name, head_dim, seed, rotation)
+
+
+@functools.lru_cache(maxsize=256)
+def _named_format(name: str, head_dim: int, seed: int, rotation: RotationKind) -> KVFormat:
     budget = budget_bytes(name, head_dim)
     key, value = (_fit_component(c, head_dim) for c in _NAMED_LAYOUTS[name])
     # Spend no more than the budget: drop extra-bit coordinates first if the scaled layout overflows.
@@ -495,4 +572,10 @@ def named_format(
             )
         else:
             break
+    if probe.used_bytes > budget:
+        raise ValueError(
+            f"{name} does not fit vLLM's {budget}-byte budget at head_dim {head_dim} (its code planes pad "
+            f"to {probe.used_bytes} bytes); named formats fit every head_dim that is a multiple of 8, "
+            f"as the kernels need: for this one build a KVFormat with fewer bits"
+        )
     return KVFormat(head_dim, key, value, budget, name=name, rotation=rotation, seed=seed)

@@ -33,11 +33,53 @@ __all__ = [
 ]
 
 
+# Integer dtypes torch reduces and shifts on every device (its uint16/32/64 lack CPU min/max kernels).
+_INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_count(n: object) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n (indices per row) must be an integer >= 0, got {n!r}")
+    return n
+
+
+def _check_indices(idx: object, bits: int) -> torch.Tensor:
+    """``idx`` is an integer tensor `[..., n]` whose values fit in ``bits`` bits (one min/max pass)."""
+    if not isinstance(idx, torch.Tensor):
+        raise ValueError(f"idx must be an integer torch.Tensor, got {type(idx).__name__}")
+    if idx.dtype not in _INDEX_DTYPES:
+        allowed = ", ".join(str(t).removeprefix("torch.") for t in _INDEX_DTYPES)
+        raise ValueError(
+            f"idx must be an integer tensor ({allowed}), got {idx.dtype}; convert it with .to(torch.int64)"
+        )
+    if idx.dim() < 1:
+        raise ValueError("idx must have at least one dimension (the indices of a row are its last)")
+    if idx.numel() and not (idx.dtype == torch.uint8 and bits == 8):
+        lo, hi = (int(t) for t in torch.aminmax(idx))
+        if lo < 0 or hi > (1 << bits) - 1:
+            raise ValueError(
+                f"idx values must lie in 0..{(1 << bits) - 1} for {bits} bits, got min {lo} and max {hi}; "
+                "an out-of-range value would be stored wrapped and corrupt its neighbours"
+            )
+    return idx
+
+
+def _check_packed(packed: object, need: int, n: int, bits: int) -> torch.Tensor:
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        got = packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__
+        raise ValueError(f"packed must be a uint8 torch.Tensor, got {got}")
+    if packed.dim() < 1 or packed.shape[-1] != need:
+        raise ValueError(
+            f"packed has shape {tuple(packed.shape)}; {n} indices of {bits} bits need {need} bytes "
+            f"in its last dimension"
+        )
+    return packed
+
+
 def packed_bytes(n: int, bits: int) -> int:
     """Bytes that ``n`` indices of ``bits`` bits take when packed."""
     check_bits(bits)
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+    _check_count(n)
     return (n * bits + 7) // 8
 
 
@@ -51,13 +93,20 @@ def pack_bits(idx: torch.Tensor, bits: int) -> torch.Tensor:
     Returns:
         uint8 tensor `[..., ceil(n*bits/8)]`.
 
+    Raises:
+        ValueError: ``bits`` is not in 1..8, ``idx`` is not an integer tensor, or a value lies outside
+            ``0..2**bits - 1`` (it would be stored wrapped and corrupt its neighbours).
+
     Example:
         >>> pack_bits(torch.tensor([1, 2, 3, 4, 5, 6, 7, 0]), 3).tolist()
         [209, 88, 31]
     """
     check_bits(bits)
-    if idx.dtype.is_floating_point or idx.dtype == torch.bool:
-        raise ValueError(f"idx must be an integer tensor, got {idx.dtype}")
+    return _pack_bits(_check_indices(idx, bits), bits)
+
+
+def _pack_bits(idx: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack_bits` without the checks, for values already known to fit."""
     n = idx.shape[-1]
     lead = idx.shape[:-1]
     if bits == 8:
@@ -85,14 +134,12 @@ def pack_bits(idx: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: uint8 `[..., ceil(n*bits/8)]` -> uint8 `[..., n]`."""
-    check_bits(bits)
-    if packed.dtype != torch.uint8:
-        raise ValueError(f"packed must be uint8, got {packed.dtype}")
-    if packed.shape[-1] != packed_bytes(n, bits):
-        raise ValueError(
-            f"packed has {packed.shape[-1]} bytes in its last dimension; {n} indices of {bits} bits need "
-            f"{packed_bytes(n, bits)}"
-        )
+    _check_packed(packed, packed_bytes(n, bits), n, bits)
+    return _unpack_bits(packed, bits, n)
+
+
+def _unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """:func:`unpack_bits` without the checks."""
     if bits == 8:
         return packed.clone()
     lead = packed.shape[:-1]
@@ -126,39 +173,33 @@ def planes_bytes(n: int, bits: int) -> int:
 def pack_planes(idx: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer indices `[..., n]` in the plane layout; uint8 `[..., planes_bytes(n, bits)]`.
 
+    Checks its input as :func:`pack_bits` does (values in ``0..2**bits - 1``).
+
     Example:
         >>> pack_planes(torch.tensor([5, 2, 7, 0, 1, 3, 6, 4]), 3).tolist()  # planes 2 bits + 1 bit
         [54, 180, 53]
     """
     check_bits(bits)
-    if idx.dtype.is_floating_point or idx.dtype == torch.bool:
-        raise ValueError(f"idx must be an integer tensor, got {idx.dtype}")
+    _check_indices(idx, bits)
     widths = plane_widths(bits)
     if len(widths) == 1:  # 1, 2, 4, 8 bits: the plane layout is the dense stream
-        return pack_bits(idx, bits)
+        return _pack_bits(idx, bits)
     v = idx if idx.dtype == torch.uint8 else idx.to(torch.int64)
     parts, shift = [], bits
     for w in widths:
         shift -= w
-        parts.append(pack_bits((v >> shift) & ((1 << w) - 1), w))
+        parts.append(_pack_bits((v >> shift) & ((1 << w) - 1), w))
     return torch.cat(parts, dim=-1)
 
 
 def unpack_planes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_planes`: uint8 `[..., planes_bytes(n, bits)]` -> uint8 `[..., n]`."""
-    check_bits(bits)
-    if packed.dtype != torch.uint8:
-        raise ValueError(f"packed must be uint8, got {packed.dtype}")
-    if packed.shape[-1] != planes_bytes(n, bits):
-        raise ValueError(
-            f"packed has {packed.shape[-1]} bytes in its last dimension; {n} indices of {bits} bits need "
-            f"{planes_bytes(n, bits)}"
-        )
+    _check_packed(packed, planes_bytes(n, bits), n, bits)
     out = torch.zeros(*packed.shape[:-1], n, dtype=torch.int32, device=packed.device)
     off, shift = 0, bits
     for w in plane_widths(bits):
         shift -= w
         nb = packed_bytes(n, w)
-        out |= unpack_bits(packed[..., off : off + nb].contiguous(), w, n).to(torch.int32) << shift
+        out |= _unpack_bits(packed[..., off : off + nb].contiguous(), w, n).to(torch.int32) << shift
         off += nb
     return out.to(torch.uint8)

@@ -12,9 +12,12 @@
 * :class:`OutlierSplitQuantizer`: the paper's 2.5/3.5-bit configurations: chosen (outlier) channels and
   the rest are two independent TurboQuant instances with their own norms and rotations.
 
-Non-finite inputs: ``nonfinite="raise"`` (default) raises ``ValueError``; ``"propagate"`` encodes each
-vector that holds a NaN/Inf with all-zero codes and a NaN norm, so it decodes to NaN (visible, never
-silent) while every other vector is encoded exactly as usual.  The kernels follow ``"propagate"``.
+Non-finite inputs: ``nonfinite="raise"`` (default) raises ``ValueError``, also for a finite vector
+whose float32 norm overflows (entries from about 1e18 up: scale the input down); ``"propagate"`` encodes
+each vector that holds a NaN/Inf with all-zero codes and a NaN norm, so it decodes to NaN (visible,
+never silent) while every other vector is encoded exactly as usual.  The kernels follow ``"propagate"``.
+A non-zero vector whose norm underflows float32 (entries below about 1e-23) has norm 0 and decodes to
+the zero vector.  Where the norm is stored (:mod:`tq_core.formats`) its dtype sets tighter limits.
 """
 
 from __future__ import annotations
@@ -151,7 +154,12 @@ class TurboQuantMSE:
         return out
 
     def quantize(self, x: torch.Tensor, *, nonfinite: NonFinite = "raise") -> MSECodes:
-        """Encode ``x`` `[..., d]` (any float dtype)."""
+        """Encode ``x`` `[..., d]` (any float dtype).
+
+        Raises:
+            ValueError: with ``nonfinite="raise"``, ``x`` holds a NaN/Inf or a vector whose norm
+                overflows float32; scale or clean the input.
+        """
         x32, bad = _prepare(x, self.d, nonfinite)
         norm = x32.norm(dim=-1)
         y = self.rotation.apply(x32 / norm.clamp_min(_TINY)[..., None])
@@ -162,6 +170,12 @@ class TurboQuantMSE:
         if bad is not None:
             idx = torch.where(bad[..., None], torch.zeros_like(idx), idx)
             gamma = torch.where(bad, torch.full_like(gamma, math.nan), gamma)
+        elif gamma.numel() and not bool(torch.isfinite(gamma.amax())):
+            over = int((~torch.isfinite(gamma)).sum())
+            raise ValueError(
+                f"x has {over} finite vector(s) whose norm overflows float32 (largest |entry| "
+                f"{float(x32.abs().amax()):.3g}); scale the input down"
+            )
         return MSECodes(idx=idx, gamma=gamma)
 
     def dequantize(self, codes: MSECodes) -> torch.Tensor:
@@ -206,7 +220,7 @@ class TurboQuantProd:
 
     def quantize(self, x: torch.Tensor, *, nonfinite: NonFinite = "raise") -> ProdCodes:
         x32, bad = _prepare(x, self.d, nonfinite)
-        codes = self.mse.quantize(x32)
+        codes = self.mse.quantize(x32, nonfinite=nonfinite)
         residual = x32 - self.mse.dequantize(codes)
         signs = (residual @ self.S.to(x32.device).T) >= 0
         rnorm = residual.norm(dim=-1)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -141,6 +141,6 @@ def make_rotation(d: int, kind: RotationKind = "hadamard", seed: int = 0) -> Rot
         True
     """
     check_head_dim(d)
-    if kind not in ("haar", "hadamard"):
-        raise ValueError(f"rotation kind must be 'haar' or 'hadamard', got {kind!r}")
+    if not isinstance(kind, str) or kind not in get_args(RotationKind):
+        raise ValueError(f"rotation kind must be one of {list(get_args(RotationKind))}, got {kind!r}")
     return _make(int(d), kind, int(seed) & ((1 << 63) - 1))

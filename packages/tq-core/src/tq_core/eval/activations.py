@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AttentionSample",
+    "check_minilm_ready",
     "default_samples",
     "minilm_activations",
     "synthetic_outlier_activations",
@@ -243,6 +244,22 @@ def _minilm_forward(
         inner = torch.nn.functional.gelu(_linear(h, w, f"{p}.intermediate.dense"))  # exact (erf) GELU
         h = _layer_norm(_linear(inner, w, f"{p}.output.dense") + h, w, f"{p}.output", eps)
     return h, samples
+
+
+def check_minilm_ready(max_tokens: int = 256) -> int:
+    """Check, without running the encoder, that :func:`minilm_activations` can run with ``max_tokens``.
+
+    Reads only the model's config: the model package, ``safetensors`` and ``tokenizers`` must be
+    installed and ``max_tokens`` in ``2..512``.  Returns ``max_tokens``.
+
+    Raises:
+        ValueError: ``max_tokens`` is out of range.
+        ModuleNotFoundError: a package of the ``eval`` extra is missing (the message says what to install).
+    """
+    max_tokens = _check_max_tokens(max_tokens)
+    for module in ("safetensors", "tokenizers"):
+        _import_optional(module)
+    return max_tokens
 
 
 def minilm_activations(

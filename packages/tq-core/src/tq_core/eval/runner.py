@@ -24,7 +24,12 @@ import torch
 from tq_core.attention import attention_ref
 from tq_core.baselines import UniformKVBaseline, uniform_candidates
 from tq_core.codebooks import lloyd_max_codebook, mse_lower_bound
-from tq_core.eval.activations import AttentionSample, minilm_activations, synthetic_outlier_activations
+from tq_core.eval.activations import (
+    AttentionSample,
+    check_minilm_ready,
+    minilm_activations,
+    synthetic_outlier_activations,
+)
 from tq_core.formats import VLLM_PRESETS, ComponentFormat, KVFormat, budget_bytes, named_format
 from tq_core.metrics import attention_relative_error, mse_distortion
 from tq_core.quantizers import TurboQuantMSE
@@ -32,6 +37,7 @@ from tq_core.quantizers import TurboQuantMSE
 __all__ = [
     "PAPER_MSE",
     "EvalData",
+    "check_eval_inputs",
     "load_eval_data",
     "distortion_rows",
     "format_rows",
@@ -208,10 +214,20 @@ def sweep_rows(data: EvalData, progress: Progress = _no_progress) -> list[dict[s
     return rows
 
 
+def check_eval_inputs(max_tokens: int = 256, seed: int = 0) -> None:
+    """What :func:`run_eval` checks before any work, in well under a second: the ``eval`` extra is
+    installed, ``max_tokens`` is in range and ``seed >= 0``.  Raises ``ValueError`` or
+    ``ModuleNotFoundError`` with what to change."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_minilm_ready(max_tokens)
+
+
 def run_eval(
     max_tokens: int = 256, seed: int = 0, sweep: bool = False, progress: Progress = _no_progress
 ) -> dict[str, Any]:
     """Everything ``turboquant eval`` prints, as a JSON-ready dict."""
+    check_eval_inputs(max_tokens, seed)
     data = load_eval_data(max_tokens=max_tokens, seed=seed)
     result: dict[str, Any] = {
         "distortion": distortion_rows(seed=seed),
