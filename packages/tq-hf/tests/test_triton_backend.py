@@ -4,13 +4,15 @@ conftest), so the shapes are small."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from _models import COMMON, stored_layer
 from transformers import LlamaConfig
 
-from tq_core import named_format
-from tq_hf import TurboQuantCache, attention, dense_attention
+from tq_core import ComponentFormat, KVFormat, named_format
+from tq_hf import TurboQuantCache, TurboQuantLayer, attention, dense_attention
 
 D, HKV = 64, 2
 
@@ -83,3 +85,89 @@ def test_fused_path_self_check(window):
     layer, _ = stored_layer(20, 0, window=window)
     q = torch.zeros(1, 4, 1, D)
     assert attention._check_fused_path(layer, q, window, None) < 5e-3
+
+
+# -- when the fused decode path falls back, and when it raises ------------------------------------------
+@pytest.fixture
+def fresh_verdicts(monkeypatch):
+    """An empty memo of the fused path's verdicts, so that each test makes its own."""
+    verdicts: dict = {}
+    monkeypatch.setattr(attention, "_VERIFIED", verdicts)
+    return verdicts
+
+
+def test_fused_path_taken_when_the_kernel_agrees(fresh_verdicts):
+    layer, _ = stored_layer(20, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert attention._fused_path_ok(layer, torch.zeros(1, 4, 1, D), None, None) is True
+
+
+@pytest.mark.parametrize("exc", [TypeError, KeyError, AttributeError, RuntimeError, ValueError, ImportError])
+def test_fused_path_bug_propagates(fresh_verdicts, monkeypatch, exc):
+    """A launcher that raises is a bug: it surfaces, instead of turning into a warning and a slower path
+    (and nothing is memoized, so the next call raises again)."""
+    from tq_kernels.ops import decode as decode_ops
+
+    def broken(*args, **kwargs):
+        raise exc("simulated launcher bug")
+
+    monkeypatch.setattr(decode_ops, "tq_decode_attention", broken)
+    layer, _ = stored_layer(20, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(2):
+            with pytest.raises(exc, match="simulated launcher bug"):
+                attention._fused_path_ok(layer, torch.zeros(1, 4, 1, D), None, None)
+    assert fresh_verdicts == {}
+
+
+def _head_dim_48_layer():
+    return TurboQuantLayer(named_format("turboquant_4bit_nc", 48), 0, num_kv_heads=HKV, backend="torch")
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("float64", r"float16, bfloat16 or float32"),
+        ("cpu-without-interpreter", r"CUDA devices"),
+        ("head_dim-48", r"head_dim 48 has no kernel"),
+        ("no-triton", r"Triton is not installed"),
+        ("extra-bit-format", r"hi_bits_coords=8"),
+    ],
+)
+def test_unsupported_inputs_fall_back_with_a_warning(fresh_verdicts, monkeypatch, case, reason):
+    """Inputs outside the kernel's documented limits take the dequantize path, say why, and never run
+    the kernel."""
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the kernel check ran for inputs the kernel does not serve")
+
+    monkeypatch.setattr(attention, "_check_fused_path", must_not_run)
+    layer, _ = stored_layer(20, 0)
+    q = torch.zeros(1, 4, 1, D)
+    if case == "float64":
+        q = q.double()
+    elif case == "cpu-without-interpreter":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    elif case == "head_dim-48":
+        layer, q = _head_dim_48_layer(), torch.zeros(1, 4, 1, 48)
+    elif case == "no-triton":
+        real = attention.find_spec
+        monkeypatch.setattr(attention, "find_spec", lambda name: None if name == "triton" else real(name))
+    else:
+        fmt = KVFormat(D, ComponentFormat(3, 8), ComponentFormat(3, 8))
+        layer = TurboQuantLayer(fmt, 0, num_kv_heads=HKV, backend="torch")
+    with pytest.warns(RuntimeWarning, match=rf"does not serve .*{reason}.*dequantizes instead"):
+        assert attention._fused_path_ok(layer, q, None, None) is False
+    with warnings.catch_warnings():  # memoized: said once
+        warnings.simplefilter("error", RuntimeWarning)
+        assert attention._fused_path_ok(layer, q, None, None) is False
+
+
+def test_kernel_disagreement_falls_back_with_a_warning(fresh_verdicts, monkeypatch):
+    """A kernel whose result disagrees with the dequantize path costs speed, never correctness."""
+    monkeypatch.setattr(attention, "_check_fused_path", lambda *a: 0.5)
+    layer, _ = stored_layer(20, 0)
+    with pytest.warns(RuntimeWarning, match=r"relative error of 0.5; please report this as a tq-hf bug"):
+        assert attention._fused_path_ok(layer, torch.zeros(1, 4, 1, D), None, None) is False

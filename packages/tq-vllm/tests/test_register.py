@@ -1,5 +1,6 @@
 """``register()``: found through the entry point by vLLM's own loader, idempotent, and harmless when it
-cannot work (unsupported vLLM, missing dependency, an internal error): it warns and vLLM starts."""
+cannot work (unsupported vLLM, missing dependency, an internal error): it warns and vLLM starts.  Without
+vLLM installed it says so in one line; real failures keep their traceback."""
 
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ import pytest
 
 import tq_vllm
 from tq_vllm._compat import SUPPORTED_RANGE, release, unsupported_reason
+
+
+@pytest.fixture(autouse=True)
+def _plugin_log_reaches_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a test has built a vLLM config in this process, vLLM's logging setup stops its `vllm` logger
+    (the plugin's parent) from propagating to the root logger, where caplog listens; let it through."""
+    monkeypatch.setattr(logging.getLogger("vllm"), "propagate", True)
 
 
 def _run(code: str, extra_path: list[str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -59,6 +67,56 @@ def test_declared_vllm_range_matches_the_runtime_check() -> None:
 def test_release_parsing() -> None:
     assert release("0.32.0+cpu") == (0, 32, 0)
     assert release("v0.26.1rc1") == (0, 26, 1)
+
+
+# -- without vLLM --------------------------------------------------------------------------------------
+
+
+def _plugin_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "vllm.tq_vllm"]
+
+
+def test_without_vllm_one_line_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """vLLM simply not installed is no failure of tq-vllm: one warning line, no traceback."""
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` sees without vLLM
+    with caplog.at_level(logging.WARNING, logger="vllm.tq_vllm"):
+        tq_vllm.register()
+    [record] = _plugin_records(caplog)
+    message = record.getMessage()
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert "vLLM is not installed" in message and "pip install 'tq-vllm[vllm]'" in message
+    assert SUPPORTED_RANGE in message and "\n" not in message
+    assert "Traceback" not in caplog.text and "failed to register" not in caplog.text
+
+
+def test_without_vllm_a_fresh_process_prints_one_line() -> None:
+    """What a user sees calling register() where vLLM cannot be imported, with logging unconfigured."""
+    result = _run("import sys; sys.modules['vllm'] = None; import tq_vllm; tq_vllm.register()")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "vLLM is not installed" in lines[0] and "tq-vllm[vllm]" in lines[0]
+
+
+def test_broken_vllm_keeps_the_traceback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An installed vLLM that fails to import is a real failure: logged as an error with its traceback."""
+    from tq_vllm import _compat
+
+    def broken() -> str:
+        raise ModuleNotFoundError("No module named 'vllm._C'", name="vllm._C")
+
+    monkeypatch.setattr(tq_vllm, "find_spec", lambda name: object())  # vLLM (and the rest) present
+    monkeypatch.setattr(_compat, "installed_vllm_version", broken)
+    with caplog.at_level(logging.WARNING, logger="vllm.tq_vllm"):
+        tq_vllm.register()
+    [record] = _plugin_records(caplog)
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+    assert "failed to register" in record.getMessage()
+    assert "Traceback" in caplog.text and "vllm._C" in caplog.text
 
 
 # -- with vLLM ---------------------------------------------------------------------------------------

