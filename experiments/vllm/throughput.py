@@ -90,11 +90,12 @@ def pct_ms(xs: list[float], q: float) -> float | None:
     return round(1000 * sorted(xs)[min(len(xs) - 1, int(q * len(xs)))], 3) if xs else None
 
 
-def triton_cache_entries() -> int:
-    """Kernels in Triton's on-disk cache (one directory per compiled specialization): the difference
-    over a phase counts the compiles it did (cache hits add nothing)."""
+def triton_cache_entries() -> set[str]:
+    """Kernels in Triton's on-disk cache (one directory per compiled specialization): the entries new
+    after a phase are the compiles it did (cache hits add nothing; a count difference would also see
+    entries Triton removes)."""
     root = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
-    return sum(1 for _ in root.iterdir()) if root.is_dir() else 0
+    return {e.name for e in root.iterdir() if e.is_dir()} if root.is_dir() else set()
 
 
 # vLLM's own log lines for the start-up phases (seconds)
@@ -138,7 +139,7 @@ def run_row(name: str, s: dict) -> dict:
     with StackSampler() as sampler:  # where the start-up time goes (printed, not part of the result)
         llm = LLM(**kw)
     init_s = time.perf_counter() - t0
-    compiles_init = triton_cache_entries() - compiles0
+    compiles_init = len(triton_cache_entries() - compiles0)
     for pct, where in sampler.top(int(os.environ.get("TQ_INIT_PROFILE_TOP", "90"))):
         print(f"INIT_PROFILE {pct:5.1f}% {where}")
     for pct, where in sampler.top(30, leaves=True):
@@ -178,7 +179,7 @@ def run_row(name: str, s: dict) -> dict:
             "num_gpu_blocks": cc.num_gpu_blocks, "kv_capacity_tokens": cap,
             "full_length_seqs_that_fit": round(cap / (P + G), 2), "init_s": round(init_s, 1),
             "torch_compile_s": round(float(getattr(cfgv.compilation_config, "compilation_time", 0) or 0), 1),
-            "triton_compiles_init": compiles_init, "triton_compiles_timed": triton_cache_entries() - compiles1,
+            "triton_compiles_init": compiles_init, "triton_compiles_timed": len(triton_cache_entries() - compiles1),
             "wall_s": round(wall, 3), "output_tokens": out_tok, "all_outputs_full": out_tok == N * G,
             "output_tok_s": round(out_tok / wall, 1), "total_tok_s": round((out_tok + N * P) / wall, 1),
             "tpot_p50_ms": pct_ms(tpot, 0.5), "tpot_p99_ms": pct_ms(tpot, 0.99),
