@@ -106,10 +106,12 @@ def test_startup_error_names_the_problem_and_what_is_supported(
         assert supported in message
 
 
-def test_supported_head_dims_match_the_kernels() -> None:
-    from tq_kernels.ops._attn_checks import SUPPORTED_HEAD_DIMS as KERNEL_HEAD_DIMS
+def test_supported_head_dims_are_the_kernels_own_list() -> None:
+    """One source: the plugin and the launchers' checks use tq-kernels' list itself, not a copy."""
+    import tq_kernels
+    from tq_kernels.ops import _attn_checks
 
-    assert tuple(SUPPORTED_HEAD_DIMS) == tuple(KERNEL_HEAD_DIMS)
+    assert SUPPORTED_HEAD_DIMS is tq_kernels.SUPPORTED_HEAD_DIMS is _attn_checks.SUPPORTED_HEAD_DIMS
 
 
 def test_compute_capability_below_ampere_is_rejected() -> None:

@@ -44,6 +44,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from tq_core import KVFormat
 from tq_hf import _validate as _v
+from tq_kernels import SUPPORTED_HEAD_DIMS
 
 __all__ = ["CompressedKV", "TurboQuantCache", "TurboQuantLayer", "KERNEL_HEAD_DIMS"]
 
@@ -51,8 +52,8 @@ FormatSpec = str | KVFormat
 LayerFormats = Mapping[int, FormatSpec] | Sequence[FormatSpec] | Callable[[int], FormatSpec] | None
 Backend = Literal["auto", "torch", "triton"]
 
-# head dims the tq_kernels attention kernels are built for (tq_kernels.ops._attn_checks)
-KERNEL_HEAD_DIMS = (64, 80, 96, 112, 128, 160, 192, 256)
+# head dims the tq_kernels attention kernels are built for (tq-kernels' one list)
+KERNEL_HEAD_DIMS = SUPPORTED_HEAD_DIMS
 _SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 

@@ -17,4 +17,8 @@ try:
 except PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+# The head dims the attention kernels (decode, extend) are built for: the one list tq-hf and tq-vllm
+# check against (importing it loads neither torch nor Triton)
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 112, 128, 160, 192, 256)
+
+__all__ = ["SUPPORTED_HEAD_DIMS", "__version__"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 
 from tq_core.formats import KVFormat, named_format
+from tq_kernels import SUPPORTED_HEAD_DIMS
 
 __all__ = [
     "COMPRESSED_CACHE_DTYPES",
@@ -43,9 +44,6 @@ COMPRESSED_CACHE_DTYPES = (
 )
 # Uncompressed layers: vLLM's boundary skip layers and any layer the user keeps at the model dtype.
 DENSE_CACHE_DTYPES = ("auto", "bfloat16", "float16")
-# The head dims tq-kernels' attention kernels take (tq_kernels.ops._attn_checks.SUPPORTED_HEAD_DIMS;
-# a test keeps the two lists equal).
-SUPPORTED_HEAD_DIMS = (64, 80, 96, 112, 128, 160, 192, 256)
 MODEL_DTYPES = ("float16", "bfloat16")
 
 

@@ -7,10 +7,10 @@ import functools
 import torch
 
 from tq_core.formats import KVFormat
+from tq_kernels import SUPPORTED_HEAD_DIMS
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 _INT = (torch.int32, torch.int64)
-SUPPORTED_HEAD_DIMS = (64, 80, 96, 112, 128, 160, 192, 256)
 
 
 @functools.lru_cache(maxsize=8)
