@@ -189,3 +189,26 @@ def test_fused_decode_merge_equals_dense(prompt, steps, pads, window, extra):
     # the compressed part runs tq_decode_attention, whose tensor-core operands are float16 (tq-kernels'
     # float32 tolerance is 2e-3)
     assert rel_err(got, want) < 2e-3
+
+
+def test_dense_attention_non_finite_follows_reference():
+    """As tq_core's attention_ref: a NaN in a key a query sees makes that query NaN, a NaN in a key it
+    cannot see changes nothing, and a query that sees no key outputs 0 (not NaN)."""
+    t, length = 3, 8
+    q, k, v = _qkv(2, t, length)
+    clean = dense_attention(q, k, v, scale=D**-0.5)
+    k[0, 0, length - 2, 5] = float("nan")  # seen by queries 1 and 2 of row 0 (causal), hidden from query 0
+    v[0, 1, length - 1, 0] = float("inf")  # seen only by query 2 of row 0, kv head 1
+    key_mask = torch.ones(2, length, dtype=torch.bool)
+    key_mask[1] = False  # row 1 sees no key at all
+    q[1, 0, 0, 0] = float("nan")  # ...so its NaN query still outputs 0
+    got = dense_attention(q, k, v, scale=D**-0.5, key_mask=key_mask)  # [B, T, H, d]
+
+    g = H // HKV
+    assert got[0, 1:, :g].isnan().all()  # heads of kv head 0, queries that see the NaN key
+    assert got[0, 2, g:].isnan().all()  # heads of kv head 1, the query that sees the Inf value
+    assert torch.equal(got[0, 0], clean[0, 0])  # query 0 sees neither
+    assert torch.equal(got[0, 1, g:], clean[0, 1, g:])
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    want0 = _ref(q[:1], k[:1], v[:1], scale=D**-0.5)[0]
+    torch.testing.assert_close(got[0], want0, equal_nan=True, rtol=1e-5, atol=1e-6)

@@ -76,3 +76,11 @@ def test_malformed_keys_raise_value_error(field, junk, whole):
 def test_non_format_is_rejected():
     with pytest.raises(ValueError, match="KVFormat"):
         format_key("turboquant_4bit_nc")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "key", [None, 128, b"tq-fmt/v1", ["tq-fmt/v1"], named_format("turboquant_4bit_nc", 128)]
+)
+def test_non_string_key_raises_type_error(key):
+    with pytest.raises(TypeError, match="format_key"):
+        lookup_format(key)  # type: ignore[arg-type]

@@ -181,22 +181,38 @@ def dense_attention(
     def per_group(x: torch.Tensor) -> torch.Tensor:  # [B', 1 or H, T, L] -> [B', hkv or 1, g or 1, T, L]
         return x[:, :, None] if x.shape[1] == 1 else x.reshape(x.shape[0], hkv, group, t, length)
 
-    qf = q.float().view(b, hkv, group, t, d)
-    s = torch.einsum("bkgtd,bkld->bkgtl", qf, k.float()) * scale
+    # Non-finite inputs follow tq_core.attention_ref: a query's output is NaN if the query or a key/value
+    # it sees holds a NaN/Inf; hidden keys never affect it (they are zeroed first, so no 0 * NaN leaks in);
+    # a query that sees no key outputs 0.
+    qf, bad_q = _zero_nonfinite(q.float().view(b, hkv, group, t, d))  # bad_q [B, hkv, g, T]
+    kf, bad_k = _zero_nonfinite(k.float())  # [B, hkv, L]
+    vf, bad_v = _zero_nonfinite(v.float())
+    s = torch.einsum("bkgtd,bkld->bkgtl", qf, kf) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     if bias is not None:
         s = s + per_group(bias.float())
     if allowed is not None:
         s = s.masked_fill(~per_group(allowed), float("-inf"))
+    visible = s != float("-inf")  # masked by `allowed` or by a -inf bias
+    sees_any = visible.any(-1)  # [B, hkv, g, T]
     if sinks is not None:
         col = sinks.float().view(1, hkv, group, 1, 1).expand(b, hkv, group, t, 1)
         p = torch.softmax(torch.cat([s, col], dim=-1), dim=-1)[..., :length]
     else:
         p = torch.softmax(s, dim=-1)
-    p = torch.nan_to_num(p, nan=0.0)  # a query that sees no key outputs 0
-    out = torch.einsum("bkgtl,bkld->bkgtd", p, v.float()).reshape(b, h, t, d)
+        p = p.masked_fill(~sees_any[..., None], 0.0)  # a query that sees no key outputs 0
+    out = torch.einsum("bkgtl,bkld->bkgtd", p, vf)
+    seen_bad = (visible & (bad_k | bad_v)[:, :, None, None, :]).any(-1)
+    poisoned = seen_bad | (bad_q & sees_any)
+    out = out.masked_fill(poisoned[..., None], float("nan")).reshape(b, h, t, d)
     return out.transpose(1, 2).contiguous().to(q.dtype)
+
+
+def _zero_nonfinite(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` with its non-finite vectors (last dim) zeroed, and which vectors those were."""
+    bad = ~torch.isfinite(x).all(-1)
+    return x.masked_fill(bad[..., None], 0.0), bad
 
 
 # -- attention over a TurboQuantLayer ----------------------------------------------------------------

@@ -47,6 +47,11 @@ def _parse_component(text: str) -> ComponentFormat:
 
 def lookup_format(key: str) -> KVFormat:
     """The format of ``key`` (from :func:`format_key`), rebuilt from the key if it was never registered."""
+    if not isinstance(key, str):
+        raise TypeError(
+            f"key must be the str that format_key(fmt) returns, got {type(key).__name__}; "
+            "to look up a KVFormat by name use tq_core.named_format"
+        )
     fmt = _FORMATS.get(key)
     if fmt is not None:
         return fmt
