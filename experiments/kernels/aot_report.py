@@ -45,7 +45,7 @@ ARGS = [("q_ptr", "*fp32"), ("cache_ptr", "*u8"), ("block_table_ptr", "*i32"), (
         ("k_lut_ptr", "*fp16"), ("v_lut_ptr", "*fp16"), ("part_o_ptr", "*fp32"), ("part_ml_ptr", "*fp32"),
         *((n, "i64") for n in ("stride_q_b", "stride_q_h", "stride_cache_blk", "stride_cache_head",
                                "stride_bt_b", "stride_po_b", "stride_po_h", "stride_po_s")),
-        ("softcap", "fp32"), ("sliding_window", "i32"), ("max_seq_len", "i32")]  # fmt: skip
+        ("softcap", "fp32"), ("sliding_window", "i32")]  # fmt: skip
 REGISTERS_PER_SM = 65536
 
 

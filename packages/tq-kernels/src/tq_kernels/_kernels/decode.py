@@ -73,7 +73,7 @@ def _tq_store_ml(part_ml_ptr, b, heads, split, g_mask, m_i, l_i, NUM_HEADS: tl.c
 # The block table's row stride is left unspecialized: Triton would otherwise compile one variant for a
 # stride of 1 (a one-column table, as in a warm-up) and another for a serving engine's table, and the
 # second compile would land inside the first timed request (see tq_kernels.ops.extend).
-@triton.jit(do_not_specialize=["max_seq_len", "stride_bt_b"])
+@triton.jit(do_not_specialize=["stride_bt_b"])
 def _tq_decode_attention_kernel(
     q_ptr,
     cache_ptr,
@@ -93,7 +93,6 @@ def _tq_decode_attention_kernel(
     stride_po_s,
     softcap,
     sliding_window,
-    max_seq_len,
     NUM_HEADS: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     GROUP: tl.constexpr,

@@ -137,7 +137,6 @@ def _decode_op(
         part_o.stride(2),
         softcap,
         sliding_window,
-        0,
         NUM_HEADS=num_heads,
         NUM_SPLITS=num_splits,
         GROUP=group,
