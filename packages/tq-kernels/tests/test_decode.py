@@ -250,7 +250,10 @@ def _check_loops_agree(fmt, cache, table, lens, q, kwargs, cfg_a, cfg_b) -> None
     for out in outs:
         assert not out.isnan().any()
         assert rel_err(out, ref) < TOL[torch.float32]
-    assert rel_err(outs[0], outs[1]) < 1e-4  # same math, different fp32 summation order
+    # Not bit-equal: both loops feed the P@V product float16 operands (p rescaled by each loop's own
+    # running maximum, so rounded differently; float16's unit roundoff is 2**-11). Seen up to 1.6e-4 on
+    # random inputs (and 7e-5 in 60 seeds of the d128 case); bounded here by two units of roundoff.
+    assert rel_err(outs[0], outs[1]) < 2 * 2.0**-11
 
 
 @pytest.mark.parametrize(
