@@ -63,14 +63,21 @@ def compile_decode(
         k_asm, v_asm, scales = kb.asm, vb.asm, dict(K_SCALE=kb.scale, V_SCALE=vb.scale)
     page = 16
     constexprs = dict(NUM_HEADS=32, NUM_SPLITS=2, GROUP=4, BLOCK_G=16, BLOCK_N=block_n, USE_SOFTCAP=False,
-                      USE_WINDOW=False, ABLATE=ablate, NIBBLE=nibble, BLOCK_W=16, K_ASM=k_asm,
+                      USE_WINDOW=False, NIBBLE=nibble, BLOCK_W=16, K_ASM=k_asm,
                       V_ASM=v_asm, GROUP_P2=4, CHUNKS=chunks if nibble else 1, PAIRS=pairs, **scales,
                       SCORE_CHAINS=int(os.environ.get("AOT_CHAINS", "1")),
                       **kf.region_constexprs(page))  # fmt: skip
+    kernel = _tq_decode_attention_kernel
+    if ablate:  # the plane loop with stages left out (ablated_decode.py)
+        if nibble:
+            raise SystemExit("--ablate applies to the plane loop: pick configs without n")
+        from ablated_decode import _tq_decode_ablated_kernel
+
+        kernel, constexprs = _tq_decode_ablated_kernel, constexprs | {"ABLATE": ablate}
     signature = {n: t for n, t in ARGS} | dict.fromkeys(constexprs, "constexpr")
     # pointers and strides 16-byte aligned/divisible, as Triton specializes them at a real launch
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(16)}
-    src = ASTSource(fn=_tq_decode_attention_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     stem = f"decode_{name}_{block_n}x{warps}{'n' if nibble else ''}{'y' if nibble and lut == 'sym' else ''}{'b' if pairs else ''}{f'c{chunks}' if chunks > 1 else ''}_a{ablate}"
     return dict(format=name, block_n=block_n, warps=warps, nibble=nibble, ablate=ablate,
                 **_measure(src, arch, warps, dump, stem))  # fmt: skip
@@ -199,7 +206,10 @@ def main() -> None:
     )
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument(
-        "--ablate", type=int, default=0, help="the kernel's ABLATE constexpr (0: the real kernel)"
+        "--ablate",
+        type=int,
+        default=0,
+        help="decode: time the plane loop with stages left out (ablated_decode.py; 0: the real kernel)",
     )
     ap.add_argument("--dump", type=Path, help="write each variant's TTGIR and PTX here")
     args = ap.parse_args()

@@ -163,7 +163,10 @@ def tune_decode(batch: int, ctx: int, name: str) -> list[dict]:
 
 
 def ablate_decode(batch: int, ctx: int, name: str) -> list[dict]:
-    """Time the decode kernel with stages left out (1: no centroid lookup, 2: no code loads, 3: neither)."""
+    """Time the decode kernel's plane loop with stages left out (ablated_decode.py: 1: no centroid
+    lookup, 2: no code loads, 3: neither)."""
+    from ablated_decode import ABLATIONS, ablated_decode_attention
+
     from tq_kernels.tuning import LaunchConfig
 
     fmt = named_format(name, D)
@@ -171,10 +174,10 @@ def ablate_decode(batch: int, ctx: int, name: str) -> list[dict]:
     cache = random_cache(fmt, table.numel())
     rows = []
     for cfg in (LaunchConfig(64, 4, 2, nibble=False), LaunchConfig(128, 4, 2, nibble=False)):
-        for ab in (0, 1, 2, 3):
+        for ab in ABLATIONS:
             ms = graph_ms(
-                lambda cfg=cfg, ab=ab: tq_decode_attention(
-                    q, cache, table, seq_lens, fmt, config=cfg, max_seq_len=ctx, _ablate=ab
+                lambda cfg=cfg, ab=ab: ablated_decode_attention(
+                    q, cache, table, seq_lens, fmt, ablate=ab, config=cfg, max_seq_len=ctx
                 )
             )
             rows.append(dict(config=str(cfg), ablate=ab, ms=ms))

@@ -10,7 +10,7 @@ from tq_core.formats import ComponentFormat, KVFormat
 from tq_core.quantizers import TurboQuantMSE
 from tq_kernels._format import byte_centroids
 from tq_kernels.ops.decode import nibble_format, tq_decode_attention
-from tq_kernels.tuning import LaunchConfig
+from tq_kernels.tuning import MAX_SPLITS, LaunchConfig
 
 FORMATS = {
     "4bit": named_format("turboquant_4bit_nc", 64),
@@ -405,40 +405,26 @@ def test_decode_returns_log_sum_exp():
 def test_decode_custom_op_passes_opcheck():
     """tq::decode_attention is a registered custom op (schema, fake tensor and mutation checks)."""
     from tq_kernels.ops._registry import format_key
+    from tq_kernels.tuning import LaunchConfig, launch_key
 
     fmt = FORMATS["4bit"]
     cache, table, _, _ = make_paged(fmt, [20, 5], 2, 16, seed=13)
     q = torch.randn(2, 4, 64)
     seq_lens = torch.tensor([20, 5], dtype=torch.int32)
     out, lse = torch.empty_like(q), torch.empty(2, 4)
-    args = (
-        q,
-        cache,
-        table,
-        seq_lens,
-        format_key(fmt),
-        0,
-        0.125,
-        0,
-        0.0,
-        None,
-        2,
-        32,
-        4,
-        1,
-        True,
-        "exact",
-        False,
-        1,
-        1,
-        0,
-        0,
-        out,
-        lse,
+    args = (q, cache, table, seq_lens, None, out, lse)
+    kwargs = dict(
+        fmt_key=format_key(fmt),
+        launch=launch_key(LaunchConfig(32, 4, 1, lut="exact")),
+        num_splits=2,
+        layer=0,
+        scale=0.125,
+        sliding_window=0,
+        softcap=0.0,
     )
-    torch.library.opcheck(torch.ops.tq.decode_attention.default, args)
+    torch.library.opcheck(torch.ops.tq.decode_attention.default, args, kwargs)
     ref = paged_decode_attention_ref(q, cache, table, seq_lens, fmt, scale=0.125)
-    torch.ops.tq.decode_attention(*args)
+    torch.ops.tq.decode_attention(*args, **kwargs)
     assert rel_err(out, ref) < TOL[torch.float32]
 
 
@@ -503,3 +489,74 @@ def test_byte_grid_adds_little_attention_error():
     base, moved = rel_err(ref, truth), rel_err(grid, truth)
     assert base > 0.05  # the 4-bit error this compares with is real
     assert moved < 1.01 * base, (moved, base)
+
+
+def test_plan_decode_is_what_the_launcher_runs(monkeypatch):
+    """The launcher plans through plan_decode: a plan passed in gives the same output as the launcher's
+    own choice, and the split count follows the SM count, the loop's tokens per step and the bound."""
+    from tq_kernels.ops import decode as decode_ops
+    from tq_kernels.ops.decode import plan_decode
+
+    fmt = FORMATS["4bit"]
+    lens = [40, 3]
+    cache, table, _, _ = make_paged(fmt, lens, 2, 16, seed=21)
+    q = torch.randn(2, 4, 64)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    plan = plan_decode(fmt, 4, 2, 2, 64, "cpu", num_splits=3)
+    assert (plan.num_splits, plan.nibble, plan.config.block_n) == (3, True, 32)
+    torch.testing.assert_close(
+        tq_decode_attention(q, cache, table, seq_lens, fmt, plan=plan),
+        tq_decode_attention(q, cache, table, seq_lens, fmt, num_splits=3),
+        rtol=0,
+        atol=0,
+    )
+    monkeypatch.setattr(decode_ops, "sm_count", lambda device: 132)
+    # 132 SMs x 16 warps over 2 x 2 programs of 4 warps: 132 wanted, capped by 8192 / 256 tokens = 32
+    assert plan_decode(fmt, 4, 2, 2, 8192, "cpu").num_splits == 32
+    assert plan_decode(fmt, 4, 2, 2, 1000, "cpu").num_splits == 4  # ceil(1000 / 256) -> 4
+    assert plan_decode(fmt, 4, 2, 64, 8192, "cpu").num_splits == 8  # ceil(2112 / 512) = 5 -> 8
+    assert plan_decode(fmt, 4, 2, 512, 8192, "cpu").num_splits == 1  # the batch fills the GPU
+    assert plan_decode(fmt, 4, 2, 1, 1 << 17, "cpu").num_splits == MAX_SPLITS
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        ((4, 3, 2, 64), {}, "multiple of num_kv_heads"),
+        ((4, 2, 0, 64), {}, "batch must be"),
+        ((4, 2, 2, 0), {}, "max_seq_len must be"),
+        ((4, 2, 2, 64), {"num_splits": 0}, "num_splits must be"),
+        ((4, 2, 2, 64), {"config": "fast"}, "LaunchConfig"),
+    ],
+    ids=["heads", "batch", "length", "splits", "config"],
+)
+def test_plan_decode_rejects_bad_arguments(args, kwargs, match):
+    from tq_kernels.ops.decode import plan_decode
+
+    with pytest.raises(ValueError, match=match):
+        plan_decode(FORMATS["4bit"], *args, "cpu", **kwargs)
+
+
+def test_decode_rejects_a_plan_of_another_layer_shape():
+    from tq_kernels.ops.decode import plan_decode
+
+    fmt = FORMATS["4bit"]
+    cache, table, _, _ = make_paged(fmt, [5], 2, 16, seed=4)
+    q, seq_lens = torch.randn(1, 4, 64), torch.tensor([5])
+    with pytest.raises(ValueError, match="plan each layer shape"):
+        tq_decode_attention(q, cache, table, seq_lens, fmt, plan=plan_decode(fmt, 8, 2, 1, 64, "cpu"))
+    with pytest.raises(ValueError, match="either plan or"):
+        tq_decode_attention(
+            q, cache, table, seq_lens, fmt, plan=plan_decode(fmt, 4, 2, 1, 64, "cpu"), num_splits=2
+        )
+
+
+def test_plan_decode_checks_the_cache_alignment():
+    """Planned with the cache, a misaligned one gets the plane loop (as the launcher gives it)."""
+    from tq_kernels.ops.decode import plan_decode
+
+    fmt = named_format("turboquant_4bit_nc", 64)
+    cache, _, _, _ = make_paged(fmt, [20], 1, 16, seed=2)
+    shifted = torch.empty(cache.numel() + 1, dtype=torch.uint8)[1:].view(cache.shape)
+    assert plan_decode(fmt, 2, 1, 1, 64, "cpu", cache=cache).nibble
+    assert not plan_decode(fmt, 2, 1, 1, 64, "cpu", cache=shifted).nibble

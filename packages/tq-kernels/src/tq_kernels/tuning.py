@@ -6,7 +6,7 @@ to the same numbers until measured.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -17,6 +17,8 @@ __all__ = [
     "LaunchConfig",
     "decode_config",
     "extend_config",
+    "launch_key",
+    "lookup_launch",
     "rotation_dot_precision",
     "store_config",
 ]
@@ -45,6 +47,40 @@ class LaunchConfig:
     score_chains: int = 1
     # a register cap per thread for ptxas (0: none): fewer registers, more programs resident per SM
     maxnreg: int = 0
+
+
+_LAUNCH_PREFIX = "tq-launch/v1"
+
+
+def launch_key(cfg: LaunchConfig) -> str:
+    """``cfg`` as a string a custom op can take: its fields in declaration order, booleans as 0/1.
+
+    Example:
+        >>> launch_key(LaunchConfig(32, 1, 3, lut="sym"))
+        'tq-launch/v1/32/1/3/1/sym/0/1/1/0'
+        >>> lookup_launch(launch_key(LaunchConfig(32, 1, 3, lut="sym"))) == LaunchConfig(32, 1, 3, lut="sym")
+        True
+    """
+    if not isinstance(cfg, LaunchConfig):
+        raise ValueError(f"config must be a tq_kernels.tuning.LaunchConfig, got {type(cfg).__name__}")
+    values = (getattr(cfg, f.name) for f in fields(LaunchConfig))
+    return "/".join([_LAUNCH_PREFIX, *(str(int(v) if isinstance(v, bool) else v) for v in values)])
+
+
+def lookup_launch(key: str) -> LaunchConfig:
+    """The :class:`LaunchConfig` of a :func:`launch_key` string."""
+    parts = key.split("/") if isinstance(key, str) else []
+    names = fields(LaunchConfig)
+    if "/".join(parts[:2]) != _LAUNCH_PREFIX or len(parts) != 2 + len(names):
+        raise ValueError(f"{key!r} is not a launch configuration key (expected one made by launch_key)")
+    values: dict[str, int | bool | str] = {}
+    try:
+        for f, text in zip(names, parts[2:], strict=True):
+            kind = str(f.type)
+            values[f.name] = text if kind == "str" else bool(int(text)) if kind == "bool" else int(text)
+    except ValueError as e:
+        raise ValueError(f"malformed launch configuration key {key!r}: {e}") from e
+    return LaunchConfig(**values)  # type: ignore[arg-type]
 
 
 def _arch(device: torch.device) -> tuple[int, int]:

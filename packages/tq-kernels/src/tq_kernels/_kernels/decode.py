@@ -70,6 +70,15 @@ def _tq_store_ml(part_ml_ptr, b, heads, split, g_mask, m_i, l_i, NUM_HEADS: tl.c
     tl.store(ml + 1, l_i, mask=g_mask)
 
 
+@triton.jit
+def _tq_plane_tile(code_ptrs, n_mask, tile_mask, lut_ptr, BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """float16 `[BLOCK_N, BLOCK_D]` centroids of the code rows at ``code_ptrs`` (plane loop), zero
+    outside ``tile_mask``."""
+    idx = _tq_load_plane_codes(code_ptrs, n_mask, 0, BITS, HEAD_DIM, BLOCK_D, BLOCK_N)
+    return tl.where(tile_mask, _tq_centroids(lut_ptr, idx), 0.0).to(tl.float16)
+
+
 # The block table's row stride is left unspecialized: Triton would otherwise compile one variant for a
 # stride of 1 (a one-column table, as in a warm-up) and another for a serving engine's table, and the
 # second compile would land inside the first timed request (see tq_kernels.ops.extend).
@@ -113,7 +122,6 @@ def _tq_decode_attention_kernel(
     V_CODE_OFF: tl.constexpr,
     V_NORM_OFF: tl.constexpr,
     V_NORM: tl.constexpr,
-    ABLATE: tl.constexpr = 0,
     NIBBLE: tl.constexpr = 0,
     BLOCK_W: tl.constexpr = 16,
     K_ASM: tl.constexpr = "",
@@ -180,31 +188,13 @@ def _tq_decode_attention_kernel(
             PAGE,
         )
         tile_mask = n_mask[:, None] & d_mask[None, :]
-
-        if ABLATE == 2 or ABLATE == 3:
-            k_idx = (offs_d[None, :] + tok[:, None]) & 15
-        else:
-            k_idx = _tq_load_plane_codes(
-                region + K_CODE_OFF + row * K_ROW, n_mask, 0, K_BITS, HEAD_DIM, BLOCK_D, BLOCK_N
-            )
-        if ABLATE == 1 or ABLATE == 3:
-            k_c = k_idx.to(tl.float16)
-        else:
-            k_c = tl.where(tile_mask, _tq_centroids(k_lut_ptr, k_idx), 0.0).to(tl.float16)
+        k_c = _tq_plane_tile(region + K_CODE_OFF + row * K_ROW, n_mask, tile_mask, k_lut_ptr, K_BITS, HEAD_DIM,
+                             BLOCK_D, BLOCK_N)  # fmt: skip
         k_gamma = _tq_load_norm_rows(region, row, n_mask, K_NORM_OFF, K_NORM)
         s = tl.dot(q, tl.trans(k_c))
         m_new, alpha, p, l_i = _tq_online_softmax(s, k_gamma, n_mask, m_i, l_i, softcap, USE_SOFTCAP)
-
-        if ABLATE == 2 or ABLATE == 3:
-            v_idx = (offs_d[None, :] + tok[:, None] * 3) & 15
-        else:
-            v_idx = _tq_load_plane_codes(
-                region + V_CODE_OFF + row * V_ROW, n_mask, 0, V_BITS, HEAD_DIM, BLOCK_D, BLOCK_N
-            )
-        if ABLATE == 1 or ABLATE == 3:
-            v_c = v_idx.to(tl.float16)
-        else:
-            v_c = tl.where(tile_mask, _tq_centroids(v_lut_ptr, v_idx), 0.0).to(tl.float16)
+        v_c = _tq_plane_tile(region + V_CODE_OFF + row * V_ROW, n_mask, tile_mask, v_lut_ptr, V_BITS, HEAD_DIM,
+                             BLOCK_D, BLOCK_N)  # fmt: skip
         v_gamma = _tq_load_norm_rows(region, row, n_mask, V_NORM_OFF, V_NORM)
         v_gamma = tl.where(n_mask, v_gamma, 0.0)
         acc = acc * alpha[:, None] + tl.dot((p * v_gamma[None, :]).to(tl.float16), v_c)
