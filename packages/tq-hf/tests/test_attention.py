@@ -104,12 +104,12 @@ def test_mask_function():
 )
 def test_kernel_plan_addresses_the_visible_tokens(prompt, steps, pads, window):
     layer, pads_dev = stored_layer(prompt, steps, pads=pads, window=window)
-    plan = attention._kernel_plan(layer, pads, pads_dev, window)
+    plan = layer.decode_plan(pads, pads_dev, window)
     assert plan is not None
-    if not plan:
+    if plan.compressed is None:
         assert layer.n_comp <= max(pads or (0,))
         return
-    table, seq_lens, _ = plan
+    table, seq_lens = plan.compressed.block_table, plan.compressed.seq_lens
     full_k, _ = layer.dequantize_compressed()  # positions [start, n_comp)
     for row in range(layer.batch_size):
         n = int(seq_lens[row])
@@ -126,7 +126,7 @@ def test_kernel_plan_addresses_the_visible_tokens(prompt, steps, pads, window):
 def test_kernel_plan_refuses_unshifted_padding():
     layer, _ = stored_layer(40, 2, pads=None)
     layer.batch_size  # noqa: B018
-    assert attention._kernel_plan(layer, (3,), torch.tensor([3]), None) is None
+    assert layer.decode_plan((3,), torch.tensor([3]), None) is None
 
 
 @pytest.mark.parametrize(
@@ -157,9 +157,8 @@ def test_fused_decode_merge_equals_dense(prompt, steps, pads, window, extra):
     layer, pads_dev = stored_layer(prompt, steps, pads=pads, window=window, residual=residual)
     b = layer.batch_size
     q = torch.randn(b, H, 1, D, generator=torch.Generator().manual_seed(7))
-    plan = attention._kernel_plan(layer, pads, pads_dev, window)
+    plan = layer.decode_plan(pads, pads_dev, window)
     got = attention._fused_decode(
-        layer,
         q,
         plan,
         pads,

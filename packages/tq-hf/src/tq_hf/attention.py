@@ -28,9 +28,10 @@ from importlib.util import find_spec
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from tq_hf.cache import KERNEL_HEAD_DIMS, CompressedKV, TurboQuantLayer
+from tq_hf._dense import dense_attention
+from tq_hf.cache import KERNEL_HEAD_DIMS
+from tq_hf.layer import CompressedKV, DecodePlan, TurboQuantLayer
 
 __all__ = ["ATTENTION_NAME", "dense_attention", "register", "turboquant_attention_forward", "turboquant_mask"]
 
@@ -99,122 +100,6 @@ def _pads_of(mask: torch.Tensor) -> tuple[tuple[int, ...] | None, torch.Tensor]:
     return pads, dev
 
 
-# -- plain attention ------------------------------------------------------------------------------------
-def _allowed(t: int, length: int, q_offset: int, window: int | None, device: torch.device) -> torch.Tensor:
-    """bool `[t, length]`: query i (at key index q_offset + i) sees key j."""
-    i = torch.arange(t, device=device)[:, None] + q_offset
-    j = torch.arange(length, device=device)[None, :]
-    allowed = j <= i
-    if window is not None:
-        allowed &= (i - j) < window
-    return allowed
-
-
-def dense_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float,
-    q_offset: int | None = None,
-    key_mask: torch.Tensor | None = None,
-    mask4d: torch.Tensor | None = None,
-    window: int | None = None,
-    softcap: float | None = None,
-    sinks: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Causal attention of queries `[B, H, T, d]` over keys/values `[B, Hkv, L, d]`.
-
-    Query ``i`` sits at key index ``q_offset + i`` (default ``L - T``: the queries are the last keys).
-
-    Args:
-        key_mask: bool `[B, L]`, False for padding keys.
-        mask4d: bool (True = attend) or additive float `[B, 1 or H, T, L]`, applied on top.
-        window: sliding window (key j visible from query position p iff ``p - j < window``).
-        softcap: tanh soft-capping of the scores.
-        sinks: `[H]` attention-sink logits.
-
-    Returns:
-        `[B, T, H, d]` in ``q``'s dtype (the layout transformers' attention functions return).
-    """
-    b, h, t, d = q.shape
-    hkv, length = k.shape[1], k.shape[2]
-    group = h // hkv
-    off = length - t if q_offset is None else q_offset
-    window_cuts = window is not None and off + t - 1 >= window  # some query cannot see key 0
-    plain = key_mask is None and mask4d is None and not window_cuts  # causality is the only mask
-
-    if q.is_cuda and softcap is None and sinks is None:
-        if plain and t == 1 and off == length - 1:
-            out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=group > 1)
-        elif plain and off == 0 and t == length:  # a prompt: the flash kernels' causal mask
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=group > 1)
-        else:
-            attn_mask = _allowed(t, length, off, window, q.device)[None, None]
-            if key_mask is not None:
-                attn_mask = attn_mask & key_mask[:, None, None, :]
-            if mask4d is not None:
-                if mask4d.dtype == torch.bool:
-                    attn_mask = attn_mask & mask4d
-                else:
-                    attn_mask = torch.where(attn_mask, mask4d.to(q.dtype), float("-inf"))
-            if group > 1:  # SDPA's mask-capable kernels do not all take enable_gqa
-                k = k.repeat_interleave(group, dim=1)
-                v = v.repeat_interleave(group, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-        return out.transpose(1, 2).contiguous()
-
-    allowed = None
-    if not (t == 1 and off == length - 1 and not window_cuts):
-        allowed = _allowed(t, length, off, window, q.device)[None, None]
-    if key_mask is not None:
-        km = key_mask[:, None, None, :]
-        allowed = km if allowed is None else allowed & km
-    bias = None
-    if mask4d is not None:
-        if mask4d.dtype == torch.bool:
-            allowed = mask4d if allowed is None else allowed & mask4d
-        else:
-            bias = mask4d
-
-    # float32 reference math (CPU, softcap, sinks)
-    def per_group(x: torch.Tensor) -> torch.Tensor:  # [B', 1 or H, T, L] -> [B', hkv or 1, g or 1, T, L]
-        return x[:, :, None] if x.shape[1] == 1 else x.reshape(x.shape[0], hkv, group, t, length)
-
-    # Non-finite inputs follow tq_core.attention_ref: a query's output is NaN if the query or a key/value
-    # it sees holds a NaN/Inf; hidden keys never affect it (they are zeroed first, so no 0 * NaN leaks in);
-    # a query that sees no key outputs 0.
-    qf, bad_q = _zero_nonfinite(q.float().view(b, hkv, group, t, d))  # bad_q [B, hkv, g, T]
-    kf, bad_k = _zero_nonfinite(k.float())  # [B, hkv, L]
-    vf, bad_v = _zero_nonfinite(v.float())
-    s = torch.einsum("bkgtd,bkld->bkgtl", qf, kf) * scale
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    if bias is not None:
-        s = s + per_group(bias.float())
-    if allowed is not None:
-        s = s.masked_fill(~per_group(allowed), float("-inf"))
-    visible = s != float("-inf")  # masked by `allowed` or by a -inf bias
-    sees_any = visible.any(-1)  # [B, hkv, g, T]
-    if sinks is not None:
-        col = sinks.float().view(1, hkv, group, 1, 1).expand(b, hkv, group, t, 1)
-        p = torch.softmax(torch.cat([s, col], dim=-1), dim=-1)[..., :length]
-    else:
-        p = torch.softmax(s, dim=-1)
-        p = p.masked_fill(~sees_any[..., None], 0.0)  # a query that sees no key outputs 0
-    out = torch.einsum("bkgtl,bkld->bkgtd", p, vf)
-    seen_bad = (visible & (bad_k | bad_v)[:, :, None, None, :]).any(-1)
-    poisoned = seen_bad | (bad_q & sees_any)
-    out = out.masked_fill(poisoned[..., None], float("nan")).reshape(b, h, t, d)
-    return out.transpose(1, 2).contiguous().to(q.dtype)
-
-
-def _zero_nonfinite(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` with its non-finite vectors (last dim) zeroed, and which vectors those were."""
-    bad = ~torch.isfinite(x).all(-1)
-    return x.masked_fill(bad[..., None], 0.0), bad
-
-
 # -- attention over a TurboQuantLayer ----------------------------------------------------------------
 def _split_mask(attention_mask: Any, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     if attention_mask is None:
@@ -258,11 +143,11 @@ def _layer_attention(
         layer.flush_pending(pads, pads_dev)
         return out
     if t == 1 and q.is_cuda and layer.backend == "triton" and mask4d is None:
-        plan = _kernel_plan(layer, pads, pads_dev, window)
+        plan = layer.decode_plan(pads, pads_dev, window)
         if plan is not None and _fused_path_ok(layer, q, window, softcap):
             STATS["fused"] += 1
             return _fused_decode(
-                layer, q, plan, pads, pads_dev, scale=scale, window=window, softcap=softcap, sinks=sinks
+                q, plan, pads, pads_dev, scale=scale, window=window, softcap=softcap, sinks=sinks
             )
     STATS["dequantize"] += 1
     k, v = layer.dequantize()
@@ -367,12 +252,10 @@ def _check_fused_path(
         probe.update(*kv(1))
     qq = torch.randn(2, q.shape[1], 1, d, generator=g).to(q.device, q.dtype)
     win = probe.sliding_window
-    plan = _kernel_plan(probe, pads, pads_dev, win)
-    if not plan:
+    plan = probe.decode_plan(pads, pads_dev, win)
+    if plan is None or plan.compressed is None:
         raise RuntimeError("the probe layer has no kernel plan")
-    got = _fused_decode(
-        probe, qq, plan, pads, pads_dev, scale=d**-0.5, window=win, softcap=softcap, sinks=None
-    )
+    got = _fused_decode(qq, plan, pads, pads_dev, scale=d**-0.5, window=win, softcap=softcap, sinks=None)
     k, v = probe.dequantize()
     n = probe.cumulative_length
     mask = (torch.arange(n, device=q.device)[None, :] >= pads_dev[:, None])[:, n - k.shape[2] :]
@@ -384,49 +267,8 @@ def _check_fused_path(
     return float((got.float() - want).norm() / want.norm())
 
 
-def _kernel_plan(
-    layer: TurboQuantLayer,
-    pads: tuple[int, ...] | None,
-    pads_dev: torch.Tensor | None,
-    window: int | None,
-) -> tuple[torch.Tensor, torch.Tensor, int] | tuple[()] | None:
-    """How the decode kernel sees each row's visible compressed tokens: (block_table, seq_lens,
-    max_seq_len); ``()`` when there are none; ``None`` when a row's first visible token does not start a
-    block (padding the storage was not shifted for), so the caller dequantizes instead.  Memoized until
-    the storage changes."""
-    st = layer.kernel_state
-    key = (pads, window is None)
-    if st.get("plan_key") == key:
-        return st["plan"]
-    c, base, start = layer.chunk_tokens, layer.base, layer.start
-    plan: tuple[torch.Tensor, torch.Tensor, int] | tuple[()] | None = ()
-    if layer.slots is not None and layer.n_comp > start:
-        row_pads = pads if pads is not None else (0,) * layer.batch_size
-        # A row's first visible slot must start a block; for a sliding layer the oldest kept token may
-        # not, but the kernel's window never reaches back to it (a spare chunk is kept before the window).
-        ok = all(
-            (max(p, start) - base + sh) % c == 0 or (window is not None and max(p, start) == start)
-            for p, sh in zip(row_pads, layer.shift, strict=True)
-        )
-        plan = None
-        if ok:
-            dev, b, chunks = layer.device, layer.batch_size, layer.chunks
-            assert layer.shift_dev is not None
-            lo = torch.full((b,), start, device=dev, dtype=torch.int64)
-            if pads is not None and pads_dev is not None:
-                lo = torch.maximum(lo, pads_dev.to(device=dev, dtype=torch.int64))
-            first_block = (lo - base + layer.shift_dev) // c
-            rows = torch.arange(b, device=dev, dtype=torch.int64) * chunks
-            idx = torch.arange(chunks, device=dev, dtype=torch.int64)[None, :] + first_block[:, None]
-            table = (rows[:, None] + idx.clamp_(max=chunks - 1)).to(torch.int32)
-            seq_lens = (layer.n_comp - base + layer.shift_dev - first_block * c).clamp_(min=0).to(torch.int32)
-            plan = (table, seq_lens, layer.n_comp - base + max(layer.shift))
-    st["plan_key"], st["plan"] = key, plan
-    return plan
-
-
 def _residual_part(
-    layer: TurboQuantLayer,
+    plan: DecodePlan,
     q1: torch.Tensor,
     pads: tuple[int, ...] | None,
     pads_dev: torch.Tensor | None,
@@ -437,14 +279,13 @@ def _residual_part(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of decode queries `[B, H, d]` over the residual window, in float32: (normalized
     output `[B, H, d]`, log-sum-exp `[B, H]`)."""
-    assert layer.res_k is not None and layer.res_v is not None
     b, h, d = q1.shape
-    hkv, r = layer.num_kv_heads, layer.r
-    kr, vr = layer.res_k[:, :, :r], layer.res_v[:, :, :r]
+    kr, vr = plan.residual_k, plan.residual_v
+    hkv, r = kr.shape[1], kr.shape[2]
     s = torch.matmul(q1.reshape(b, hkv, h // hkv, d).float() * scale, kr.float().transpose(-1, -2))
     if softcap:
         s = softcap * torch.tanh(s / softcap)
-    n0, n = layer.n_comp, layer.cumulative_length
+    n0, n = plan.residual_pos, plan.length
     cut_pad = pads is not None and pads_dev is not None and max(pads) > n0
     cut_window = window is not None and n - window > n0
     if cut_pad or cut_window:  # short prompts with padding, or windows shorter than the residual
@@ -463,9 +304,8 @@ def _residual_part(
 
 
 def _fused_decode(
-    layer: TurboQuantLayer,
     q: torch.Tensor,
-    plan: tuple[torch.Tensor, torch.Tensor, int] | tuple[()],
+    plan: DecodePlan,
     pads: tuple[int, ...] | None,
     pads_dev: torch.Tensor | None = None,
     *,
@@ -474,29 +314,28 @@ def _fused_decode(
     softcap: float | None,
     sinks: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One decode step: the compressed tokens through tq_kernels' paged decode kernel, the residual
-    window exactly, merged by their log-sum-exps."""
+    """One decode step of queries `[B, H, 1, d]` as ``plan`` says: the compressed tokens through
+    tq_kernels' paged decode kernel, the residual window exactly, merged by their log-sum-exps."""
     from tq_kernels.ops.decode import tq_decode_attention
 
     b, h, _, d = q.shape
     q1 = q[:, :, 0]
-    r = layer.r
+    r = plan.residual_k.shape[2]
     window_c = None if window is None else window - r  # compressed tokens inside the window
     out = lse = None
     if r:
-        out, lse = _residual_part(layer, q1, pads, pads_dev, scale=scale, window=window, softcap=softcap)
-    if plan and (window_c is None or window_c > 0):
-        table, seq_lens, max_len = plan
-        assert layer.slots is not None
+        out, lse = _residual_part(plan, q1, pads, pads_dev, scale=scale, window=window, softcap=softcap)
+    read = plan.compressed
+    if read is not None and (window_c is None or window_c > 0):
         o_c, lse_c = tq_decode_attention(
             q1.float(),
-            layer.slots,
-            table,
-            seq_lens,
-            layer.fmt,
-            layer=layer.layer_idx,
+            read.slots,
+            read.block_table,
+            read.seq_lens,
+            plan.fmt,
+            layer=plan.layer_idx,
             scale=scale,
-            max_seq_len=max_len,
+            max_seq_len=read.max_seq_len,
             sliding_window=window_c,
             softcap=softcap,
             return_lse=True,
