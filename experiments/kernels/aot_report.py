@@ -35,6 +35,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from tq_core import named_format  # noqa: E402
+from tq_core.quantizers import GAIN_GRID  # noqa: E402
 from tq_kernels._format import kernel_format  # noqa: E402
 from tq_kernels._kernels.decode import _tq_decode_attention_kernel  # noqa: E402
 from tq_kernels._kernels.extend import _tq_extend_attention_kernel  # noqa: E402
@@ -121,10 +122,11 @@ def compile_store(name: str, rows: int, warps: int, arch: int, dump: Path | None
     constexprs = dict(HAS_SLOT_MAPPING=True, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=rows, K_BITS=kf.key.bits,
                       K_NORM=kf.key.norm_code, K_NC=fmt.key.norm_correction, V_BITS=kf.value.bits,
                       V_NORM=kf.value.norm_code, V_NC=fmt.value.norm_correction, DOT_PRECISION="tf32x3", K_CHUNK=32,
+                      K_GS=fmt.key.gain_search, V_GS=fmt.value.gain_search, NUM_GAINS=len(GAIN_GRID),
                       **field_constexprs(fmt, 16))  # fmt: skip
     pointers = {"k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*u8", "slot_mapping_ptr": "*i64",
                 "rot_ptr": "*fp32", "k_bnd_ptr": "*fp32", "v_bnd_ptr": "*fp32", "k_lut_ptr": "*fp32",
-                "v_lut_ptr": "*fp32"}  # fmt: skip
+                "v_lut_ptr": "*fp32", "gain_ptr": "*fp32"}  # fmt: skip
     signature = {}
     for p in inspect.signature(_tq_store_kernel.fn).parameters:
         if p in constexprs:

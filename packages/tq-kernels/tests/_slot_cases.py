@@ -7,7 +7,10 @@ reference, and :func:`assert_slots_match` allows exactly these:
 * a code one cell off where the reference rotated coordinate lies within ``TIE_ATOL`` of the decision
   boundary between the two cells (a tie at float32 resolution), for at most ``TIE_FRACTION`` of them;
 * a scale a few float32 ulps off (``float32`` norms), which for float16/bfloat16 norms can flip the
-  final rounding by one ulp of the stored dtype, for at most ``FLIP_FRACTION`` of the vectors.
+  final rounding by one ulp of the stored dtype, for at most ``FLIP_FRACTION`` of the vectors;
+* with gain search, the codes of another gain where two gains score alike at float32 resolution: the
+  kernel's codes must be one gain's candidate (up to the boundary ties above) whose ``cos^2`` is within
+  ``GAIN_TIE_RTOL`` of the reference's choice, for at most ``TIE_FRACTION`` of the vectors (or 2).
 
 Everything else (the other code bytes, alignment gaps, padding) must be byte-identical.
 """
@@ -20,6 +23,7 @@ import pytest
 import torch
 
 from tq_core import ComponentFormat, KVFormat, format_names, named_format
+from tq_core.quantizers import GAIN_GRID
 
 FORMAT_NAMES = [*format_names(), "f32norm", "bf16norm", "rawnorm"]
 
@@ -71,6 +75,8 @@ GAMMA_RTOL = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-20}
 # Relative RMS error between decoded values of the kernel's slots and of the reference's, on vectors
 # whose codes agree and whose 16-bit scales rounded alike.
 DECODE_RTOL = 1e-5
+# Two gains' cos^2 closer than this are a tie at float32 resolution (the kernel sums y . c in another order).
+GAIN_TIE_RTOL = 1e-5
 
 
 def make_format(name: str, head_dim: int) -> KVFormat:
@@ -126,6 +132,36 @@ def _boundary(fmt: KVFormat, comp: ComponentFormat, layer: int, lower: torch.Ten
         h = comp.hi_bits_coords
         out[..., :h] = hi[lower[..., :h]]
     return out
+
+
+def _boundary_ties(
+    fmt: KVFormat, comp: ComponentFormat, layer: int, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
+    """bool `[N, d]`: codes ``a`` and ``b`` of rotated coordinates ``y`` agree, or sit in neighbouring
+    cells with ``y`` within ``TIE_ATOL`` of the boundary between them."""
+    lower = torch.minimum(a, b).long()
+    gap = (y - _boundary(fmt, comp, layer, lower)).abs()
+    step = (a.int() - b.int()).abs()
+    return (a == b) | ((step == 1) & (gap < TIE_ATOL))
+
+
+def _gain_ties(
+    fmt: KVFormat, comp: ComponentFormat, layer: int, y: torch.Tensor, got: torch.Tensor, want: torch.Tensor
+) -> bool:
+    """Whether each row of ``got`` is one gain's candidate codes of ``y`` (up to boundary ties) scoring
+    ``cos^2`` within ``GAIN_TIE_RTOL`` of the reference's codes ``want``."""
+    q = fmt.quantizers(layer)[0 if comp is fmt.key else 1]
+    candidate = torch.zeros(y.shape[0], dtype=torch.bool)
+    for gain in GAIN_GRID:
+        yg = y / torch.tensor(gain, dtype=torch.float32)
+        candidate |= _boundary_ties(fmt, comp, layer, yg, got, q.nearest_codes(yg)).all(-1)
+
+    def score(idx: torch.Tensor) -> torch.Tensor:
+        c = q.centroids(idx).double()
+        return (y.double() * c).sum(-1).square() / (c * c).sum(-1).clamp_min(1e-300)
+
+    close = (score(got) - score(want)).abs() <= GAIN_TIE_RTOL * score(want)
+    return bool((candidate & close).all())
 
 
 def _regions(fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,15 +222,23 @@ def assert_slots_match(
         diff = g.idx != w.idx
         if diff.any():
             y = reference_rotated(fmt, x, layer)
-            lower = torch.minimum(g.idx, w.idx).long()
-            gap = (y - _boundary(fmt, comp, layer, lower)).abs()
-            step = (g.idx.int() - w.idx.int()).abs()
-            assert int(step[diff].max()) == 1, "a code differs by more than one cell"
-            assert float(gap[diff].max()) < TIE_ATOL, (
-                f"code differs {float(gap[diff].max()):.3g} away from a boundary (not a tie)"
-            )
+            boundary_tie = _boundary_ties(fmt, comp, layer, y, g.idx, w.idx).all(-1)
+            if comp.gain_search:
+                other_gain = ~boundary_tie
+                if other_gain.any():
+                    assert _gain_ties(
+                        fmt, comp, layer, y[other_gain], g.idx[other_gain], w.idx[other_gain]
+                    ), "codes differ and are not the codes of an equally good gain"
+                    assert int(other_gain.sum()) <= max(2, TIE_FRACTION * n), (
+                        f"{int(other_gain.sum())} vectors chose another gain"
+                    )
+                diff = diff & boundary_tie[:, None]
+            else:
+                assert bool(boundary_tie.all()), (
+                    "a code differs by more than one cell or away from a boundary"
+                )
             assert int(diff.sum()) <= max(2, TIE_FRACTION * diff.numel()), f"{int(diff.sum())} tie mismatches"
-        tie = diff.any(-1)
+        tie = (g.idx != w.idx).any(-1)
         ties |= tie
 
         # With equal codes the scales may differ by float32 rounding only (NaN exactly where NaN).

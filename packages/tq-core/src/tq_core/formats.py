@@ -27,6 +27,7 @@ Budgets for other head dims follow vLLM's rule: packed code bytes scale with ``d
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Literal, get_args
@@ -93,12 +94,16 @@ class ComponentFormat:
         norm_dtype: dtype of the stored scale ``gamma``; its range is :data:`NORM_RANGE` (float16: up
             to 65504).
         norm_correction: store ``||x|| / ||c[codes]||`` so decoded vectors keep their norm.
+        gain_search: encode with :class:`~tq_core.quantizers.TurboQuantMSE`'s gain search (the codes
+            of the best gain of :data:`~tq_core.quantizers.GAIN_GRID`); the stored bytes decode the same
+            way either way, only the encoder differs.
     """
 
     bits: int
     hi_bits_coords: int = 0
     norm_dtype: NormDtype = "float16"
     norm_correction: bool = True
+    gain_search: bool = True
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -113,6 +118,8 @@ class ComponentFormat:
             raise ValueError(f"norm_dtype must be one of {list(_NORM_TORCH)}, got {self.norm_dtype!r}")
         if not isinstance(self.norm_correction, bool):
             raise ValueError(f"norm_correction must be True or False, got {self.norm_correction!r}")
+        if not isinstance(self.gain_search, bool):
+            raise ValueError(f"gain_search must be True or False, got {self.gain_search!r}")
 
     def code_bytes(self, d: int) -> int:
         h = self.hi_bits_coords
@@ -131,7 +138,8 @@ class ComponentFormat:
     def describe(self, d: int) -> str:
         extra = f"+{self.hi_bits_coords}" if self.hi_bits_coords else ""
         nc = "" if self.norm_correction else ",raw-norm"
-        return f"{self.bits}b{extra}({self.bits + self.hi_bits_coords / d:.3g}){nc}"
+        gs = "" if self.gain_search else ",nearest"
+        return f"{self.bits}b{extra}({self.bits + self.hi_bits_coords / d:.3g}){nc}{gs}"
 
 
 def _check_rotation(rotation: object) -> None:
@@ -454,6 +462,7 @@ def _quantizers(fmt: KVFormat, layer: int) -> tuple[TurboQuantMSE, TurboQuantMSE
             rotation=rot,
             hi_bits_coords=c.hi_bits_coords,
             norm_correction=c.norm_correction,
+            gain_search=c.gain_search,
         )
         for c in (fmt.key, fmt.value)
     )
@@ -532,7 +541,7 @@ def format_names() -> list[str]:
 
 def _fit_component(comp: ComponentFormat, d: int) -> ComponentFormat:
     hi = min(comp.hi_bits_coords * d // 128 // 8 * 8, d // 8 * 8)
-    return ComponentFormat(comp.bits, hi, comp.norm_dtype, comp.norm_correction)
+    return dataclasses.replace(comp, hi_bits_coords=hi)
 
 
 def named_format(
@@ -565,11 +574,9 @@ def _named_format(name: str, head_dim: int, seed: int, rotation: RotationKind) -
         if probe.used_bytes <= budget:
             break
         if key.hi_bits_coords >= value.hi_bits_coords and key.hi_bits_coords:
-            key = ComponentFormat(key.bits, key.hi_bits_coords - 8, key.norm_dtype, key.norm_correction)
+            key = dataclasses.replace(key, hi_bits_coords=key.hi_bits_coords - 8)
         elif value.hi_bits_coords:
-            value = ComponentFormat(
-                value.bits, value.hi_bits_coords - 8, value.norm_dtype, value.norm_correction
-            )
+            value = dataclasses.replace(value, hi_bits_coords=value.hi_bits_coords - 8)
         else:
             break
     if probe.used_bytes > budget:

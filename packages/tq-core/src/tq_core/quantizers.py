@@ -4,6 +4,11 @@
   of ``y`` quantized by the Lloyd-Max codebook of its law; ``x_hat = gamma R^T c[codes]``.  ``gamma`` is
   ``||x||``, or with ``norm_correction`` ``||x|| / ||c[codes]||`` so that ``||x_hat|| == ||x||`` exactly
   (the plain estimate shrinks vectors by ``sqrt(1 - D)`` on average, which flattens attention).
+  With ``gain_search`` the codes are not the nearest centroids of ``y`` but those of ``y / g`` for the
+  gain ``g`` of :data:`GAIN_GRID` whose reconstruction points closest to ``y`` (largest
+  ``cos^2(y, c) = (y . c)^2 / (c . c)``): the codebook is fitted to the one vector at hand instead of the
+  average one, which at 4 bits and ``d = 64`` cuts the reconstruction error by a fifth.  Only the encoder
+  changes: ``gamma`` and decoding are as without it.
   Optionally the first ``hi_bits_coords`` rotated coordinates get one more bit: after the rotation all
   coordinates are exchangeable, so this spends spare bytes evenly, without calibration.
 * :class:`TurboQuantProd`: the paper's inner-product quantizer, ``(b-1)``-bit MSE stage plus one bit of
@@ -40,10 +45,22 @@ __all__ = [
     "OutlierSplitQuantizer",
     "NonFinite",
     "top_rms_channels",
+    "GAIN_GRID",
+    "gain_grid",
 ]
 
 NonFinite = Literal["raise", "propagate"]
 _TINY = 1e-30
+
+# Gains tried by ``gain_search``: 0.80, 0.84, ..., 1.40 (16 values, 1.0 among them, so the search never
+# picks codes further from ``y`` than the nearest centroids).  On random unit vectors the best gain lies
+# in this range for 4- and 3-bit codebooks at d = 64..256; a finer or wider grid gains < 2% more.
+GAIN_GRID: tuple[float, ...] = tuple(round(0.8 + 0.04 * i, 2) for i in range(16))
+
+
+def gain_grid(device: torch.device | str | None = None) -> torch.Tensor:
+    """:data:`GAIN_GRID` as a float32 tensor (the table the store kernel reads)."""
+    return torch.tensor(GAIN_GRID, dtype=torch.float32, device=device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,6 +105,8 @@ class TurboQuantMSE:
             requires ``bits < 8`` when positive).
         norm_correction: store ``||x|| / ||c[codes]||`` instead of ``||x||``.
         distribution: codebook law, ``"sphere"`` (exact) or ``"gaussian"`` (its limit).
+        gain_search: choose the codes of ``y / g`` for the best gain ``g`` of :data:`GAIN_GRID`
+            (see the module docstring) instead of the nearest centroids of ``y``.
 
     Example:
         >>> q = TurboQuantMSE(128, 4, seed=0)
@@ -107,8 +126,11 @@ class TurboQuantMSE:
         hi_bits_coords: int = 0,
         norm_correction: bool = False,
         distribution: Distribution = "sphere",
+        gain_search: bool = False,
     ) -> None:
         check_head_dim(d)
+        if not isinstance(gain_search, bool):
+            raise ValueError(f"gain_search must be True or False, got {gain_search!r}")
         check_bits(bits)
         if not 0 <= hi_bits_coords <= d:
             raise ValueError(f"hi_bits_coords must be in 0..{d}, got {hi_bits_coords}")
@@ -116,6 +138,7 @@ class TurboQuantMSE:
             raise ValueError("hi_bits_coords needs bits < 8 (coordinates are stored with bits + 1 <= 8)")
         self.d, self.bits, self.hi_bits_coords = d, bits, hi_bits_coords
         self.norm_correction = norm_correction
+        self.gain_search = gain_search
         if isinstance(rotation, Rotation):
             if rotation.d != d:
                 raise ValueError(f"rotation has d={rotation.d}, quantizer has d={d}")
@@ -140,7 +163,24 @@ class TurboQuantMSE:
         return parts
 
     def quantize_rotated(self, y: torch.Tensor) -> torch.Tensor:
-        """Codebook indices for already rotated unit vectors ``y`` `[..., d]` (uint8)."""
+        """Codebook indices for already rotated unit vectors ``y`` `[..., d]` (uint8): the nearest
+        centroids, or with ``gain_search`` those of the best gain (first of equals in grid order)."""
+        if not self.gain_search:
+            return self.nearest_codes(y)
+        y32 = y.to(torch.float32)
+        best_idx = torch.zeros(y.shape, dtype=torch.uint8, device=y.device)
+        best = torch.full(y.shape[:-1], -1.0, dtype=torch.float32, device=y.device)
+        for g in gain_grid(y.device):
+            idx = self.nearest_codes(y32 / g)
+            c = self.centroids(idx)
+            score = (y32 * c).sum(-1).square() / (c * c).sum(-1).clamp_min(_TINY)
+            better = score > best
+            best_idx = torch.where(better[..., None], idx, best_idx)
+            best = torch.where(better, score, best)
+        return best_idx
+
+    def nearest_codes(self, y: torch.Tensor) -> torch.Tensor:
+        """Indices (uint8) of the nearest centroids of every coordinate of ``y`` `[..., d]` (no gain search)."""
         idx = torch.empty(y.shape, dtype=torch.uint8, device=y.device)
         for sl, cb in self._split():
             idx[..., sl] = cb.quantize(y[..., sl])
@@ -185,7 +225,8 @@ class TurboQuantMSE:
     def __repr__(self) -> str:
         return (
             f"TurboQuantMSE(d={self.d}, bits={self.bits}, hi_bits_coords={self.hi_bits_coords}, "
-            f"norm_correction={self.norm_correction}, rotation={self.rotation.kind})"
+            f"norm_correction={self.norm_correction}, gain_search={self.gain_search}, "
+            f"rotation={self.rotation.kind})"
         )
 
 

@@ -19,6 +19,7 @@ import torch
 
 from tq_core.codebooks import lloyd_max_codebook
 from tq_core.formats import ComponentFormat, KVFormat
+from tq_core.quantizers import gain_grid
 from tq_kernels._nibble_lut import (
     BYTE_BIAS,
     byte_table,
@@ -34,6 +35,7 @@ __all__ = [
     "KernelComponent",
     "KernelFormat",
     "byte_centroids",
+    "gain_table",
     "kernel_format",
     "rotation_for",
 ]
@@ -214,3 +216,13 @@ def _rotation(fmt: KVFormat, layer: int, device: str) -> torch.Tensor:
 def rotation_for(fmt: KVFormat, layer: int, device: torch.device | str) -> torch.Tensor:
     """float32 `[d, d]` rotation ``R`` of ``layer`` on ``device`` (``y = x @ R.T``), cached."""
     return _rotation(fmt, int(layer), str(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _gains(device: str) -> torch.Tensor:
+    return gain_grid(device)
+
+
+def gain_table(device: torch.device | str) -> torch.Tensor:
+    """float32 :data:`tq_core.quantizers.GAIN_GRID` on ``device`` (the store kernel's gain search), cached."""
+    return _gains(str(device))

@@ -4,7 +4,10 @@ One program encodes ``BLOCK_N`` (token, head) rows of one component: program axi
 (0) or the value (1), so a single launch writes both.  Per row: ``norm = ||x||`` (float32),
 ``u = x / max(norm, 1e-30)``, ``y = u @ R^T`` (``tl.dot`` over ``K_CHUNK`` input coordinates at a
 time, float32-accurate: plain TF32 would move codes across decision boundaries), binary search of every coordinate in the
-boundary table, ``gamma = norm`` or ``norm / ||c[idx]||``, then the code planes and the scale bytes.
+boundary table (with ``GAIN_SEARCH``: of ``y / g`` for each gain ``g`` of the ``NUM_GAINS``-entry
+table, keeping the codes of the first best ``(y . c)^2 / (c . c)``, as
+:meth:`tq_core.quantizers.TurboQuantMSE.quantize_rotated`), ``gamma = norm`` or ``norm / ||c[idx]||``,
+then the code planes and the scale bytes.
 A row with any NaN/Inf gets codes 0 and a NaN scale and affects nothing else
 (``nonfinite="propagate"``).
 
@@ -41,6 +44,7 @@ def _tq_store_component(
     rot_ptr,
     bnd_ptr,
     lut_ptr,
+    gain_ptr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -48,6 +52,8 @@ def _tq_store_component(
     BITS: tl.constexpr,
     NORM: tl.constexpr,
     NORM_CORRECTION: tl.constexpr,
+    GAIN_SEARCH: tl.constexpr,
+    NUM_GAINS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     offs_d = tl.arange(0, BLOCK_D)
@@ -80,7 +86,20 @@ def _tq_store_component(
         rt = tl.load(r_ptrs, mask=d_ok[None, :] & k_ok[:, None], other=0.0)
         y += tl.dot(uc, rt, input_precision=DOT_PRECISION)
 
-    idx = _tq_quantize(y, bnd_ptr, offs_d, BITS, 0)
+    if GAIN_SEARCH:
+        idx = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.int32)
+        best = tl.full([BLOCK_N], -1.0, dtype=tl.float32)
+        for i in tl.static_range(NUM_GAINS):
+            gain = tl.load(gain_ptr + i)
+            cand = tl.where(d_ok[None, :], _tq_quantize(tl.div_rn(y, gain), bnd_ptr, offs_d, BITS, 0), 0)
+            c = tl.where(d_ok[None, :], _tq_centroids(lut_ptr, cand), 0.0)
+            yc = tl.sum(y * c, axis=1)
+            score = tl.div_rn(yc * yc, tl.maximum(tl.sum(c * c, axis=1), 1e-30))
+            better = score > best
+            idx = tl.where(better[:, None], cand, idx)
+            best = tl.where(better, score, best)
+    else:
+        idx = _tq_quantize(y, bnd_ptr, offs_d, BITS, 0)
     idx = tl.where(bad[:, None] | ~d_ok[None, :], 0, idx)
     if NORM_CORRECTION:
         c = tl.where(d_ok[None, :], _tq_centroids(lut_ptr, idx), 0.0)
@@ -104,6 +123,7 @@ def _tq_store_kernel(
     v_bnd_ptr,
     k_lut_ptr,
     v_lut_ptr,
+    gain_ptr,
     num_rows,
     num_heads,
     num_slots,
@@ -125,6 +145,7 @@ def _tq_store_kernel(
     K_NORM: tl.constexpr,
     K_NORM_ROW: tl.constexpr,
     K_NC: tl.constexpr,
+    K_GS: tl.constexpr,
     V_BITS: tl.constexpr,
     V_CODE_OFF: tl.constexpr,
     V_CODE_ROW: tl.constexpr,
@@ -132,6 +153,8 @@ def _tq_store_kernel(
     V_NORM: tl.constexpr,
     V_NORM_ROW: tl.constexpr,
     V_NC: tl.constexpr,
+    V_GS: tl.constexpr,
+    NUM_GAINS: tl.constexpr,
     HAS_PAD: tl.constexpr,
     PAD_OFF: tl.constexpr,
     PAD_ROW: tl.constexpr,
@@ -180,6 +203,7 @@ def _tq_store_kernel(
             rot_ptr,
             k_bnd_ptr,
             k_lut_ptr,
+            gain_ptr,
             HEAD_DIM,
             BLOCK_D,
             BLOCK_N,
@@ -187,6 +211,8 @@ def _tq_store_kernel(
             K_BITS,
             K_NORM,
             K_NC,
+            K_GS,
+            NUM_GAINS,
             DOT_PRECISION,
         )
         # The key program also zeroes the bytes no field owns.
@@ -211,6 +237,7 @@ def _tq_store_kernel(
             rot_ptr,
             v_bnd_ptr,
             v_lut_ptr,
+            gain_ptr,
             HEAD_DIM,
             BLOCK_D,
             BLOCK_N,
@@ -218,5 +245,7 @@ def _tq_store_kernel(
             V_BITS,
             V_NORM,
             V_NC,
+            V_GS,
+            NUM_GAINS,
             DOT_PRECISION,
         )

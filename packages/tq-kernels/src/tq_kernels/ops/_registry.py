@@ -25,7 +25,7 @@ _FORMATS: dict[str, KVFormat] = {}
 
 
 def _component_key(c: ComponentFormat) -> str:
-    return f"{c.bits}.{c.hi_bits_coords}.{c.norm_dtype}.{int(c.norm_correction)}"
+    return f"{c.bits}.{c.hi_bits_coords}.{c.norm_dtype}.{int(c.norm_correction)}.{int(c.gain_search)}"
 
 
 def format_key(fmt: KVFormat) -> str:

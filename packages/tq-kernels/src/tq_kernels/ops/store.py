@@ -10,7 +10,8 @@ import torch
 import triton
 
 from tq_core.formats import KVFormat
-from tq_kernels._format import kernel_format, rotation_for
+from tq_core.quantizers import GAIN_GRID
+from tq_kernels._format import gain_table, kernel_format, rotation_for
 from tq_kernels._kernels.store import _tq_store_kernel
 from tq_kernels.ops._registry import format_key, lookup_format
 from tq_kernels.ops._slot_checks import (
@@ -81,6 +82,7 @@ def _launch(
         v_bnd,
         k_lut,
         v_lut,
+        gain_table(device),
         num_rows,
         num_heads,
         cache.shape[0] * block_size,
@@ -99,9 +101,12 @@ def _launch(
         K_BITS=kf.key.bits,
         K_NORM=kf.key.norm_code,
         K_NC=fmt.key.norm_correction,
+        K_GS=fmt.key.gain_search,
         V_BITS=kf.value.bits,
         V_NORM=kf.value.norm_code,
         V_NC=fmt.value.norm_correction,
+        V_GS=fmt.value.gain_search,
+        NUM_GAINS=len(GAIN_GRID),
         DOT_PRECISION=rotation_dot_precision(key.device),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
