@@ -64,7 +64,7 @@ def make_case(kv: str, requests: list[tuple[int, int]], seed: int):
         num_decode_tokens=0,
         num_prefills=len(requests),
         num_prefill_tokens=n,
-        decode_num_splits=1,
+        decode_len_bound=1,
         prefill_prefix_tokens=sum(p for p, _ in requests),
         prefill_max_seq_len=max(seq),
     )
@@ -162,7 +162,7 @@ def dense_check(num_seqs: int = 32, ctx: int = 8192) -> None:
         query_start_loc_cpu=qsl, seq_lens=lens.to(torch.int32).to(DEV),
         block_table=table.view(num_seqs, max_blocks).to(torch.int32),
         slot_mapping=torch.full((num_seqs,), -1, dtype=torch.int64, device=DEV), num_decodes=num_seqs,
-        num_decode_tokens=num_seqs, num_prefills=0, num_prefill_tokens=0, decode_num_splits=1,
+        num_decode_tokens=num_seqs, num_prefills=0, num_prefill_tokens=0, decode_len_bound=1,
     )  # fmt: skip
     query = torch.randn(num_seqs, H, D, device=DEV, generator=g, dtype=torch.bfloat16)
     case = (impl, kv_cache, meta, query, query, query)

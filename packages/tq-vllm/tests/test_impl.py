@@ -251,11 +251,12 @@ def test_impl_rejects_what_it_does_not_serve(kwargs: dict, match: str) -> None:
     assert "head_dim 64, 80, 96" in str(err.value)  # the message lists what is supported
 
 
-def test_builder_sizes_decode_splits_for_the_layers_kernel_launch(monkeypatch) -> None:
-    """The split count is a compile-time constant of the decode kernel, chosen once per batch size for
-    the launch the layers' format actually gets (one warp per program for 3- and 4-bit codes on the
-    GPU, four for 8-bit keys), so a one-warp launch gets four times the splits of a four-warp one."""
-    import tq_kernels.tuning
+def test_each_layer_sizes_decode_splits_for_its_kernel_launch(monkeypatch) -> None:
+    """The split count is a compile-time constant of the decode kernel, planned once per batch size by
+    each layer for the launch its format actually gets (one warp per program for 3- and 4-bit codes on
+    the GPU, four for 8-bit keys), so a one-warp launch gets four times the splits of a four-warp one,
+    whatever other layers the builder's group holds."""
+    import tq_kernels.ops.decode
     from tq_kernels.tuning import LaunchConfig
 
     seen = []
@@ -264,19 +265,25 @@ def test_builder_sizes_decode_splits_for_the_layers_kernel_launch(monkeypatch) -
         seen.append((head_dim, group, nibble))
         return LaunchConfig(32, 1 if nibble else 4, 3)
 
-    monkeypatch.setattr(tq_kernels.tuning, "decode_config", config)
-    monkeypatch.setattr("tq_kernels.ops.decode.sm_count", lambda device: 132)
-    splits = {}
-    for name in ("turboquant_4bit_nc", "turboquant_3bit_nc", "turboquant_k8v4"):
+    monkeypatch.setattr(tq_kernels.ops.decode, "decode_config", config)
+    monkeypatch.setattr(tq_kernels.ops.decode, "sm_count", lambda device: 132)
+    config_ = VllmConfig()
+    impls = {}
+    for i, name in enumerate(("turboquant_4bit_nc", "turboquant_3bit_nc", "turboquant_k8v4")):
         case = dict(COMPRESSED_CASES[1], kv=name)
-        _, impl, spec, _ = build_layer(case, LAYER_NAME, BLOCK)
-        module = Layer(LAYER_NAME)
+        _, impl, spec, _ = build_layer(case, f"model.layers.{i}.self_attn.attn", BLOCK)
+        module = Layer(f"model.layers.{i}.self_attn.attn")
         module.impl = impl
-        config_ = VllmConfig()
-        config_.compilation_config.static_forward_context[LAYER_NAME] = module
-        with set_current_vllm_config(config_):
-            builder = TurboQuantBackend.get_builder_cls()(spec, [LAYER_NAME], config_, torch.device("cpu"))
-        splits[name] = builder.decode_num_splits(32, 8192)
+        config_.compilation_config.static_forward_context[module.layer_name] = module
+        impls[name] = impl
+    with set_current_vllm_config(config_):  # one builder over the three layers: no layer's plan wins
+        TurboQuantBackend.get_builder_cls()(spec, list(config_.compilation_config.static_forward_context),
+                                            config_, torch.device("cpu"))  # fmt: skip
+    splits = {}
+    for name, impl in impls.items():
+        cache = impl.fmt.allocate_cache(1, BLOCK, impl.num_kv_heads)
+        splits[name] = impl.decode_plan(32, 8192, cache).num_splits
+        assert impl.decode_plan(32, 8192, cache) is impl.decode_plan(32, 8192, cache)  # planned once
     group = COMPRESSED_CASES[1]["h"] // COMPRESSED_CASES[1]["hkv"]
     assert seen == [(128, group, True), (128, group, True), (128, group, False)]
     # 32 requests x 2 KV heads on 132 SMs: 33 splits with one warp, at most 32 of 256 tokens in 8192;

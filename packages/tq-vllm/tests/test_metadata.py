@@ -88,9 +88,28 @@ def test_build_splits_decodes_and_prefills(requests: list[tuple[int, int]], spli
 def test_decode_splits_depend_on_batch_size_only() -> None:
     """A captured decode graph keeps its grid: the split count must not follow the step's lengths."""
     builder = _builder()
+    builder.max_model_len = 4096  # an engine's model config sets it (the bare VllmConfig here has none)
     short = builder.build(0, _step([(3, 1), (5, 1)], seed=1).common_metadata())
     long = builder.build(0, _step([(300, 1), (411, 1)], seed=2).common_metadata())
-    assert short.decode_num_splits == long.decode_num_splits >= 1
+    assert short.decode_len_bound == long.decode_len_bound == 4096
+
+
+def test_builder_sets_the_reorder_threshold_without_vllms_private_helper(monkeypatch) -> None:
+    """A vLLM that renames ``_init_reorder_batch_threshold`` (or changes its signature) still gets
+    decodes reordered first, through the documented attribute."""
+    from vllm.v1.attention.backend import AttentionMetadataBuilder
+
+    monkeypatch.delattr(AttentionMetadataBuilder, "_init_reorder_batch_threshold")
+    monkeypatch.setattr(TurboQuantMetadataBuilder, "reorder_batch_threshold", None)
+    assert _builder().reorder_batch_threshold == 1
+
+    def renamed_args(self, threshold, *, spec_as_decode=False):
+        raise AssertionError("not called with its old keywords")
+
+    monkeypatch.setattr(
+        AttentionMetadataBuilder, "_init_reorder_batch_threshold", renamed_args, raising=False
+    )
+    assert _builder().reorder_batch_threshold == 1
 
 
 def test_uncompressed_group_uses_the_same_builder() -> None:

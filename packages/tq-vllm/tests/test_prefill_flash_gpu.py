@@ -52,7 +52,7 @@ def _step(kv: str, requests: list[tuple[int, int]], seed: int):
         query_start_loc=qsl.to(dev), query_start_loc_cpu=qsl,
         seq_lens=torch.tensor(seq, dtype=torch.int32, device=dev), block_table=table,
         slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev), num_decodes=0, num_decode_tokens=0,
-        num_prefills=len(requests), num_prefill_tokens=n, decode_num_splits=1,
+        num_prefills=len(requests), num_prefill_tokens=n, decode_len_bound=max(seq),
         prefill_prefix_tokens=sum(p for p, _ in requests),
         prefill_max_seq_len=max(seq),
     )  # fmt: skip

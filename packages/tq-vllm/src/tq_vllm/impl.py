@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
-from tq_kernels.ops.decode import tq_decode_attention
+from tq_kernels.ops.decode import DecodePlan, plan_decode, tq_decode_attention
 from tq_kernels.ops.dequant import tq_dequantize, tq_dequantize_paged
 from tq_kernels.ops.extend import tq_extend_attention
 from tq_kernels.ops.store import tq_store, tq_store_paged
@@ -238,6 +238,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         )
         self.chunk_kv = _chunk_kv_mode()
         self.prefix_budget = prefix_flash_budget()
+        self._decode_plans: dict[tuple[int, ...], DecodePlan] = {}
 
     # -- setup ------------------------------------------------------------------------------------
     def _layer_of(self, layer: Any) -> int:
@@ -297,6 +298,21 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         if self.chunk_kv == "compressed":
             slots = torch.empty(1, self.num_kv_heads, fmt.slot_bytes, dtype=torch.uint8, device=device)
             tq_dequantize(tq_store(kv, kv, slots, fmt, layer=self.layer), fmt, layer=self.layer, dtype=dtype)
+
+    def decode_plan(self, batch: int, len_bound: int, cache: torch.Tensor) -> DecodePlan:
+        """This layer's decode launch for ``batch`` decodes planned for ``len_bound`` tokens
+        (:func:`tq_kernels.ops.decode.plan_decode`, once per batch size: host arithmetic only, and
+        the same plan, hence the same grid and kernel variant, for every step of a captured batch).
+        ``cache`` is the layer's compressed cache view (its alignment picks the loop)."""
+        key = (batch, len_bound, cache.data_ptr() % 4, cache.stride(0) % 4, cache.stride(1) % 4)
+        plan = self._decode_plans.get(key)
+        if plan is None:
+            assert self.fmt is not None
+            plan = plan_decode(
+                self.fmt, self.num_heads, self.num_kv_heads, batch, len_bound, cache.device, cache=cache
+            )
+            self._decode_plans[key] = plan
+        return plan
 
     # -- write path -------------------------------------------------------------------------------
     def do_kv_cache_update(
@@ -399,8 +415,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 meta.block_table[:nd],
                 meta.seq_lens[:nd],
                 fmt,
-                num_splits=meta.decode_num_splits,
-                max_seq_len=meta.max_seq_len,
+                plan=self.decode_plan(nd, meta.decode_len_bound, cache),
                 out=out[:nd],
                 **common,
             )

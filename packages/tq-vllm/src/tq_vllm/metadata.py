@@ -7,14 +7,15 @@ uncompressed boundary layers are separate groups), reorders each batch so reques
 persistent tensors plus host integers: anything derived from tensors is computed inside ``forward``,
 so a full CUDA graph captured for a decode batch reads the replayed step's values.
 
-Decodes run the split-context kernel with a number of splits that depends only on the batch size and
-the model's maximum length, never on the step's sequence lengths: a captured graph keeps its grid.
+Decodes run the split-context kernel planned (:func:`tq_kernels.ops.decode.plan_decode`) by each layer
+for the batch size and ``decode_len_bound``, the model's maximum length, never for the step's sequence
+lengths: a captured graph keeps its grid.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from vllm.v1.attention.backend import (
@@ -46,7 +47,8 @@ class TurboQuantMetadata(AttentionMetadata):
         slot_mapping: int64 `[num_tokens]`, cache slot of each new token (-1 for padding).
         num_decodes, num_decode_tokens: requests (first in the batch) with at most one new token.
         num_prefills, num_prefill_tokens: the remaining requests (chunked prefill, prefix-cache hits).
-        decode_num_splits: context splits of the decode kernel (fixed per batch size).
+        decode_len_bound: the sequence length the decode launches are planned for (host int, the
+            model's maximum: the same every step, so the plan depends on the batch size only).
         prefill_prefix_tokens: cached tokens before the prefill chunks, summed over the prefill
             requests (host int); None when the host does not know them exactly (or there is no
             prefill).
@@ -65,7 +67,7 @@ class TurboQuantMetadata(AttentionMetadata):
     num_decode_tokens: int
     num_prefills: int
     num_prefill_tokens: int
-    decode_num_splits: int
+    decode_len_bound: int
     prefill_prefix_tokens: int | None = None
     prefill_max_seq_len: int = 0
     # the dense prefix layout of this step's prefill requests, planned by the first layer that
@@ -102,6 +104,35 @@ class TurboQuantMetadata(AttentionMetadata):
         return plan
 
 
+@runtime_checkable
+class PreparedImpl(Protocol):
+    """An attention impl the builder prepares before graph capture (``TurboQuantImpl``; named by its
+    method so the builder does not import the impl)."""
+
+    def prepare(
+        self, layer_name: str, device: torch.device, block_size: int, *, dtype: torch.dtype
+    ) -> None: ...
+
+
+def _reorder_single_token_decodes(builder: AttentionMetadataBuilder[Any]) -> None:
+    """Decodes are requests with one new token (``reorder_batch_threshold = 1``), speculative
+    verification is not a decode.
+
+    vLLM's private ``_init_reorder_batch_threshold`` does this (and keeps 1 under decode context
+    parallelism); a vLLM without it, or with another signature, gets the documented attribute set
+    directly (the same value: 1 is what that method leaves for ``supports_spec_as_decode=False``).
+    """
+    init = getattr(builder, "_init_reorder_batch_threshold", None)
+    if callable(init):
+        try:
+            init(1, supports_spec_as_decode=False)
+        except TypeError:
+            pass
+        else:
+            return
+    builder.reorder_batch_threshold = 1
+
+
 class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
     """Builds :class:`TurboQuantMetadata` from vLLM's ``CommonAttentionMetadata``.
 
@@ -121,57 +152,24 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         # Speculative decoding's multi-token verification runs as prefill (extend), exactly.
-        self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
+        _reorder_single_token_decodes(self)
         model_config = getattr(vllm_config, "model_config", None)
         self.max_model_len: int = int(getattr(model_config, "max_model_len", 0) or 0)
-        self.num_kv_heads: int = int(kv_cache_spec.num_kv_heads)
-        self._splits: dict[int, int] = {}
-        self._decode_block_n, self._decode_warps = 64, 4  # the decode kernel's launch, once known
         self._prepare_layers(layer_names, device)
 
     def _prepare_layers(self, layer_names: list[str], device: torch.device) -> None:
         """Let each layer's impl learn its name and warm its device tables before graph capture."""
-        from tq_vllm.impl import TurboQuantImpl
-
         compilation = getattr(self.vllm_config, "compilation_config", None)
         context = getattr(compilation, "static_forward_context", None) or {}
         for name in layer_names:
             impl = getattr(context.get(name), "impl", None)
-            if isinstance(impl, TurboQuantImpl):
+            if isinstance(impl, PreparedImpl):
                 impl.prepare(name, device, self.kv_cache_spec.block_size, dtype=self._model_dtype())
-                if impl.fmt is not None:
-                    from tq_kernels.ops.decode import nibble_format
-                    from tq_kernels.tuning import decode_config
-
-                    cfg = decode_config(
-                        impl.fmt.head_dim,
-                        impl.num_heads // impl.num_kv_heads,
-                        torch.device(device),
-                        nibble=nibble_format(impl.fmt, allow_3bit=True),
-                    )
-                    self._decode_block_n, self._decode_warps = cfg.block_n, cfg.num_warps
 
     def _model_dtype(self) -> torch.dtype:
         """The model's activation dtype (the K/V the store and extend kernels receive)."""
         dtype = getattr(getattr(self.vllm_config, "model_config", None), "dtype", None)
         return dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
-
-    def decode_num_splits(self, batch: int, bound: int) -> int:
-        """Context splits for a decode batch of ``batch`` requests (cached; no step-dependent input)."""
-        splits = self._splits.get(batch)
-        if splits is None:
-            from tq_kernels.ops.decode import default_num_splits
-
-            splits = default_num_splits(
-                batch,
-                self.num_kv_heads,
-                bound,
-                torch.device(self.device),
-                self._decode_block_n,
-                self._decode_warps,
-            )
-            self._splits[batch] = splits
-        return splits
 
     def build(
         self,
@@ -203,7 +201,7 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             num_decode_tokens=num_decode_tokens,
             num_prefills=num_prefills,
             num_prefill_tokens=num_prefill_tokens,
-            decode_num_splits=self.decode_num_splits(max(num_decode_tokens, 1), bound),
+            decode_len_bound=bound,
         )
 
 
