@@ -104,7 +104,7 @@ def test_mask_function():
 )
 def test_kernel_plan_addresses_the_visible_tokens(prompt, steps, pads, window):
     layer, pads_dev = stored_layer(prompt, steps, pads=pads, window=window)
-    plan = layer.decode_plan(pads, pads_dev, window)
+    plan = layer.decode_read(pads, pads_dev, window)
     assert plan is not None
     if plan.compressed is None:
         assert layer.n_comp <= max(pads or (0,))
@@ -126,7 +126,7 @@ def test_kernel_plan_addresses_the_visible_tokens(prompt, steps, pads, window):
 def test_kernel_plan_refuses_unshifted_padding():
     layer, _ = stored_layer(40, 2, pads=None)
     layer.batch_size  # noqa: B018
-    assert layer.decode_plan((3,), torch.tensor([3]), None) is None
+    assert layer.decode_read((3,), torch.tensor([3]), None) is None
 
 
 @pytest.mark.parametrize(
@@ -157,7 +157,7 @@ def test_fused_decode_merge_equals_dense(prompt, steps, pads, window, extra):
     layer, pads_dev = stored_layer(prompt, steps, pads=pads, window=window, residual=residual)
     b = layer.batch_size
     q = torch.randn(b, H, 1, D, generator=torch.Generator().manual_seed(7))
-    plan = layer.decode_plan(pads, pads_dev, window)
+    plan = layer.decode_read(pads, pads_dev, window)
     got = attention._fused_decode(
         q,
         plan,

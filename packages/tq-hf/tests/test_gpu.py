@@ -26,7 +26,7 @@ def test_fused_decode_matches_dequantize_path(prompt, steps, pads, window, dtype
     )
     assert layer.backend == "triton"
     q = torch.randn(layer.batch_size, 4, 1, 64, device="cuda").to(dtype)
-    plan = layer.decode_plan(pads, pads_dev, window)
+    plan = layer.decode_read(pads, pads_dev, window)
     assert plan is not None and plan.compressed is not None, "the kernel path must serve this layer"
     got = attention._fused_decode(
         q, plan, pads, pads_dev, scale=0.125, window=window, softcap=None, sinks=None

@@ -65,7 +65,7 @@ def test_decode_kernel_path_matches_dense(monkeypatch, prompt, steps, pads, wind
         monkeypatch.setattr(decode_ops, "default_num_splits", lambda *a, **k: splits)
     layer, pads_dev = stored_layer(prompt, steps, pads=pads, window=window)
     q = torch.randn(layer.batch_size, 4, 1, D, generator=torch.Generator().manual_seed(7))
-    plan = layer.decode_plan(pads, pads_dev, window)
+    plan = layer.decode_read(pads, pads_dev, window)
     got = attention._fused_decode(q, plan, pads, pads_dev, scale=0.2, window=window, softcap=None, sinks=None)
     k, v = layer.dequantize()
     n = layer.cumulative_length

@@ -31,7 +31,7 @@ import torch
 
 from tq_hf._dense import dense_attention
 from tq_hf.cache import KERNEL_HEAD_DIMS
-from tq_hf.layer import CompressedKV, DecodePlan, TurboQuantLayer
+from tq_hf.layer import CompressedKV, DecodeRead, TurboQuantLayer
 
 __all__ = ["ATTENTION_NAME", "dense_attention", "register", "turboquant_attention_forward", "turboquant_mask"]
 
@@ -143,11 +143,11 @@ def _layer_attention(
         layer.flush_pending(pads, pads_dev)
         return out
     if t == 1 and q.is_cuda and layer.backend == "triton" and mask4d is None:
-        plan = layer.decode_plan(pads, pads_dev, window)
-        if plan is not None and _fused_path_ok(layer, q, window, softcap):
+        read = layer.decode_read(pads, pads_dev, window)
+        if read is not None and _fused_path_ok(layer, q, window, softcap):
             STATS["fused"] += 1
             return _fused_decode(
-                q, plan, pads, pads_dev, scale=scale, window=window, softcap=softcap, sinks=sinks
+                q, read, pads, pads_dev, scale=scale, window=window, softcap=softcap, sinks=sinks
             )
     STATS["dequantize"] += 1
     k, v = layer.dequantize()
@@ -252,10 +252,10 @@ def _check_fused_path(
         probe.update(*kv(1))
     qq = torch.randn(2, q.shape[1], 1, d, generator=g).to(q.device, q.dtype)
     win = probe.sliding_window
-    plan = probe.decode_plan(pads, pads_dev, win)
-    if plan is None or plan.compressed is None:
-        raise RuntimeError("the probe layer has no kernel plan")
-    got = _fused_decode(qq, plan, pads, pads_dev, scale=d**-0.5, window=win, softcap=softcap, sinks=None)
+    read = probe.decode_read(pads, pads_dev, win)
+    if read is None or read.compressed is None:
+        raise RuntimeError("the probe layer has nothing for the decode kernel to read")
+    got = _fused_decode(qq, read, pads, pads_dev, scale=d**-0.5, window=win, softcap=softcap, sinks=None)
     k, v = probe.dequantize()
     n = probe.cumulative_length
     mask = (torch.arange(n, device=q.device)[None, :] >= pads_dev[:, None])[:, n - k.shape[2] :]
@@ -268,7 +268,7 @@ def _check_fused_path(
 
 
 def _residual_part(
-    plan: DecodePlan,
+    read: DecodeRead,
     q1: torch.Tensor,
     pads: tuple[int, ...] | None,
     pads_dev: torch.Tensor | None,
@@ -280,12 +280,12 @@ def _residual_part(
     """Attention of decode queries `[B, H, d]` over the residual window, in float32: (normalized
     output `[B, H, d]`, log-sum-exp `[B, H]`)."""
     b, h, d = q1.shape
-    kr, vr = plan.residual_k, plan.residual_v
+    kr, vr = read.residual_k, read.residual_v
     hkv, r = kr.shape[1], kr.shape[2]
     s = torch.matmul(q1.reshape(b, hkv, h // hkv, d).float() * scale, kr.float().transpose(-1, -2))
     if softcap:
         s = softcap * torch.tanh(s / softcap)
-    n0, n = plan.residual_pos, plan.length
+    n0, n = read.residual_pos, read.length
     cut_pad = pads is not None and pads_dev is not None and max(pads) > n0
     cut_window = window is not None and n - window > n0
     if cut_pad or cut_window:  # short prompts with padding, or windows shorter than the residual
@@ -305,7 +305,7 @@ def _residual_part(
 
 def _fused_decode(
     q: torch.Tensor,
-    plan: DecodePlan,
+    read: DecodeRead,
     pads: tuple[int, ...] | None,
     pads_dev: torch.Tensor | None = None,
     *,
@@ -314,30 +314,33 @@ def _fused_decode(
     softcap: float | None,
     sinks: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One decode step of queries `[B, H, 1, d]` as ``plan`` says: the compressed tokens through
-    tq_kernels' paged decode kernel, the residual window exactly, merged by their log-sum-exps."""
-    from tq_kernels.ops.decode import tq_decode_attention
+    """One decode step of queries `[B, H, 1, d]` over what ``read`` names: the compressed tokens
+    through tq_kernels' paged decode kernel (launched as ``plan_decode`` plans it), the residual window
+    exactly, merged by their log-sum-exps."""
+    from tq_kernels.ops.decode import plan_decode, tq_decode_attention
 
     b, h, _, d = q.shape
     q1 = q[:, :, 0]
-    r = plan.residual_k.shape[2]
+    r = read.residual_k.shape[2]
     window_c = None if window is None else window - r  # compressed tokens inside the window
     out = lse = None
     if r:
-        out, lse = _residual_part(plan, q1, pads, pads_dev, scale=scale, window=window, softcap=softcap)
-    read = plan.compressed
-    if read is not None and (window_c is None or window_c > 0):
+        out, lse = _residual_part(read, q1, pads, pads_dev, scale=scale, window=window, softcap=softcap)
+    paged = read.compressed
+    if paged is not None and (window_c is None or window_c > 0):
+        hkv = read.residual_k.shape[1]
+        launch = plan_decode(read.fmt, h, hkv, b, max(paged.max_seq_len, 1), q.device, cache=paged.slots)
         o_c, lse_c = tq_decode_attention(
             q1.float(),
-            read.slots,
-            read.block_table,
-            read.seq_lens,
-            plan.fmt,
-            layer=plan.layer_idx,
+            paged.slots,
+            paged.block_table,
+            paged.seq_lens,
+            read.fmt,
+            layer=read.layer_idx,
             scale=scale,
-            max_seq_len=read.max_seq_len,
             sliding_window=window_c,
             softcap=softcap,
+            plan=launch,
             return_lse=True,
         )
         if out is None or lse is None:

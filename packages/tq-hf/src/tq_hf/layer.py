@@ -21,8 +21,8 @@ at the next update of any layer.
 K/V reach attention in one of three forms, chosen by the attention implementation (detected on the first
 forward): the ``"turboquant"`` attention (:mod:`tq_hf.attention`) gets :class:`CompressedKV`
 placeholders from :meth:`TurboQuantLayer.update` and asks the layer what to read: the pending prompt
-(:attr:`TurboQuantLayer.pending`), a :class:`DecodePlan` for the decode kernel
-(:meth:`TurboQuantLayer.decode_plan`), or full tensors (:meth:`TurboQuantLayer.dequantize`); any other
+(:attr:`TurboQuantLayer.pending`), a :class:`DecodeRead` for the decode kernel
+(:meth:`TurboQuantLayer.decode_read`), or full tensors (:meth:`TurboQuantLayer.dequantize`); any other
 attention gets this layer's K/V dequantized into full tensors from ``update``, one layer at a time.
 """
 
@@ -38,7 +38,7 @@ from tq_core import KVFormat
 from tq_hf import _validate as _v
 from tq_hf._store import CompressedStore, PagedRead
 
-__all__ = ["CompressedKV", "DecodePlan", "TurboQuantLayer"]
+__all__ = ["CompressedKV", "DecodeRead", "TurboQuantLayer"]
 
 Backend = Literal["auto", "torch", "triton"]
 
@@ -94,8 +94,8 @@ def _tag(t: torch.Tensor, layer: TurboQuantLayer) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class DecodePlan:
-    """What one decode step over a :class:`TurboQuantLayer` reads, from :meth:`TurboQuantLayer.decode_plan`.
+class DecodeRead:
+    """What one decode step over a :class:`TurboQuantLayer` reads, from :meth:`TurboQuantLayer.decode_read`.
 
     Attributes:
         compressed: how tq_kernels' paged decode kernel reads each row's visible compressed tokens, or
@@ -123,7 +123,7 @@ class TurboQuantLayer(CacheLayerMixin):
 
     Created by :class:`~tq_hf.cache.TurboQuantCache`; see the module docstring for the layout.  What the
     ``"turboquant"`` attention uses: :attr:`pending` and :meth:`flush_pending` (the prompt),
-    :meth:`decode_plan` (the kernel path), :meth:`dequantize`, :meth:`claim_for_fused_attention`, and the
+    :meth:`decode_read` (the kernel path), :meth:`dequantize`, :meth:`claim_for_fused_attention`, and the
     layer's configuration (``fmt``, ``num_kv_heads``, ``head_dim``, ``chunk_tokens``,
     ``residual_length``, ``sliding_window``, ``backend``, ``cumulative_length``).
     """
@@ -180,7 +180,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self.res_v: torch.Tensor | None = None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._placeholder: CompressedKV | None = None
-        # decode_plan's memo: (store version, pads, sliding), whether the kernel can read, the read
+        # decode_read's memo: (store version, pads, sliding), whether the kernel can read, the read
         self._read_memo: tuple[Any, bool, PagedRead | None] | None = None
         self.keys = self.values = None
         self.is_initialized = False
@@ -517,12 +517,12 @@ class TurboQuantLayer(CacheLayerMixin):
             self._fused = True
 
     # -- what the decode kernel reads ------------------------------------------------------------------
-    def decode_plan(
+    def decode_read(
         self,
         pads: tuple[int, ...] | None = None,
         pads_dev: torch.Tensor | None = None,
         window: int | None = None,
-    ) -> DecodePlan | None:
+    ) -> DecodeRead | None:
         """What a decode step (one query per row, at position ``cumulative_length - 1``) reads.
 
         Args:
@@ -531,14 +531,14 @@ class TurboQuantLayer(CacheLayerMixin):
             window: the attention's sliding window, if any.
 
         Returns:
-            The plan, or ``None`` when a row's first visible compressed token does not start a block
+            The read, or ``None`` when a row's first visible compressed token does not start a block
             (left padding the storage was not shifted for): the kernel cannot skip it, so the caller
             dequantizes instead.  The kernel's part is memoized until the storage changes.
         """
         if self.pending is not None:
             raise RuntimeError(
                 f"TurboQuantCache layer {self.layer_idx}: the prompt is still pending; attend it and call "
-                "flush_pending() before planning a decode step"
+                "flush_pending() before reading it for a decode step"
             )
         store = self.store
         if pads is not None and len(pads) != self.batch_size:
@@ -553,7 +553,7 @@ class TurboQuantLayer(CacheLayerMixin):
         if not ok:
             return None
         assert self.res_k is not None and self.res_v is not None
-        return DecodePlan(
+        return DecodeRead(
             compressed=read,
             residual_k=self.res_k[:, :, : self.r],
             residual_v=self.res_v[:, :, : self.r],
