@@ -96,14 +96,19 @@ def hadamard(d: int) -> torch.Tensor:
     return h / h.shape[0] ** 0.5
 
 
-def vllm_like_keys(k: torch.Tensor, bits: int) -> torch.Tensor:
+def vllm_like_keys(k: torch.Tensor, bits: int, *, norm_correction: bool = False) -> torch.Tensor:
+    """Keys round-tripped as vLLM stores them: plain Hadamard rotation, Lloyd-Max codes, float16 norm;
+    ``norm_correction`` rescales the centroid vector to unit norm before the stored norm (vLLM's ``_nc``)."""
     d = k.shape[-1]
     hm = hadamard(d).to(k.device)
     norm = k.norm(dim=-1, keepdim=True)
     y = (k / (norm + 1e-8)) @ hm
     cb = lloyd_max_codebook(d, bits)
     idx = torch.bucketize(y, cb.boundaries.to(y.device, y.dtype))
-    return norm.to(torch.float16).float() * (cb.centroids.to(y.device, y.dtype)[idx] @ hm.T)
+    c = cb.centroids.to(y.device, y.dtype)[idx]
+    if norm_correction:
+        c = c / c.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    return norm.to(torch.float16).float() * (c @ hm.T)
 
 
 def quantizers(preset: str, layer: int):

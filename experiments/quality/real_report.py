@@ -1,0 +1,132 @@
+"""Merge real_quality.py's rows into results/quality_real.json, a markdown table and one plot.
+
+    python experiments/quality/real_report.py experiments/results/quality_real_smollm2.jsonl [...] [--name quality_real]
+
+Each row is compared with its model's baseline row (bf16, or fp32 when the run was in float32) over the same
+tokens: perplexity change with a paired-bootstrap 95% interval over the held-out sequences, and greedy
+agreement (steps before the first divergence / steps, averaged over prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+from harness import RESULTS, write_result  # noqa: E402
+from report import agreement, ppl_delta_ci  # noqa: E402
+
+BASELINES = ("bf16", "fp32")
+SCHEMA = ("model", "engine", "scheme", "preset", "bytes_per_token_head", "ppl", "ppl_delta_pct",
+          "ppl_delta_ci95", "token_agreement", "needle_acc")  # fmt: skip
+
+
+def merge(raw: list[dict]) -> list[dict]:
+    """The schema's rows, one per (model, engine, scheme); the last row of a scheme wins, errors are skipped."""
+    latest = {(r["model"], r["engine"], r["scheme"]): r for r in raw if "error" not in r}
+    base = {(m, e): r for (m, e, s), r in latest.items() if s in BASELINES}
+    rows = []
+    for (m, e, _), r in latest.items():
+        b = base.get((m, e))
+        if b is not None and b["nll_per_seq"] and len(b["nll_per_seq"]) != len(r["nll_per_seq"]):
+            raise ValueError(f"{m} {r['scheme']}: scored other sequences than its baseline; rerun both")
+        rows.append({
+            "model": m, "engine": e, "scheme": r["scheme"], "preset": r["preset"],
+            "bytes_per_token_head": r["bytes_per_token_head"], "ppl": r["ppl"],
+            "ppl_delta_pct": 100 * (r["ppl"] / b["ppl"] - 1) if b else None,
+            "ppl_delta_ci95": ppl_delta_ci(_total(r), _total(b)) if b else None,
+            "token_agreement": agreement(r["agree_tokens"], b["agree_tokens"])[0] if b else None,
+            "needle_acc": r["needle_acc"],
+        })  # fmt: skip
+    return rows
+
+
+def _total(r: dict) -> dict:
+    # report.py's bootstrap divides by all scored tokens; real_quality's scored_tokens counts one sequence
+    return {**r, "scored_tokens": r["scored_total"]}
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| model | scheme | B/token-head | ppl | Δppl % [95% CI] | agreement | needle |",
+        "|" + "---|" * 7,
+    ]
+    for r in rows:
+        ci = r["ppl_delta_ci95"]
+        delta = "-" if r["ppl_delta_pct"] is None else f"{r['ppl_delta_pct']:+.2f}"
+        delta += f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
+        agree = "-" if r["token_agreement"] is None else f"{r['token_agreement']:.3f}"
+        needle = "-" if r["needle_acc"] is None else f"{r['needle_acc']:.2f}"
+        lines.append(f"| {r['model']} | {r['scheme']} | {r['bytes_per_token_head']:g} | {r['ppl']:.3f} | "
+                     f"{delta} | {agree} | {needle} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def family(scheme: str) -> str:
+    return scheme.rsplit("-", 1)[0] if scheme.count("-") > 0 and not scheme.startswith("fp") else scheme
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.2 * len(models)), squeeze=False)
+    for (ax_p, ax_a), m in zip(axes, models, strict=True):
+        groups: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["model"] == m and r["ppl_delta_pct"] is not None and r["scheme"] not in BASELINES:
+                groups.setdefault(family(r["scheme"]), []).append(r)
+        for fam, rs in sorted(groups.items()):
+            rs.sort(key=lambda r: r["bytes_per_token_head"])
+            xs = [r["bytes_per_token_head"] for r in rs]
+            ys = [r["ppl_delta_pct"] for r in rs]
+            lo = [y - (r["ppl_delta_ci95"] or [y, y])[0] for y, r in zip(ys, rs, strict=True)]
+            hi = [(r["ppl_delta_ci95"] or [y, y])[1] - y for y, r in zip(ys, rs, strict=True)]
+            style = dict(marker="o", capsize=3, lw=2 if fam == "ours" else 1)
+            ax_p.errorbar(xs, ys, yerr=[lo, hi], label=fam, **style)
+            ax_a.plot(xs, [r["token_agreement"] for r in rs], marker="o", label=f"{fam}: agreement")
+            ax_a.plot(xs, [r["needle_acc"] for r in rs], marker="x", ls=":", label=f"{fam}: needle")
+        ax_p.set_ylabel("perplexity increase over baseline (%)")
+        ax_p.set_yscale("symlog", linthresh=1.0)
+        ax_a.set_ylabel("greedy agreement (prefix) / needle accuracy")
+        for ax in (ax_p, ax_a):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("bytes per token per KV head (K+V)")
+            ax.set_title(m, fontsize=10)
+            ax.grid(alpha=0.3)
+        ax_p.legend(fontsize=7)
+        ax_a.legend(fontsize=6, ncol=2)
+    fig.suptitle("KV-cache schemes on real models (transformers, CPU): past tokens read from the cache")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("jsonl", type=Path, nargs="+")
+    ap.add_argument("--name", default="quality_real")
+    ap.add_argument("--command", default="", help="the command(s) that produced the jsonl files, recorded")
+    args = ap.parse_args()
+    raw = [json.loads(ln) for f in args.jsonl for ln in f.read_text().splitlines() if ln.strip()]
+    rows = merge(raw)
+    protocols = {r["model"]: r["protocol"] for r in raw if "protocol" in r}
+    scored = {r["model"]: r["scored_total"] for r in raw if "scored_total" in r}
+    notes = {"protocol": protocols, "scored_tokens_per_scheme": scored, "raw": [str(f) for f in args.jsonl],
+             "run_command": args.command, "errors": [r for r in raw if "error" in r]}  # fmt: skip
+    (RESULTS / f"{args.name}.md").write_text(table(rows))
+    plot(rows, RESULTS / f"{args.name}.png")
+    path = write_result(args.name, {"rows": rows, "notes": notes})
+    print(table(rows))
+    print(f"wrote {path}, {args.name}.md, {args.name}.png")
+
+
+if __name__ == "__main__":
+    main()
