@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from _vllm_compat import customize_attention_spec
 from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.kv_cache_interface import FullAttentionSpec, get_kv_quant_mode
-from vllm.v1.worker.utils import customize_attention_spec
 
 from tq_core import attention_ref
 from tq_vllm.backend import TurboQuantBackend
@@ -172,6 +172,7 @@ def build_layer(case: dict, layer_name: str, block_size: int):
             dtype=torch.uint8 if kv != "auto" else dtype,
             kv_quant_mode=get_kv_quant_mode(kv),
         ),
+        kv,
     )
     g = torch.Generator().manual_seed(1)
     sinks = torch.randn(case["h"], generator=g) if case.get("sinks") else None

@@ -8,10 +8,10 @@ pytest.importorskip("vllm")
 
 import torch
 from _steps import make_step
+from _vllm_compat import customize_attention_spec
 from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.kv_cache_interface import FullAttentionSpec, get_kv_quant_mode
-from vllm.v1.worker.utils import customize_attention_spec
 
 from tq_vllm.backend import TurboQuantBackend
 from tq_vllm.metadata import TurboQuantMetadata, TurboQuantMetadataBuilder
@@ -29,6 +29,7 @@ def _builder(kv_cache_dtype: str = "turboquant_4bit_nc") -> TurboQuantMetadataBu
             dtype=torch.uint8 if kv_cache_dtype != "auto" else torch.bfloat16,
             kv_quant_mode=get_kv_quant_mode(kv_cache_dtype),
         ),
+        kv_cache_dtype,
     )
     config = VllmConfig()
     with set_current_vllm_config(config):
