@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One lease of a 2-GPU device machine (nvidia-h200-x2), driven as a few back-to-back `run` calls:
+# A 2-GPU device machine (nvidia-h200-x2), driven as a few back-to-back `run` calls:
 # GPU 0 runs what is timed (the anchor workload against vLLM's own options, one engine at a time, then
 # the kernel and transformers benchmarks), GPU 1 runs a background queue (reference-model training, the
 # consistency check, the server check, the quality harness) whose logs are collected by later calls.  Each call's command is short:
@@ -15,7 +15,7 @@
 #   bash experiments/device_session.sh model         # the trained reference model's files
 #   bash experiments/device_session.sh profile "turboquant_4bit_nc CUSTOM"   # GPU 0: per-kernel decode time
 #   bash experiments/device_session.sh tp2           # both GPUs, after the queue is done
-#   (FOUR_GPU=1 on every call of an nvidia-h200-x4 lease: GPU 0 timed vLLM runs, GPU 1 and 2 two
+#   (FOUR_GPU=1 on every call of an nvidia-h200-x4 machine: GPU 0 timed vLLM runs, GPU 1 and 2 two
 #    queues, GPU 2 kernel tests, GPU 3 kernel benchmarks, TP2 on GPUs 2 and 3)
 #   bash experiments/device_session.sh collect       # pack the queue's logs into $OUT
 #
@@ -163,7 +163,7 @@ case "${1:?phase}" in
     tail -3 $RES/queue.log
     pack
     ;;
-  tp2)  # both GPUs of an x2 lease after its queue; GPUs 2 and 3 of an x4 lease (FOUR_GPU=1);
+  tp2)  # both GPUs of an x2 machine after its queue; GPUs 2 and 3 of an x4 machine (FOUR_GPU=1);
     # TP2_BG=1 returns at once and leaves it running (its log is packed by later calls)
     export PYTHONPATH=/tmp/site
     if [ -n "${TP2_BG:-}" ]; then

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Background queue on one GPU of a multi-GPU lease (started by device_session.sh on its first call):
+# Background queue on one GPU of a multi-GPU device machine (started by device_session.sh on its first call):
 # train the reference model (weights exported to /tmp/refmodel_export, fetched by `device_session.sh
 # model`), then, once vLLM is installed, the quality harness through vLLM, the vLLM server check, the
 # docs' GPU quickstarts, the preemption/prefix-cache consistency check and the quality harness through

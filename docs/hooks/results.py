@@ -145,7 +145,8 @@ def _kernels(op: str) -> str:
     not time keeps the earlier file's rows, with that file named as the source).  CUDA-graph timings
     where the run has them (as vLLM replays decode), else the eager ones."""
     data = rows = None
-    for name in ("kernels_h200.json", "kernels_h200_lease3.json"):
+    # kernels_h200.json is the newest run; it did not time extend, whose newest rows are the earlier run's.
+    for name in ("kernels_h200.json", "kernels_h200_2026-11-28_extend.json"):
         data = _load(name)
         rows = [r for r in data["rows"] if r["op"] == op] if data else []
         if rows:

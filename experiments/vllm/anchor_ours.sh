@@ -6,7 +6,7 @@
 #
 # NAME picks runs (default: all): bf16 fp8 vllm-4bit ours-k8v4 ours-4bit ours-k3v4 ours-3bit ours-4bit-full
 # ours-4bit-flash (ours-k3v4-flash): boundary layers on FlashAttention (TQ_VLLM_DENSE_ATTENTION=flash,
-# the default since 2026-11-28's fifth session); ours-4bit-triton: on vLLM's Triton kernel (the old default)
+# the default since 2026-11-28, commit 489190c); ours-4bit-triton: on vLLM's Triton kernel (the old default)
 # vllm_anchor.py is a copy of ../shared/bench/vllm_anchor.py (the shared folder does not travel to the
 # device).  Llama-3.1-8B shape, dummy weights, 32 x 8192 prompt tokens, 256 new tokens, CUDA graphs on;
 # CTX / NSEQ / GEN / GMU override the workload.  Each run prints `RESULT {json}`; they are collected

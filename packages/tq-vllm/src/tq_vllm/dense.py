@@ -10,7 +10,7 @@ backend, present with the same signature in every supported vLLM): they skip pad
 any strides, and capture into CUDA graphs.  ``TQ_VLLM_DENSE_ATTENTION=flash`` runs the attention with
 vLLM's FlashAttention varlen kernel over the paged cache instead (not for sinks): on the H200 the
 Triton kernel took 0.55 ms per decode call of the anchor workload, FlashAttention 0.25 ms in the bf16
-run (experiments/results/vllm_profile_decode_h200.log).  It is opt-in until it has run on a GPU
+run (experiments/results/vllm_profile_decode_h200_2026-11-28_bf16_and_nibble.log).  It is opt-in until it has run on a GPU
 under CUDA graphs.  vLLM disables its Triton kernels on the CPU platform, so
 there the layer runs in torch, one request at a time, with tq_core's reference attention: that path
 exists for CPU engines and tests, not for speed.

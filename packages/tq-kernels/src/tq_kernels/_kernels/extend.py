@@ -79,8 +79,8 @@ def _tq_sinks(sinks_ptr, head, r_mask, m_i, l_i):
 # The block table's row stride is left unspecialized (Triton specializes integers equal to 1 and
 # multiples of 16): a warm-up with a one-column table then compiles the same variant that a serving
 # engine's table uses.  On 2026-11-28 the specialized stride made vLLM recompile this kernel inside the
-# anchor's timed generate (experiments/results/vllm_anchor_h200_nibble.log, "JIT compilation during
-# inference: _tq_extend_attention_kernel").
+# anchor's timed generate (experiments/results/superseded/vllm_anchor_h200_2026-11-28_nibble.log, "JIT
+# compilation during inference: _tq_extend_attention_kernel").
 @triton.jit(do_not_specialize=["stride_bt_b"])
 def _tq_extend_attention_kernel(
     q_ptr,
