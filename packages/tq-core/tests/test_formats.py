@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from tq_core import NORM_RANGE, ComponentFormat, KVFormat, budget_bytes, format_names, named_format
+from tq_core import (
+    NORM_RANGE,
+    PRESET_NAMES_NOTE,
+    ComponentFormat,
+    KVFormat,
+    budget_bytes,
+    format_names,
+    named_format,
+    vllm_layout,
+)
 
 BUDGETS_128 = {
     "turboquant_k8v4": 196,
@@ -17,6 +26,20 @@ def test_vllm_budgets_at_128(name, budget):
     fmt = named_format(name, 128)
     assert fmt.slot_bytes == budget
     assert fmt.used_bytes <= budget
+
+
+def test_names_are_vllms_and_say_so():
+    # The names describe vLLM's layouts: under turboquant_k8v4 vLLM stores fp8 keys and 4-bit values,
+    # tq stores 6-bit keys and values in the same bytes. The note every user-facing listing prints says so.
+    assert [vllm_layout(n) for n in format_names()] == [
+        "K fp8, V 4 bit uniform",
+        "K 4 bit Lloyd-Max, V 4 bit uniform",
+        "K 3 bit Lloyd-Max, V 4 bit uniform",
+        "K 3 bit Lloyd-Max, V 3 bit uniform",
+    ]
+    fmt = named_format("turboquant_k8v4", 128)
+    assert (fmt.key.bits, fmt.value.bits) == (6, 6)
+    assert "vLLM's own layouts" in PRESET_NAMES_NOTE and vllm_layout("turboquant_k8v4") in PRESET_NAMES_NOTE
 
 
 @pytest.mark.parametrize("name", format_names())
@@ -160,6 +183,7 @@ def test_budget_overflow_is_rejected():
         (lambda: named_format("turboquant_4bit_nc", seed="a"), "seed must be"),  # type: ignore[arg-type]
         (lambda: named_format("turboquant_4bit_nc", rotation="dct"), "rotation must be"),  # type: ignore[arg-type]
         (lambda: budget_bytes(["fp8"], 128), "unknown preset"),  # type: ignore[arg-type]
+        (lambda: vllm_layout("fp8"), "unknown preset"),
         (
             lambda: named_format("turboquant_4bit_nc").encode(torch.randn(2, 128), torch.randn(3, 128)),
             "same shape",

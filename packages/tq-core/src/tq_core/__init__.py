@@ -14,12 +14,14 @@ from tq_core.attention import attention_ref, paged_decode_attention_ref, paged_e
 from tq_core.codebooks import Codebook, coordinate_density, lloyd_max_codebook, mse_lower_bound
 from tq_core.formats import (
     NORM_RANGE,
+    PRESET_NAMES_NOTE,
     VLLM_PRESETS,
     ComponentFormat,
     KVFormat,
     budget_bytes,
     format_names,
     named_format,
+    vllm_layout,
 )
 from tq_core.metrics import attention_relative_error, inner_product_error, mse_distortion
 from tq_core.packing import pack_bits, packed_bytes, unpack_bits
@@ -40,6 +42,7 @@ except PackageNotFoundError:  # running from a source tree
 
 __all__ = [
     "NORM_RANGE",
+    "PRESET_NAMES_NOTE",
     "VLLM_PRESETS",
     "Codebook",
     "ComponentFormat",
@@ -70,4 +73,5 @@ __all__ = [
     "paged_extend_attention_ref",
     "top_rms_channels",
     "unpack_bits",
+    "vllm_layout",
 ]

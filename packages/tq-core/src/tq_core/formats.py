@@ -44,10 +44,12 @@ __all__ = [
     "KVFormat",
     "NORM_RANGE",
     "NormDtype",
+    "PRESET_NAMES_NOTE",
     "VLLM_PRESETS",
     "budget_bytes",
     "named_format",
     "format_names",
+    "vllm_layout",
 ]
 
 NormDtype = Literal["float16", "bfloat16", "float32"]
@@ -71,6 +73,33 @@ VLLM_PRESETS: dict[str, tuple[int, int, int]] = {
     "turboquant_k3v4_nc": (3, 4, 6),
     "turboquant_3bit_nc": (3, 3, 6),
 }
+
+
+def vllm_layout(preset: str) -> str:
+    """What vLLM itself stores under the dtype name ``preset``: the name describes this, not tq's layout.
+
+    tq's named format of the same name keeps only the preset's bytes per token-head
+    (:func:`budget_bytes`) and lays out its own codes inside them (:func:`named_format`).
+
+    Example:
+        >>> vllm_layout("turboquant_k8v4")
+        'K fp8, V 4 bit uniform'
+        >>> vllm_layout("turboquant_4bit_nc")
+        'K 4 bit Lloyd-Max, V 4 bit uniform'
+    """
+    if not isinstance(preset, str) or preset not in VLLM_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(VLLM_PRESETS)}")
+    kb, vb, _ = VLLM_PRESETS[preset]
+    key = "K fp8" if kb == 8 else f"K {kb} bit Lloyd-Max"
+    return f"{key}, V {vb} bit uniform"
+
+
+#: One sentence for wherever a user meets the named formats (``turboquant formats``, READMEs, docs).
+PRESET_NAMES_NOTE = (
+    "The format names are vLLM's kv_cache_dtype names and describe vLLM's own layouts (turboquant_k8v4 "
+    f"in vLLM: {vllm_layout('turboquant_k8v4')}); tq keeps only each preset's bytes per token-head and "
+    "stores its own layout in them."
+)
 
 
 def budget_bytes(preset: str, head_dim: int) -> int:
