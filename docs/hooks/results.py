@@ -9,20 +9,24 @@
   the command that wrote it).  A result that is not there yet becomes a visible "not measured yet" note,
   never an error, so pages can name results that later GPU runs will add.
 
-Only the standard library: the hook runs inside mkdocs and must not need torch.
+Only the standard library: the hook runs inside mkdocs and must not need torch; mkdocs itself is
+imported only by :func:`on_files`, so ``docs/tests`` can render the markers without it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import posixpath
 import re
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mkdocs.structure.files import File, Files
+if TYPE_CHECKING:
+    from mkdocs.structure.files import Files
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "experiments" / "results"
@@ -33,6 +37,9 @@ PRESETS = ("turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turbo
 
 # -- files ------------------------------------------------------------------------------------------
 def on_files(files: Files, config: Any) -> Files:
+    # Imported here so that docs/tests can import this module without mkdocs.
+    from mkdocs.structure.files import File
+
     for png in sorted(RESULTS.glob("*.png")):
         files.append(File.generated(config, f"{ASSETS}/{png.name}", abs_src_path=str(png)))
     return files
@@ -44,6 +51,12 @@ def _load(name: str) -> dict[str, Any] | None:
         return None
     data = json.loads(path.read_text())
     return data if isinstance(data, dict) else {"rows": data}
+
+
+def _read(name: str) -> str | None:
+    """A results file's text (logs), or None where it is not there."""
+    path = RESULTS / name
+    return path.read_text() if path.is_file() else None
 
 
 def _date(name: str, data: dict[str, Any]) -> str:
@@ -545,6 +558,33 @@ RENDERERS: dict[str, Callable[[str], str]] = {
 }
 
 
+def _prose_module() -> Any:
+    # mkdocs loads hooks by path, so the sibling module is loaded the same way.
+    name = "tq_docs_results_prose"
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("results_prose.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Loaders:
+    """This module's loaders, looked up at call time (docs/tests replace them to see what was read)."""
+
+    @staticmethod
+    def _load(name: str) -> dict[str, Any] | None:
+        return _load(name)
+
+    @staticmethod
+    def _read(name: str) -> str | None:
+        return _read(name)
+
+
+_prose = _prose_module()
+RENDERERS.update(_prose.renderers(_Loaders))
+
+
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
     def replace(match: re.Match[str]) -> str:
         key = match.group(1)
@@ -555,3 +595,7 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
         return RENDERERS[key](page.file.src_uri)
 
     return MARKER.sub(replace, markdown)
+
+
+if __name__ == "__main__":
+    raise SystemExit(_prose.main(sys.argv[1:], RENDERERS, ROOT))
