@@ -128,3 +128,13 @@ def test_plot_is_written_where_asked(tmp_path, fake_eval, capsys):
     assert cli.main(["eval", "--no-progress", "--plot", str(target)]) == 0
     assert target.stat().st_size > 0
     assert f"plot written to {target}" in capsys.readouterr().out
+
+
+def test_formats_says_the_names_are_vllms(capsys):
+    # Next to each name, what vLLM stores under it: `K 6b(6)` beside turboquant_k8v4 must not surprise.
+    assert cli.main(["formats"]) == 0
+    out = capsys.readouterr().out
+    assert "names are vLLM's kv_cache_dtype names" in out
+    k8v4 = out.split("turboquant_k8v4: ", 1)[1].splitlines()
+    assert k8v4[0] == "d=128, K 6b(6), V 6b(6), 196 B/token-head"
+    assert k8v4[1].strip() == "vLLM's layout under this name, in the same 196 B: K fp8, V 4 bit uniform"

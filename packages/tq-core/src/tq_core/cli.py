@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -183,11 +184,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_formats(args: argparse.Namespace) -> int:
-    from tq_core.formats import budget_bytes, format_names, named_format
+    from tq_core.formats import PRESET_NAMES_NOTE, format_names, named_format, vllm_layout
 
+    print(textwrap.fill(PRESET_NAMES_NOTE, 100), end="\n\n")
     for name in format_names():
         fmt = named_format(name, args.head_dim)
-        print(f"{fmt.describe()}  (vLLM preset budget {budget_bytes(name, args.head_dim)} B)")
+        print(fmt.describe())
+        print(f"    vLLM's layout under this name, in the same {fmt.slot_bytes} B: {vllm_layout(name)}")
     return 0
 
 
@@ -209,7 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ev.add_argument("--sweep", action="store_true", help="also score every candidate layout per budget")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     ev.set_defaults(func=_cmd_eval)
-    fm = sub.add_parser("formats", help="list the named KV formats")
+    fm = sub.add_parser(
+        "formats", help="list the named KV formats (vLLM's dtype names) with vLLM's layout under each name"
+    )
     fm.add_argument("--head-dim", type=int, default=128)
     fm.set_defaults(func=_cmd_formats)
     args = parser.parse_args(argv)
