@@ -212,3 +212,37 @@ def test_turboquant_attention_with_dynamic_cache():
     want = _logits(model, DynamicCache(config=model.config), "sdpa")
     got = _logits(model, DynamicCache(config=model.config), "turboquant")
     assert rel_err(got, want) < 1e-5
+
+
+def _chunked_logits(model, cache, attn, ids, mask, chunk):
+    model.set_attn_implementation(attn)
+    kw = {cache_kwarg(model): cache}
+    out = []
+    for s in range(0, ids.shape[1], chunk):
+        out.append(model(input_ids=ids[:, s : s + chunk], attention_mask=mask[:, : s + chunk], **kw).logits)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_chunked_forward_reads_its_own_tokens_exact(family):
+    # Every earlier token comes from the 4-bit store (residual_length=0); a chunk's own tokens are exact
+    # with chunk_kv="exact" (the default), as any other attention implementation sees them, and as stored
+    # with chunk_kv="compressed".
+    model = tiny_model(family)
+    ids, mask = _batch(t=48, pad=5)
+    opts = {"residual_length": 0, "chunk_tokens": 16}
+    plain = _cache(model, "turboquant_4bit_nc", fused_attention=False, **opts)
+    want = _chunked_logits(model, plain, "eager", ids, mask, 16)
+    exact_cache = _cache(model, "turboquant_4bit_nc", **opts)
+    exact = _chunked_logits(model, exact_cache, "turboquant", ids, mask, 16)
+    assert exact_cache.layers[0].n_comp == 48  # every token went through the store
+    stored = _chunked_logits(
+        model, _cache(model, "turboquant_4bit_nc", chunk_kv="compressed", **opts), "turboquant", ids, mask, 16
+    )
+    real = mask.bool()
+    err_exact = rel_err(exact[real], want[real])
+    err_stored = rel_err(stored[real], want[real])
+    assert err_exact < 1e-4, err_exact
+    assert err_stored > 10 * max(err_exact, 1e-6), (err_stored, err_exact)
+    # the first chunk (the prompt) is attended exactly in every mode
+    assert rel_err(stored[:, :16][real[:, :16]], want[:, :16][real[:, :16]]) < 1e-4

@@ -48,6 +48,8 @@ MAX_RESIDUAL_LENGTH = 65536
 # at least one chunk per layer and sliding-window layers keep a spare chunk beyond their window.
 MAX_CHUNK_TOKENS = 4096
 BACKENDS = ("auto", "torch", "triton")
+# what a multi-token forward over a filled cache attends of its own tokens (TurboQuantCache's chunk_kv)
+CHUNK_KV_MODES = ("exact", "compressed")
 
 
 def as_int(value: Any, name: str, *, low: int, high: int | None = None, hint: str = "") -> int:
@@ -78,6 +80,7 @@ def check_options(
     max_cache_len: Any,
     backend: Any,
     fused_attention: Any,
+    chunk_kv: Any = "exact",
     config: Any = None,
 ) -> tuple[int, int, int | None]:
     """Validate the storage options; returns ``(residual_length, chunk_tokens, max_cache_len)`` as ints.
@@ -98,6 +101,12 @@ def check_options(
             "fused_attention must be None (detect the 'turboquant' attention on the first forward), True or "
             f"False (always hand dequantized K/V to attention), got {type(fused_attention).__name__} "
             f"{fused_attention!r}"
+        )
+    if chunk_kv not in CHUNK_KV_MODES:
+        raise ValueError(
+            f"chunk_kv must be one of {CHUNK_KV_MODES}: what a multi-token forward over a filled cache "
+            "attends of its own tokens with the turboquant attention, 'exact' (as computed, the default) or "
+            f"'compressed' (as the cache stores them), got {chunk_kv!r}"
         )
     if max_cache_len is not None:
         max_cache_len = as_int(

@@ -16,7 +16,7 @@ from transformers.cache_utils import Cache
 
 from tq_core import KVFormat
 from tq_hf import _validate as _v
-from tq_hf.layer import Backend, CompressedKV, TurboQuantLayer
+from tq_hf.layer import Backend, ChunkKV, CompressedKV, TurboQuantLayer
 from tq_kernels import SUPPORTED_HEAD_DIMS
 
 __all__ = ["CompressedKV", "TurboQuantCache", "TurboQuantLayer", "KERNEL_HEAD_DIMS"]
@@ -152,6 +152,12 @@ class TurboQuantCache(Cache):
             (tq_core reference) or ``"auto"`` (triton on CUDA tensors, torch otherwise).
         fused_attention: ``None`` detects whether the model runs the ``"turboquant"`` attention; ``False``
             always hands full dequantized K/V to attention.
+        chunk_kv: what a multi-token forward over a filled cache (a prompt fed in chunks, assisted-decoding
+            verification) attends of its own tokens with the ``"turboquant"`` attention: ``"exact"`` (the
+            K/V as computed, like transformers' QuantizedCache and tq-vllm's default) or ``"compressed"``
+            (as stored, so the result does not depend on how a prompt is cut into chunks).  Earlier tokens
+            are read from the compressed store either way; other attention implementations always see the
+            forward's own K/V exact.
 
     Every argument is checked here: a wrong type raises ``TypeError``, a value out of range
     ``ValueError``, each saying what is allowed.
@@ -189,6 +195,7 @@ class TurboQuantCache(Cache):
         max_cache_len: int | None = None,
         backend: Backend = "auto",
         fused_attention: bool | None = None,
+        chunk_kv: ChunkKV = "exact",
     ) -> None:
         _v.check_config(config)
         cfg = _text_config(config)
@@ -199,6 +206,7 @@ class TurboQuantCache(Cache):
             max_cache_len=max_cache_len,
             backend=backend,
             fused_attention=fused_attention,
+            chunk_kv=chunk_kv,
             config=cfg,
         )
         check_kernels = backend == "triton" or (backend == "auto" and torch.cuda.is_available())
@@ -225,6 +233,7 @@ class TurboQuantCache(Cache):
                     max_cache_len=max_cache_len,
                     backend=backend,
                     fused_attention=fused_attention,
+                    chunk_kv=chunk_kv,
                     pending_registry=self._pending,
                 )
             )

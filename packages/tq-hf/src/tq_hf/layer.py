@@ -41,6 +41,7 @@ from tq_hf._store import CompressedStore, PagedRead
 __all__ = ["CompressedKV", "DecodeRead", "TurboQuantLayer"]
 
 Backend = Literal["auto", "torch", "triton"]
+ChunkKV = Literal["exact", "compressed"]
 
 
 # -- placeholders handed to the turboquant attention ------------------------------------------------
@@ -143,6 +144,7 @@ class TurboQuantLayer(CacheLayerMixin):
         max_cache_len: int | None = None,
         backend: Backend = "auto",
         fused_attention: bool | None = None,
+        chunk_kv: ChunkKV = "exact",
         pending_registry: set[int] | None = None,
     ) -> None:
         super().__init__()
@@ -156,8 +158,10 @@ class TurboQuantLayer(CacheLayerMixin):
             max_cache_len=max_cache_len,
             backend=backend,
             fused_attention=fused_attention,
+            chunk_kv=chunk_kv,
         )
         self.fmt = fmt
+        self.chunk_kv = chunk_kv
         self.layer_idx = layer_idx
         self.num_kv_heads = num_kv_heads
         self.head_dim = fmt.head_dim
@@ -184,6 +188,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self._read_memo: tuple[Any, bool, PagedRead | None] | None = None
         self.keys = self.values = None
         self.is_initialized = False
+        self.chunk = None  # the exact K/V of the multi-token forward in progress (chunk_kv="exact")
         # transformers sets record_past back to False itself (DeferredStopCheck.finish), hence a plain field
         self.record_past = False
         self._crop_floor = 0  # while recording, a crop may go back to this length (see _retain_from)
@@ -297,6 +302,7 @@ class TurboQuantLayer(CacheLayerMixin):
             )
         k = key_states.to(self.dtype)
         v = value_states.to(self.dtype)
+        self.chunk = None
         self.flush_pending()
         if self.cumulative_length == 0 and self._fused is not False:
             # the prompt: kept as is until this layer's attention has run (see flush_pending)
@@ -315,6 +321,8 @@ class TurboQuantLayer(CacheLayerMixin):
         self.cumulative_length += k.shape[-2]
         self._append(k, v, self.cumulative_length)
         if self._fused:
+            # a chunk over a filled cache: its attention reads the store, then its own tokens as computed
+            self.chunk = (k, v) if self.chunk_kv == "exact" and k.shape[-2] > 1 else None
             return self._placeholders()
         assert full is not None
         return _tag(full[0], self), full[1]
@@ -382,6 +390,7 @@ class TurboQuantLayer(CacheLayerMixin):
         Exact: every token is quantized on its own, so cropping compressed tokens just forgets them.
         """
         self.flush_pending()
+        self.chunk = None
         # transformers 5.17 passes a 0-d tensor: kept as one, it would become the length fields, and an
         # in-place `+=` on one would move the others that share it
         tokens_to_remove = int(tokens_to_remove)
@@ -423,6 +432,7 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def _select(self, idx: torch.Tensor) -> None:
         self.flush_pending()
+        self.chunk = None
         if idx.dtype == torch.bool:
             idx = idx.nonzero().flatten()
         self.store.select(idx)
@@ -501,9 +511,21 @@ class TurboQuantLayer(CacheLayerMixin):
         return self.store.gather(self.dtype)
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's K/V at positions [start, n) as full tensors `[B, Hkv, n - start, d]`."""
+        """This layer's K/V at positions [start, n) as full tensors `[B, Hkv, n - start, d]`, as this
+        forward's attention reads them: the stored tokens decoded, except a multi-token forward's own
+        tokens, which are exact while ``chunk_kv="exact"``."""
         if self.pending is not None:
             return self.pending
+        k, v = self._stored()
+        chunk = self.chunk
+        if chunk is not None:  # the forward's own tokens (chunk_kv="exact") are the newest positions
+            t = min(chunk[0].shape[-2], k.shape[-2])
+            k = torch.cat([k[:, :, : k.shape[-2] - t], chunk[0][:, :, -t:]], dim=-2)
+            v = torch.cat([v[:, :, : v.shape[-2] - t], chunk[1][:, :, -t:]], dim=-2)
+        return k, v
+
+    def _stored(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [start, n) as stored: the compressed ones decoded, then the residual window."""
         assert self.res_k is not None and self.res_v is not None
         rk, rv = self.res_k[:, :, : self.r], self.res_v[:, :, : self.r]
         if self.n_comp == self.start:
