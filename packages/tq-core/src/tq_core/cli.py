@@ -25,7 +25,7 @@ __all__ = ["main"]
 
 def _progress(enabled: bool):  # type: ignore[no-untyped-def]
     def wrap(it: Iterable[Any], desc: str, total: int) -> Iterable[Any]:
-        if not enabled:
+        if not enabled or importlib.util.find_spec("tqdm") is None:  # tqdm comes with the eval extra
             return it
         from tqdm.auto import tqdm
 
