@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ from tq_core import named_format  # noqa: E402
 from tq_core.baselines import UniformKVBaseline, _rtn  # noqa: E402
 
 PRESETS = ("turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc")
+# presets also measured with the nearest-centroid encoder, to show what the gain search buys
+NEAREST_PRESETS = ("turboquant_4bit_nc", "turboquant_3bit_nc")
 KIVI_GROUP = 64  # tokens per per-channel key group: one 64-token chunk
 QUANTO_GROUP = 64  # transformers' QuantizedCache default q_group_size
 KIVI_BITS = ((4, 4), (3, 3), (2, 2))
@@ -157,6 +159,12 @@ def schemes(head_dim: int, model_dtype_bytes: int = 2) -> dict[str, Scheme]:
         short = preset.removeprefix("turboquant_")
         fmt = named_format(preset, d)
         out[f"ours-{short}"] = Scheme(f"ours-{short}", preset, fmt.slot_bytes, _tq_cache(fmt))
+        if preset in NEAREST_PRESETS:  # the same slots, encoded as before the gain search
+            near = replace(fmt, key=replace(fmt.key, gain_search=False), value=replace(fmt.value, gain_search=False))
+            out[f"ours-{short}-nearest"] = Scheme(
+                f"ours-{short}-nearest", preset, near.slot_bytes, _tq_cache(near),
+                "nearest-centroid encoder (ComponentFormat(gain_search=False))",
+            )  # fmt: skip
         out[f"vllm-like-{short}"] = Scheme(
             f"vllm-like-{short}", preset, vllm_slot_bytes(preset, d),
             lambda c, p=preset: past_qdq_cache(c, vllm_like_rounder(p)),
