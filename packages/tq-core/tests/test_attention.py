@@ -46,6 +46,28 @@ def test_sliding_window_softcap_and_sinks():
     )
 
 
+def test_explicit_mask_bidirectional_range():
+    # a vision-language prefix: tokens 3..8 are one image, bidirectional inside, causal elsewhere
+    q, k, v = torch.randn(12, 4, 16), torch.randn(12, 2, 16), torch.randn(12, 2, 16)
+    i, j = torch.arange(12)[:, None], torch.arange(12)[None, :]
+    image = (i >= 3) & (i < 9) & (j >= 3) & (j < 9)
+    allowed = (j <= i) | image
+    got = attention_ref(q, k, v, causal=False, mask=allowed)
+    torch.testing.assert_close(got, _sdpa(q, k, v, allowed), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[3:8], attention_ref(q, k, v)[3:8])  # the image's queries looked ahead
+    # with causal=True the mask is combined with causality: the look-ahead is cut again
+    torch.testing.assert_close(attention_ref(q, k, v, mask=allowed), attention_ref(q, k, v))
+    # keys the mask hides never affect a query, NaN included
+    k[10, 0, 0] = float("nan")
+    hide = allowed & (j != 10)
+    out = attention_ref(q, k, v, causal=False, mask=hide)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        attention_ref(q, k, v, mask=allowed.float())
+    with pytest.raises(ValueError, match="num_q=12, num_k=12"):
+        attention_ref(q, k, v, mask=allowed[:, :5])
+
+
 def _paged_setup(fmt, lens, hkv, bs, seed=0):
     g = torch.Generator().manual_seed(seed)
     max_blocks = max((n + bs - 1) // bs for n in lens)

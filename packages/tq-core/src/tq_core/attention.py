@@ -1,7 +1,8 @@
 """Reference attention (float32 torch) over plain tensors and over a compressed paged cache.
 
 The one definition of the attention math every kernel is compared with: grouped-query heads, causal
-masks with an offset, sliding windows, logit soft-capping and attention sinks.
+masks with an offset, sliding windows, explicit masks (a vision-language model's bidirectional image
+ranges), logit soft-capping and attention sinks.
 
 Conventions (as in vLLM): a query at absolute position ``p`` sees key ``j`` iff ``j <= p`` (causal) and
 ``p - j < sliding_window`` (when set); ``softcap`` maps a score ``s`` to ``softcap * tanh(s / softcap)``;
@@ -44,6 +45,7 @@ def attention_ref(
     sliding_window: int | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one sequence in float32.
 
@@ -56,15 +58,18 @@ def attention_ref(
         sliding_window: keys with ``p - j >= sliding_window`` are masked.
         softcap: tanh soft-capping of scores.
         sinks: `[num_heads]` sink logits.
+        mask: bool `[num_q, num_k]`, True where a query may see a key; it is combined (and) with the causal
+            and sliding-window masks, so a pattern that looks ahead (the bidirectional image range of a
+            vision-language model's prefix) is given with ``causal=False``.
 
     Returns:
         float32 `[num_q, num_heads, d]`.
 
     Non-finite inputs propagate, they are never zeroed: the output of a query (one head) is NaN when
     the query, or a key or value it can see, holds a NaN or an Inf; a NaN or +Inf sink makes its whole
-    head NaN.  Keys and values a query cannot see (causal mask, sliding window) never affect it.  A
-    query that sees no key at all (a sliding window past every key) outputs 0, whatever it holds, as
-    the kernels do; with ``sinks`` its weight goes to the sink, which carries no value: 0 as well.
+    head NaN.  Keys and values a query cannot see (causal mask, sliding window, ``mask``) never affect
+    it.  A query that sees no key at all (a sliding window past every key) outputs 0, whatever it holds,
+    as the kernels do; with ``sinks`` its weight goes to the sink, which carries no value: 0 as well.
 
     Example:
         >>> q, k = torch.randn(3, 4, 16), torch.randn(10, 2, 16)
@@ -81,14 +86,22 @@ def attention_ref(
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
     if sinks is not None and sinks.shape != (h,):
         raise ValueError(f"sinks must be [num_heads={h}], got {tuple(sinks.shape)}")
+    if mask is not None and (mask.shape != (nq, nk) or mask.dtype != torch.bool):
+        raise ValueError(
+            f"mask must be a bool tensor [num_q={nq}, num_k={nk}] (True: the query sees the key), got "
+            f"{mask.dtype} {tuple(mask.shape)}"
+        )
     off = nk - nq if q_offset is None else q_offset
     pos = off + torch.arange(nq, device=q.device)[:, None]
     j = torch.arange(nk, device=q.device)[None, :]
+    explicit = mask
     mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
     if causal:
         mask &= j <= pos
     if sliding_window is not None:
         mask &= (pos - j) < sliding_window
+    if explicit is not None:
+        mask &= explicit.to(q.device)
     # Non-finite inputs: computed as zeros (so a masked key's NaN cannot leak in through 0 * NaN), then
     # the rows that saw them are set to NaN.
     q32, bad_q = _finite_rows(q.to(torch.float32))  # [nq, h, d], [nq, h]
