@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from harness import RESULTS, write_result  # noqa: E402
-from report import agreement, ppl_delta_ci  # noqa: E402
+from report import _paired_bootstrap, agreement, ppl_delta_ci  # noqa: E402
 
 BASELINES = ("bf16", "fp32")
 SCHEMA = ("model", "engine", "scheme", "preset", "bytes_per_token_head", "ppl", "ppl_delta_pct",
@@ -43,6 +43,59 @@ def merge(raw: list[dict]) -> list[dict]:
             "needle_acc": r["needle_acc"],
         })  # fmt: skip
     return rows
+
+
+# issue 15's absolute targets on SmolLM2 (perplexity increase, %), by the preset whose byte budget a row uses
+ABSOLUTE = {"smollm2": {"turboquant_4bit_nc": 1.0, "turboquant_k3v4_nc": 1.5, "turboquant_3bit_nc": 4.0}}
+
+
+def targets(raw: list[dict], draws: int = 2000, seed: int = 0) -> list[dict]:
+    """Per model and preset, ours against the vLLM-like scheme at the same byte budget: both increases, the
+    paired-bootstrap 95% intervals of (ours - theirs) and of (ours - theirs / 2) in points (the target:
+    ours at most half of theirs, that interval below zero), and the absolute target where there is one."""
+    latest = {(r["model"], r["engine"], r["scheme"]): _total(r) for r in raw if "error" not in r}
+    out = []
+    for (m, e, s), ours in sorted(latest.items()):
+        if not s.startswith("ours-") or s.endswith("-nearest") or ours.get("preset") is None:
+            continue
+        theirs = latest.get((m, e, s.replace("ours-", "vllm-like-", 1)))
+        base = next((latest[(m, e, b)] for b in BASELINES if (m, e, b) in latest), None)
+        if theirs is None or base is None:
+            continue
+        boot = _paired_bootstrap([ours, theirs], base, draws, seed)
+        if boot is None:
+            continue
+        q = lambda xs: [sorted(xs)[int(0.025 * draws)], sorted(xs)[int(0.975 * draws) - 1]]  # noqa: E731
+        d_ours = 100 * (ours["ppl"] / base["ppl"] - 1)
+        d_theirs = 100 * (theirs["ppl"] / base["ppl"] - 1)
+        half = q([x - y / 2 for x, y in boot])
+        bound = ABSOLUTE.get(m, {}).get(ours["preset"])
+        out.append({
+            "model": m, "engine": e, "preset": ours["preset"], "ours": s, "theirs": theirs["scheme"],
+            "ours_delta_pct": d_ours, "theirs_delta_pct": d_theirs,
+            "diff_ci95": q([x - y for x, y in boot]), "ours_minus_half_theirs_ci95": half,
+            "half_target_met": half[1] < 0, "absolute_target_pct": bound,
+            "absolute_target_met": None if bound is None else d_ours <= bound,
+        })  # fmt: skip
+    return out
+
+
+def targets_table(rows: list[dict]) -> str:
+    lines = [
+        "| model | preset | ours Δ% | vLLM-like Δ% | ours - theirs [95% CI] | ours - theirs/2 [95% CI] | half met | "
+        "absolute target | met |",
+        "|" + "---|" * 9,
+    ]
+    for t in rows:
+        d, h = t["diff_ci95"], t["ours_minus_half_theirs_ci95"]
+        bound = "-" if t["absolute_target_pct"] is None else f"≤ +{t['absolute_target_pct']:g}%"
+        met = "-" if t["absolute_target_met"] is None else ("yes" if t["absolute_target_met"] else "no")
+        lines.append(
+            f"| {t['model']} | {t['preset']} | {t['ours_delta_pct']:+.2f} | {t['theirs_delta_pct']:+.2f} | "
+            f"[{d[0]:+.2f}, {d[1]:+.2f}] | [{h[0]:+.2f}, {h[1]:+.2f}] | {'yes' if t['half_target_met'] else 'no'} "
+            f"| {bound} | {met} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _total(r: dict) -> dict:
@@ -121,10 +174,12 @@ def main() -> None:
     scored = {r["model"]: r["scored_total"] for r in raw if "scored_total" in r}
     notes = {"protocol": protocols, "scored_tokens_per_scheme": scored, "raw": [str(f) for f in args.jsonl],
              "run_command": args.command, "errors": [r for r in raw if "error" in r]}  # fmt: skip
-    (RESULTS / f"{args.name}.md").write_text(table(rows))
+    goals = targets(raw)
+    (RESULTS / f"{args.name}.md").write_text(table(rows) + "\n" + targets_table(goals))
     plot(rows, RESULTS / f"{args.name}.png")
-    path = write_result(args.name, {"rows": rows, "notes": notes})
+    path = write_result(args.name, {"rows": rows, "targets": goals, "notes": notes})
     print(table(rows))
+    print(targets_table(goals))
     print(f"wrote {path}, {args.name}.md, {args.name}.png")
 
 

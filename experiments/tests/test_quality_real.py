@@ -125,3 +125,35 @@ def test_vllm_like_keys_norm_correction_keeps_the_stored_norm():
     # without it the centroid vector's norm (sqrt(1 - D_mse) ~ 0.98 at 3 bits on average) shrinks the key
     plain = vllm_like_keys(k, 3)
     assert float((plain.norm(dim=-1) / norm16).mean()) < 0.995
+
+
+def _target_row(scheme: str, nll: list[float], preset: str | None = "turboquant_4bit_nc") -> dict:
+    scored = 100
+    ppl = math.exp(sum(nll) / (scored * len(nll)))
+    return {"model": "smollm2", "engine": "hf", "scheme": scheme, "preset": preset, "ppl": ppl,
+            "nll_per_seq": nll, "scored_total": scored * len(nll), "scored_tokens": scored}  # fmt: skip
+
+
+def test_targets_compare_ours_with_half_of_theirs():
+    base = [200.0 + i for i in range(8)]
+    rows = [
+        _target_row("bf16", base, None),
+        _target_row("ours-4bit_nc", [x + 0.5 + 0.01 * (i % 3) for i, x in enumerate(base)]),  # about +0.5%
+        _target_row("vllm-like-4bit_nc", [x + 2.0 + 0.01 * (i % 2) for i, x in enumerate(base)]),  # about +2%
+        _target_row("ours-4bit_nc-nearest", [x + 3.0 for x in base]),  # not a target row
+    ]
+    (t,) = real_report.targets(rows)
+    assert (t["ours"], t["theirs"], t["preset"]) == (
+        "ours-4bit_nc",
+        "vllm-like-4bit_nc",
+        "turboquant_4bit_nc",
+    )
+    assert t["ours_delta_pct"] == pytest.approx(0.5, abs=0.02)
+    assert t["theirs_delta_pct"] == pytest.approx(2.0, abs=0.05)
+    assert t["half_target_met"] and t["ours_minus_half_theirs_ci95"][1] < 0
+    assert t["absolute_target_pct"] == 1.0 and t["absolute_target_met"]
+    # ours at 1.5% against theirs at 2%: below theirs, but not half of it, and above the absolute target
+    rows[1] = _target_row("ours-4bit_nc", [x + 1.5 for x in base])
+    (t,) = real_report.targets(rows)
+    assert not t["half_target_met"] and not t["absolute_target_met"]
+    assert t["diff_ci95"][1] < 0
