@@ -160,7 +160,9 @@ def schemes(head_dim: int, model_dtype_bytes: int = 2) -> dict[str, Scheme]:
         fmt = named_format(preset, d)
         out[f"ours-{short}"] = Scheme(f"ours-{short}", preset, fmt.slot_bytes, _tq_cache(fmt))
         if preset in NEAREST_PRESETS:  # the same slots, encoded as before the gain search
-            near = replace(fmt, key=replace(fmt.key, gain_search=False), value=replace(fmt.value, gain_search=False))
+            near = replace(
+                fmt, key=replace(fmt.key, gain_search=False), value=replace(fmt.value, gain_search=False)
+            )
             out[f"ours-{short}-nearest"] = Scheme(
                 f"ours-{short}-nearest", preset, near.slot_bytes, _tq_cache(near),
                 "nearest-centroid encoder (ComponentFormat(gain_search=False))",

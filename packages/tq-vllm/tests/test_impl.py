@@ -113,14 +113,19 @@ def test_compressed_layer_matches_reference(case: dict) -> None:
     unwritten = lo != hi
     view = compressed_cache_view(kv_cache, fmt.slot_bytes)
     assert bool((view[unwritten] == FILL).all()), "a byte outside the slot mapping's slots was written"
-    # The kernel and the reference may round a coordinate sitting on a code boundary differently
-    # (tq-kernels' store tests bound those ties): few bytes differ, and the slots decode alike.
+    # The kernel and the reference may round a coordinate sitting on a code boundary differently, or
+    # pick another gain of the encoder's search where two score alike (tq-kernels' store tests bound
+    # those ties): few bytes differ, and the slots reconstruct the K/V equally well.
     assert float((view != ref_cache)[~unwritten].float().mean()) < 0.01
     for b in range(len(REQUESTS)):
         seq = int(step.seq_lens[b])
         got = fmt.gather_paged(view, step.block_table[b], seq, layer=LAYER)
         want = fmt.gather_paged(ref_cache, step.block_table[b], seq, layer=LAYER)
-        assert rel_err(got[0], want[0]) < STORE_TOL and rel_err(got[1], want[1]) < STORE_TOL
+        for g, w, x in zip(got, want, (step.keys[b], step.values[b]), strict=True):
+            if rel_err(g, w) < STORE_TOL:
+                continue
+            e_got, e_want = rel_err(g, x[:seq].float()), rel_err(w, x[:seq].float())
+            assert abs(e_got - e_want) < STORE_TOL * e_want, (b, e_got, e_want)
 
     meta = builder.build(0, step.common_metadata())
     assert (meta.num_decodes, meta.num_prefills) == (2, 2)

@@ -41,8 +41,20 @@ def format_key(fmt: KVFormat) -> str:
 
 
 def _parse_component(text: str) -> ComponentFormat:
-    bits, hi, norm_dtype, nc = text.split(".")
-    return ComponentFormat(int(bits), int(hi), norm_dtype, bool(int(nc)))  # type: ignore[arg-type]
+    bits, hi, norm_dtype, nc, gs = text.split(".")
+    return ComponentFormat(
+        int(bits),
+        int(hi),
+        norm_dtype,  # type: ignore[arg-type]  # validated by ComponentFormat itself
+        _flag(nc, "norm correction"),
+        gain_search=_flag(gs, "gain search"),
+    )
+
+
+def _flag(text: str, what: str) -> bool:
+    if text not in ("0", "1"):
+        raise ValueError(f"the {what} flag must be 0 or 1, got {text!r}")
+    return text == "1"
 
 
 def lookup_format(key: str) -> KVFormat:

@@ -106,7 +106,9 @@ def _check_config(cfg: LaunchConfig) -> None:
     if cfg.block_n < 16 or cfg.block_n & (cfg.block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {cfg.block_n}")
     if cfg.num_warps < 1 or cfg.num_stages < 1:
-        raise ValueError(f"config.num_warps and num_stages must be >= 1, got {cfg.num_warps}, {cfg.num_stages}")
+        raise ValueError(
+            f"config.num_warps and num_stages must be >= 1, got {cfg.num_warps}, {cfg.num_stages}"
+        )
     if cfg.score_chains not in (1, 2, 4):
         raise ValueError(f"config.score_chains must be 1, 2 or 4, got {cfg.score_chains}")
     if cfg.maxnreg < 0:
