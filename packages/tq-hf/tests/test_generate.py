@@ -246,3 +246,16 @@ def test_chunked_forward_reads_its_own_tokens_exact(family):
     assert err_stored > 10 * max(err_exact, 1e-6), (err_stored, err_exact)
     # the first chunk (the prompt) is attended exactly in every mode
     assert rel_err(stored[:, :16][real[:, :16]], want[:, :16][real[:, :16]]) < 1e-4
+
+
+def test_chunk_longer_than_a_block_keeps_its_window_on_sliding_layers():
+    # A 32-token chunk over 16-token blocks on Mistral's 16-token window: the store keeps what the chunk's
+    # first query sees until the chunk has attended (it used to drop it first: 51% logit error).
+    model = tiny_model("mistral")
+    ids, mask = _batch(t=64, pad=5)
+    opts = {"residual_length": 0, "chunk_tokens": 16}
+    plain = _cache(model, "k8v8", fused_attention=False, **opts)
+    want = _chunked_logits(model, plain, "eager", ids, mask, 32)
+    got = _chunked_logits(model, _cache(model, "k8v8", **opts), "turboquant", ids, mask, 32)
+    real = mask.bool()
+    assert rel_err(got[real], want[real]) < 1e-4

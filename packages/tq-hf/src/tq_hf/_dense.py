@@ -1,5 +1,10 @@
-"""Causal attention over full K/V tensors: the prompt, the dequantize path and any cache but
+"""Attention over full K/V tensors: the prompt, the dequantize path and any cache but
 :class:`~tq_hf.cache.TurboQuantCache` (SDPA on CUDA, float32 reference math otherwise).
+
+The pattern is causal (with an optional sliding window and a key-padding mask) unless a 4D mask is
+given: transformers' 4D masks spell out the whole pattern (causality, windows, padding, and what a
+model lays over them, such as the bidirectional image ranges of vision-language models), so they
+replace the causal one, as in transformers' SDPA and eager attention.
 """
 
 from __future__ import annotations
@@ -32,17 +37,20 @@ def dense_attention(
     window: int | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    causal: bool = True,
 ) -> torch.Tensor:
-    """Causal attention of queries `[B, H, T, d]` over keys/values `[B, Hkv, L, d]`.
+    """Attention of queries `[B, H, T, d]` over keys/values `[B, Hkv, L, d]`, causal by default.
 
     Query ``i`` sits at key index ``q_offset + i`` (default ``L - T``: the queries are the last keys).
 
     Args:
         key_mask: bool `[B, L]`, False for padding keys.
-        mask4d: bool (True = attend) or additive float `[B, 1 or H, T, L]`, applied on top.
+        mask4d: bool (True = attend) or additive float `[B or 1, 1 or H, T, L]`: the whole pattern;
+            when given, neither causality nor ``window`` is applied again.
         window: sliding window (key j visible from query position p iff ``p - j < window``).
         softcap: tanh soft-capping of the scores.
         sinks: `[H]` attention-sink logits.
+        causal: ``False`` for bidirectional attention (an image encoder's); takes no ``window``.
 
     Returns:
         `[B, T, H, d]` in ``q``'s dtype (the layout transformers' attention functions return).
@@ -50,22 +58,30 @@ def dense_attention(
     b, h, t, d = q.shape
     hkv, length = k.shape[1], k.shape[2]
     group = h // hkv
+    if not causal and window is not None:
+        raise ValueError("a sliding window needs causal attention (causal=True)")
     off = length - t if q_offset is None else q_offset
-    window_cuts = window is not None and off + t - 1 >= window  # some query cannot see key 0
-    plain = key_mask is None and mask4d is None and not window_cuts  # causality is the only mask
+    pattern = causal and mask4d is None  # whether causality (and the window) are applied here
+    window_cuts = pattern and window is not None and off + t - 1 >= window  # some query cannot see key 0
+    # whether the causal pattern may be skipped: one query, the newest key (it sees every key)
+    sees_all = not pattern or (t == 1 and off == length - 1 and not window_cuts)
 
     if q.is_cuda and softcap is None and sinks is None:
-        if plain and t == 1 and off == length - 1:
+        if key_mask is None and mask4d is None and sees_all:
             out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=group > 1)
-        elif plain and off == 0 and t == length:  # a prompt: the flash kernels' causal mask
+        elif key_mask is None and pattern and not window_cuts and off == 0 and t == length:
+            # a prompt: the flash kernels' causal mask
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=group > 1)
         else:
-            attn_mask = _allowed(t, length, off, window, q.device)[None, None]
+            attn_mask = None if sees_all else _allowed(t, length, off, window, q.device)[None, None]
             if key_mask is not None:
-                attn_mask = attn_mask & key_mask[:, None, None, :]
+                km = key_mask[:, None, None, :]
+                attn_mask = km if attn_mask is None else attn_mask & km
             if mask4d is not None:
                 if mask4d.dtype == torch.bool:
-                    attn_mask = attn_mask & mask4d
+                    attn_mask = mask4d if attn_mask is None else attn_mask & mask4d
+                elif attn_mask is None:
+                    attn_mask = mask4d.to(q.dtype)
                 else:
                     attn_mask = torch.where(attn_mask, mask4d.to(q.dtype), float("-inf"))
             if group > 1:  # SDPA's mask-capable kernels do not all take enable_gqa
@@ -74,9 +90,7 @@ def dense_attention(
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
         return out.transpose(1, 2).contiguous()
 
-    allowed = None
-    if not (t == 1 and off == length - 1 and not window_cuts):
-        allowed = _allowed(t, length, off, window, q.device)[None, None]
+    allowed = None if sees_all else _allowed(t, length, off, window, q.device)[None, None]
     if key_mask is not None:
         km = key_mask[:, None, None, :]
         allowed = km if allowed is None else allowed & km

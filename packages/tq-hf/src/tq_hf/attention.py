@@ -12,12 +12,17 @@ With a :class:`~tq_hf.cache.TurboQuantCache` the attention reads each layer's co
 * several new tokens (prefill, assisted-decoding verification), or on CPU: the layer is dequantized
   (tq_core's reference decoder on CPU) and attended with masked softmax attention (SDPA on CUDA).
 
-With any other cache the function is plain causal attention over the K/V it is given.
+With any other cache the function is plain attention over the K/V it is given: causal for decoder
+layers, bidirectional for encoder layers (a vision-language model's image encoder).
 
-Masks: the mask function hands over the 2D padding mask (``None`` when nothing is padded), like the
-FlashAttention integration; causality and sliding windows come from positions.  Left padding is served
-by the kernel path (each row's compressed range starts after its padding); any other padding pattern,
-or a 4D mask, takes the dequantize path.
+Masks: for a plain causal pattern the mask function hands over the 2D padding mask (``None`` when
+nothing is padded), like the FlashAttention integration; causality and sliding windows come from
+positions.  Left padding is served by the kernel path (each row's compressed range starts after its
+padding); any other padding pattern takes the dequantize path.  When transformers lays something over
+the causal pattern (``or``/``and`` mask functions, ``block_sequence_ids``, packed sequences: the
+bidirectional image ranges of Gemma 3 and PaliGemma), the mask function builds the full 4D boolean mask
+of SDPA, which replaces the causal pattern on the prompt and dequantize paths; the kernel path, which
+only knows the causal pattern, is then not taken.
 """
 
 from __future__ import annotations
@@ -52,16 +57,20 @@ def turboquant_mask(
     """The mask transformers builds for ``"turboquant"``: the 2D key-padding mask `[B, positions]` (bool)
     or ``None`` when nothing is padded.
 
-    Models that overlay custom patterns on the causal mask (``or``/``and`` mask functions) get the full
-    4D boolean mask of SDPA instead, which the attention applies on its dequantize path.
-    The returned 2D mask carries ``tq_pads`` (left-padding length per row, host tuple; ``None`` when
-    the padding is not only on the left) and ``tq_pads_dev`` (the same on the device).
+    When the pattern is more than causal (transformers then passes ``allow_is_causal_skip=False`` or
+    ``use_vmap=True``: ``or``/``and`` mask functions, block or packed sequences, a compiled cache), the
+    full 4D boolean mask of SDPA `[B, 1, q_length, kv_length]` instead, which the attention applies as
+    the whole pattern.  Either mask carries ``tq_pads`` (left-padding length per row, host tuple;
+    ``None`` when the padding is not only on the left) and ``tq_pads_dev`` (the same on the device)
+    when some row is padded, so that a prompt's storage skips the padding.
     """
-    if kwargs.get("use_vmap"):
+    if kwargs.get("use_vmap") or kwargs.get("allow_is_causal_skip", True) is False:
         from transformers.masking_utils import sdpa_mask
 
         kwargs.pop("allow_is_causal_skip", None)
-        return sdpa_mask(
+        if attention_mask is not None and attention_mask.dim() == 2:
+            attention_mask = attention_mask.to(torch.bool)  # as create_causal_mask hands it over
+        full = sdpa_mask(
             batch_size=batch_size,
             q_length=q_length,
             kv_length=kv_length,
@@ -72,19 +81,27 @@ def turboquant_mask(
             allow_is_causal_skip=False,
             **kwargs,
         )
+        if full is not None and attention_mask is not None and attention_mask.dim() == 2:
+            _mark_pads(full, attention_mask)
+        return full
     if attention_mask is None or attention_mask.dim() != 2:
         return attention_mask
     mask = attention_mask.to(torch.bool)
-    first = mask.to(torch.int32).argmax(dim=1)
-    count = mask.sum(dim=1)
+    return mask if _mark_pads(mask, mask) else None
+
+
+def _mark_pads(target: torch.Tensor, mask2d: torch.Tensor) -> bool:
+    """Set ``target.tq_pads``/``tq_pads_dev`` from the 2D padding mask; False when nothing is padded."""
+    first = mask2d.to(torch.int32).argmax(dim=1)
+    count = mask2d.sum(dim=1)
     stats = torch.stack([first.to(count.dtype), count]).tolist()  # one sync per forward, like FA's mask
-    length = mask.shape[1]
+    length = mask2d.shape[1]
     if all(c == length for c in stats[1]):
-        return None
+        return False
     left_only = all(c == length - f for f, c in zip(*stats, strict=True))
-    mask.tq_pads = tuple(stats[0]) if left_only else None  # type: ignore[attr-defined]
-    mask.tq_pads_dev = first  # type: ignore[attr-defined]
-    return mask
+    target.tq_pads = tuple(stats[0]) if left_only else None  # type: ignore[attr-defined]
+    target.tq_pads_dev = first  # type: ignore[attr-defined]
+    return True
 
 
 def _pads_of(mask: torch.Tensor) -> tuple[tuple[int, ...] | None, torch.Tensor]:
@@ -135,10 +152,20 @@ def _layer_attention(
     pads_dev = None
     if mask2d is not None:
         pads, pads_dev = _pads_of(mask2d)
+    elif mask4d is not None and getattr(mask4d, "tq_pads_dev", None) is not None:
+        pads, pads_dev = mask4d.tq_pads, mask4d.tq_pads_dev  # type: ignore[attr-defined]
     if layer.pending is not None:  # the prompt: exact attention, then store it knowing the padding
         k, v = layer.pending
         out = dense_attention(
-            q, k, v, scale=scale, key_mask=mask2d, mask4d=mask4d, window=window, softcap=softcap, sinks=sinks
+            q,
+            k,
+            v,
+            scale=scale,
+            key_mask=mask2d,
+            mask4d=None if mask4d is None else _mask4d_keys(mask4d, layer, t, k.shape[2]),
+            window=window,
+            softcap=softcap,
+            sinks=sinks,
         )
         layer.flush_pending(pads, pads_dev)
         return out
@@ -158,11 +185,40 @@ def _layer_attention(
         v,
         scale=scale,
         key_mask=None if mask2d is None else mask2d[:, n - length :],
-        mask4d=None if mask4d is None else mask4d[..., -length:],
+        mask4d=None if mask4d is None else _mask4d_keys(mask4d, layer, t, length),
         window=window,
         softcap=softcap,
         sinks=sinks,
     )
+
+
+def _mask4d_keys(mask4d: torch.Tensor, layer: TurboQuantLayer, t: int, length: int) -> torch.Tensor:
+    """The columns of a 4D mask `[B, 1 or H, t, L]` for the ``length`` newest keys the layer holds.
+
+    The mask covers the positions the cache announced for this forward (``get_mask_sizes``), which end
+    at the newest key; a sliding layer may since have dropped its oldest tokens.  Raises when the mask
+    lets a query see a dropped token: that attention cannot be computed any more, and attending
+    without it would be silently wrong.
+    """
+    if mask4d.shape[-2] != t or mask4d.shape[-1] < length:
+        raise ValueError(
+            f"the 4D attention mask has shape {tuple(mask4d.shape)}, but TurboQuantCache layer "
+            f"{layer.layer_idx} attends {t} queries over {length} keys: pass the 2D padding mask and let the "
+            "model build the 4D one, or build it with the sizes the cache's get_mask_sizes gives"
+        )
+    cut = mask4d.shape[-1] - length
+    if cut:
+        dropped = mask4d[..., :cut]
+        if dropped.dtype != torch.bool:  # additive: 0 sees, -inf or the dtype's minimum hides
+            dropped = torch.isfinite(dropped) & (dropped > torch.finfo(dropped.dtype).min)
+        if bool(dropped.any()):
+            raise ValueError(
+                f"the attention mask lets queries see positions that sliding-window layer {layer.layer_idx} "
+                f"of the TurboQuantCache no longer holds (it keeps positions >= {layer.start}, its window "
+                f"{layer.sliding_window} plus {layer.chunk_tokens} spare); a mask pattern that reaches behind "
+                "the window cannot be served by this cache"
+            )
+    return mask4d[..., cut:]
 
 
 # how many attention calls over a TurboQuantLayer took each path (prompts excluded)
@@ -374,11 +430,13 @@ def turboquant_attention_forward(
     """transformers attention function (``AttentionInterface`` signature).
 
     Args:
-        module: the attention module (``is_causal`` and ``training`` are read).
+        module: the attention module (``training`` is read, and ``is_causal`` for K/V that do not come
+            from a TurboQuantCache: an image encoder's attention is bidirectional).
         query: `[B, H, T, d]`.
         key, value: `[B, Hkv, L, d]`, or :class:`~tq_hf.cache.CompressedKV` placeholders from a
             :class:`~tq_hf.cache.TurboQuantCache` layer.
-        attention_mask: from :func:`turboquant_mask`: the 2D padding mask, ``None``, or a 4D mask.
+        attention_mask: from :func:`turboquant_mask`: the 2D padding mask, ``None``, or a 4D mask,
+            which is then the whole pattern (a vision-language model's bidirectional image ranges).
         scaling: softmax scale (default ``d ** -0.5``).
         sliding_window: the layer's window, if any.
         softcap: logit soft-capping (Gemma 2).
@@ -397,11 +455,10 @@ def turboquant_attention_forward(
     """
     if dropout and module.training:
         raise ValueError("the turboquant attention is for inference: dropout is not supported")
+    # Without a 4D mask, as in transformers' SDPA attention, the module says whether the pattern is causal
+    # (an image encoder's is not).  Over a TurboQuantCache it always is: a decoder whose module is flagged
+    # bidirectional (PaliGemma's, Gemma 3's) gets its bidirectional ranges through the 4D mask.
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if not causal:
-        raise ValueError(
-            f"the turboquant attention serves causal decoder attention only ({type(module).__name__} is not causal)"
-        )
     if kwargs.get("position_bias") is not None:
         raise ValueError("the turboquant attention does not support additive position biases (ALiBi, T5)")
     if kwargs.get("output_attentions"):
@@ -440,9 +497,10 @@ def turboquant_attention_forward(
         scale=scale,
         key_mask=mask2d,
         mask4d=mask4d,
-        window=sliding_window,
+        window=sliding_window if causal else None,
         softcap=softcap,
         sinks=sinks,
+        causal=causal,
     )
     return out, None
 

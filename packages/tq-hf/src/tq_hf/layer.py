@@ -319,7 +319,8 @@ class TurboQuantLayer(CacheLayerMixin):
             pk, pv = self.dequantize()
             full = (torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=-2))
         self.cumulative_length += k.shape[-2]
-        self._append(k, v, self.cumulative_length)
+        # this forward's attention reads the layer after the store: its first query must find its window
+        self._append(k, v, self.cumulative_length, first_query=self.cumulative_length - k.shape[-2])
         if self._fused:
             # a chunk over a filled cache: its attention reads the store, then its own tokens as computed
             self.chunk = (k, v) if self.chunk_kv == "exact" and k.shape[-2] > 1 else None
@@ -464,9 +465,13 @@ class TurboQuantLayer(CacheLayerMixin):
         return self.store.used_bytes + res
 
     # -- storage -------------------------------------------------------------------------------------
-    def _append(self, k: torch.Tensor, v: torch.Tensor, total_after: int) -> None:
+    def _append(
+        self, k: torch.Tensor, v: torch.Tensor, total_after: int, *, first_query: int | None = None
+    ) -> None:
         """Add new tokens `[B, Hkv, T, d]` (ending at position ``total_after``) to the residual window,
-        compressing what overflows it."""
+        compressing what overflows it.  A sliding layer keeps every token the query at ``first_query``
+        (default: the newest token) can see."""
+        seen = total_after if first_query is None else first_query + 1  # positions that query sees
         assert self.res_k is not None and self.res_v is not None
         big_r, r, t = self.residual_length, self.r, k.shape[-2]
         if r + t <= big_r:
@@ -479,9 +484,9 @@ class TurboQuantLayer(CacheLayerMixin):
         f_r = min(f, r)
         f_n = f - f_r
         if f_r:
-            self._compress(self.res_k[:, :, :f_r], self.res_v[:, :, :f_r], total_after)
+            self._compress(self.res_k[:, :, :f_r], self.res_v[:, :, :f_r], seen)
         if f_n:
-            self._compress(k[:, :, :f_n], v[:, :, :f_n], total_after)
+            self._compress(k[:, :, :f_n], v[:, :, :f_n], seen)
         if f_r < r:  # part of the old window survives, then all new tokens (f_n == 0)
             tail = r - f_r
             self.res_k[:, :, :tail] = self.res_k[:, :, f_r:r].clone()
@@ -494,17 +499,19 @@ class TurboQuantLayer(CacheLayerMixin):
             self.res_v[:, :, : t - f_n] = v[:, :, f_n:]
             self.r = t - f_n
 
-    def _retain_from(self, total_after: int) -> int:
-        """Oldest position a sliding layer must keep (queries see ``sliding_window`` keys, plus a spare
-        chunk so that a rollback of up to ``chunk_tokens`` tokens still finds its window; while recording
-        the past, the window of every length down to the last crop's)."""
+    def _retain_from(self, seen: int) -> int:
+        """Oldest position a sliding layer must keep for the oldest query still to attend, which sees
+        positions ``[0, seen)`` (queries see ``sliding_window`` keys, plus a spare chunk so that a rollback
+        of up to ``chunk_tokens`` tokens still finds its window; while recording the past, the window of
+        every length down to the last crop's)."""
         assert self.sliding_window is not None
-        end = min(total_after, self._crop_floor) if self.record_past else total_after
+        end = min(seen, self._crop_floor) if self.record_past else seen
         return max(0, end - self.sliding_window - self.chunk_tokens)
 
-    def _compress(self, k: torch.Tensor, v: torch.Tensor, total_after: int) -> None:
-        """Compress tokens `[B, Hkv, f, d]` at positions [n_comp, n_comp + f) into the store."""
-        self.store.append(k, v, self._retain_from(total_after) if self.is_sliding else None)
+    def _compress(self, k: torch.Tensor, v: torch.Tensor, seen: int) -> None:
+        """Compress tokens `[B, Hkv, f, d]` at positions [n_comp, n_comp + f) into the store, keeping
+        what a query that sees positions ``[0, seen)`` reads (sliding layers)."""
+        self.store.append(k, v, self._retain_from(seen) if self.is_sliding else None)
 
     def dequantize_compressed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Compressed positions [start, n_comp) decoded, `[B, Hkv, n_comp - start, d]` (model dtype)."""
