@@ -80,11 +80,6 @@ def cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a32, b32 = a.detach().float(), b.detach().float()
-    return float((a32 - b32).norm() / b32.norm().clamp_min(1e-30))
-
-
 def stored_layer(
     prompt,
     steps,

@@ -7,10 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _models import COMMON, cache_kwarg, rel_err, tiny_model
+from _models import COMMON, cache_kwarg, tiny_model
 from transformers import LlamaConfig
 
 from tq_core import ComponentFormat, KVFormat, named_format
+from tq_core.testing import rel_err
 from tq_hf import CompressedKV, TurboQuantCache
 
 D, HKV = 64, 2

@@ -7,10 +7,11 @@ import warnings
 
 import pytest
 import torch
-from _models import VOCAB, cache_kwarg, reference_attention, rel_err, tiny_model
+from _models import VOCAB, cache_kwarg, reference_attention, tiny_model
 from transformers import DynamicCache
 
 from tq_core import ComponentFormat, KVFormat
+from tq_core.testing import rel_err
 from tq_hf import TurboQuantCache
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"]

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _models import VOCAB, cache_kwarg, rel_err, stored_layer, tiny_model
+from _models import VOCAB, cache_kwarg, stored_layer, tiny_model
 from test_generate import _assert_same_greedy_tokens, _cache, _greedy
 from transformers import DynamicCache
 
+from tq_core.testing import rel_err
 from tq_hf import attention, dense_attention
 
 pytestmark = pytest.mark.gpu

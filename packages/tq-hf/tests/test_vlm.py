@@ -12,10 +12,11 @@ import pytest
 import torch
 from _models import COMMON, cache_kwarg
 from _vlm import VLM_FAMILIES, image_array, model_inputs, pixel_inputs, prompt_ids, tiny_vlm
-from test_generate import _assert_same_greedy_tokens, _fmt8, rel_err  # rel_err: the suite's one measure
+from test_generate import _assert_same_greedy_tokens, _fmt8
 from transformers import DynamicCache, LlamaConfig
 
 from tq_core import attention_ref
+from tq_core.testing import rel_err
 from tq_hf import TurboQuantCache, turboquant_attention_forward, turboquant_mask
 
 D, H, HKV = 64, 4, 2

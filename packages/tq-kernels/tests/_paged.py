@@ -5,16 +5,7 @@ from __future__ import annotations
 import torch
 
 from tq_core.formats import KVFormat
-
-# Relative RMS error allowed between a kernel and the tq_core reference on the same compressed cache.
-# Both decode identical codes; the only differences are fp32/tf32 accumulation order and the rotation
-# GEMMs, so errors are ~1e-6 in fp32 and bounded by the output dtype's rounding otherwise.
-TOL = {torch.float32: 2e-3, torch.float16: 4e-3, torch.bfloat16: 2e-2}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a32, b32 = a.float(), b.float()
-    return float((a32 - b32).norm() / b32.norm().clamp_min(1e-30))
+from tq_core.testing import poisoned
 
 
 def make_paged(
@@ -32,7 +23,7 @@ def make_paged(
     max_blocks = max(1, max((n + page - 1) // page for n in lens))
     nblocks = len(lens) * max_blocks + spare_blocks
     table = torch.randperm(nblocks, generator=g)[: len(lens) * max_blocks].view(len(lens), max_blocks)
-    cache = torch.full(fmt.cache_shape(nblocks, page, num_kv_heads), 0xAB, dtype=torch.uint8)
+    cache = poisoned(fmt.cache_shape(nblocks, page, num_kv_heads), dtype=torch.uint8)
     keys, values = [], []
     for b, n in enumerate(lens):
         k = torch.randn(n, num_kv_heads, fmt.head_dim, generator=g) * 2

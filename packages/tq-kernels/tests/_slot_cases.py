@@ -24,6 +24,7 @@ import torch
 
 from tq_core import ComponentFormat, KVFormat, format_names, named_format
 from tq_core.quantizers import GAIN_GRID
+from tq_core.testing import rel_err
 
 FORMAT_NAMES = [*format_names(), "f32norm", "bf16norm", "rawnorm"]
 
@@ -107,11 +108,6 @@ def make_format(name: str, head_dim: int) -> KVFormat:
 def generator(*parts: object) -> torch.Generator:
     """A generator seeded from a test's parameters: fresh inputs per case, reproducible per case."""
     return torch.Generator().manual_seed(zlib.crc32(repr(parts).encode()))
-
-
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    a32, b32 = a.double(), b.double()
-    return float((a32 - b32).norm() / b32.norm().clamp_min(1e-30))
 
 
 def reference_rotated(fmt: KVFormat, x: torch.Tensor, layer: int) -> torch.Tensor:
@@ -264,6 +260,6 @@ def assert_slots_match(
         fin = torch.isfinite(b).all(-1)
         assert torch.equal(torch.isfinite(a).all(-1), fin), "non-finite decoded vectors differ"
         if fin.any():
-            err = rel_rms(a[fin], b[fin])
+            err = rel_err(a[fin], b[fin], dtype=torch.float64)
             assert err < DECODE_RTOL, f"decoded values differ: relative RMS {err:.3g}"
     return (got == want).all(-1)

@@ -3,11 +3,12 @@ from unittest import mock
 
 import pytest
 import torch
-from _paged import TOL, make_paged, rel_err
+from _paged import make_paged
 
 from tq_core import named_format, paged_decode_attention_ref
 from tq_core.formats import ComponentFormat, KVFormat
 from tq_core.quantizers import TurboQuantMSE
+from tq_core.testing import ATTENTION_RTOL, poisoned, poisoned_like, rel_err
 from tq_kernels._format import byte_centroids
 from tq_kernels.ops.decode import nibble_format, tq_decode_attention
 from tq_kernels.tuning import MAX_SPLITS, LaunchConfig
@@ -39,11 +40,11 @@ def test_decode_matches_reference(lens, heads, kv_heads, page, fmt_name, num_spl
     cache, table, _, _ = make_paged(fmt, lens, kv_heads, page, seed=len(lens) + heads, layer=1)
     q = torch.randn(len(lens), heads, 64)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
-    out = torch.full_like(q, float("nan"))
+    out = poisoned_like(q)
     tq_decode_attention(q, cache, table, seq_lens, fmt, layer=1, num_splits=num_splits, out=out)
     ref = paged_decode_attention_ref(q, cache, table, seq_lens, fmt, layer=1)
     assert not out.isnan().any()
-    assert rel_err(out, ref) < TOL[torch.float32]
+    assert rel_err(out, ref) < ATTENTION_RTOL[torch.float32]
     assert bool((out[seq_lens == 0] == 0).all())
 
 
@@ -69,7 +70,7 @@ def test_decode_features(kwargs):
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     out = tq_decode_attention(q, cache, table, seq_lens, fmt, num_splits=2, **kw)
     ref = paged_decode_attention_ref(q, cache, table, seq_lens, fmt, **kw)
-    assert rel_err(out, ref) < TOL[torch.float32]
+    assert rel_err(out, ref) < ATTENTION_RTOL[torch.float32]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -81,7 +82,7 @@ def test_decode_half_precision_queries(dtype):
     out = tq_decode_attention(q, cache, table, seq_lens, fmt)
     assert out.dtype == dtype
     ref = paged_decode_attention_ref(q.float(), cache, table, seq_lens, fmt)
-    assert rel_err(out, ref) < TOL[dtype]
+    assert rel_err(out, ref) < ATTENTION_RTOL[dtype]
 
 
 @pytest.mark.parametrize("d", [80, 96, 128])
@@ -91,7 +92,7 @@ def test_decode_head_dims(d):
     q = torch.randn(1, 2, d)
     seq_lens = torch.tensor([17], dtype=torch.int32)
     ref = paged_decode_attention_ref(q, cache, table, seq_lens, fmt)
-    assert rel_err(tq_decode_attention(q, cache, table, seq_lens, fmt), ref) < TOL[torch.float32]
+    assert rel_err(tq_decode_attention(q, cache, table, seq_lens, fmt), ref) < ATTENTION_RTOL[torch.float32]
 
 
 def test_decode_close_to_exact_attention():
@@ -116,7 +117,9 @@ def test_decode_permuted_cache_strides():
     q = torch.randn(1, 2, 64)
     seq_lens = torch.tensor([25], dtype=torch.int32)
     ref = paged_decode_attention_ref(q, cache, table, seq_lens, fmt)
-    assert rel_err(tq_decode_attention(q, head_major, table, seq_lens, fmt), ref) < TOL[torch.float32]
+    assert (
+        rel_err(tq_decode_attention(q, head_major, table, seq_lens, fmt), ref) < ATTENTION_RTOL[torch.float32]
+    )
 
 
 @pytest.mark.parametrize(
@@ -198,12 +201,12 @@ def test_decode_gpu_matrix(d, page, group, fmt_name):
             {},
             {"sliding_window": 700, "softcap": 20.0, "sinks": torch.randn(kv_heads * group, device="cuda")},
         ):
-            out = torch.full_like(q, float("nan"))
+            out = poisoned_like(q)
             tq_decode_attention(q, cache, table, seq_lens, fmt, out=out, config=config, **kw)
             with byte_grid(fmt if config is not None and config.lut == "byte" else None):
                 ref = paged_decode_attention_ref(q.float(), cache, table, seq_lens, fmt, **kw)
             assert not out.isnan().any()
-            assert rel_err(out, ref) < TOL[torch.bfloat16]
+            assert rel_err(out, ref) < ATTENTION_RTOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize(
@@ -243,13 +246,13 @@ def _check_loops_agree(fmt, cache, table, lens, q, kwargs, cfg_a, cfg_b) -> None
         kw["sinks"] = torch.randn(q.shape[1])
     outs = []
     for cfg in (cfg_a, cfg_b):
-        out = torch.full_like(q, float("nan"))
+        out = poisoned_like(q)
         tq_decode_attention(q, cache, table, seq_lens, fmt, num_splits=2, config=cfg, out=out, **kw)
         outs.append(out)
     ref = paged_decode_attention_ref(q, cache, table, seq_lens, fmt, **kw)
     for out in outs:
         assert not out.isnan().any()
-        assert rel_err(out, ref) < TOL[torch.float32]
+        assert rel_err(out, ref) < ATTENTION_RTOL[torch.float32]
     # Not bit-equal: both loops feed the P@V product float16 operands (p rescaled by each loop's own
     # running maximum, so rounded differently; float16's unit roundoff is 2**-11). Seen up to 1.6e-4 on
     # random inputs (and 7e-5 in 60 seeds of the d128 case); bounded here by two units of roundoff.
@@ -315,7 +318,10 @@ def test_decode_nibble_loop_skips_misaligned_caches():
     # the two loops sum in different orders: equal to float32 rounding, not bit for bit
     plane = tq_decode_attention(q, shifted, table, seq_lens, fmt)
     assert rel_err(plane, tq_decode_attention(q, cache, table, seq_lens, fmt)) < 1e-4
-    assert rel_err(plane, paged_decode_attention_ref(q, cache, table, seq_lens, fmt)) < TOL[torch.float32]
+    assert (
+        rel_err(plane, paged_decode_attention_ref(q, cache, table, seq_lens, fmt))
+        < ATTENTION_RTOL[torch.float32]
+    )
 
 
 @pytest.mark.gpu
@@ -342,7 +348,7 @@ def test_decode_nibble_register_lookup_equals_gather(d, symmetric):
     gen = torch.Generator().manual_seed(d)
     words = torch.randint(0, 2**32, (4096,), dtype=torch.int64, generator=gen)
     lut = kf.centroids(torch.device("cuda"), torch.float16)[0][0].contiguous()  # row 0 of the key table
-    got = torch.full((4096 * 8,), float("nan"), dtype=torch.float16, device="cuda")
+    got = poisoned((4096 * 8,), dtype=torch.float16, device="cuda")
     words_dev = (words - (words >= 2**31).long() * 2**32).to(torch.int32).cuda()  # same bits, as int32
     lookup[(1,)](words_dev, lut, got, ASM=kf.nibble_asm(symmetric=symmetric)[0], N=4096)
     codes = (words[:, None] >> (4 * torch.arange(8))) & 15  # on the host: bits [4p, 4p + 4) of each word
@@ -375,7 +381,7 @@ def test_decode_nibble_register_lookup_reads_3bit_words(d):
     codes = [[rng.randrange(8) for _ in range(8)] for _ in range(4096)]
     words = torch.tensor([word_3bit(c) for c in codes], dtype=torch.int32, device="cuda")
     lut = kf.centroids(torch.device("cuda"), torch.float16)[0][0].contiguous()  # row 0 of the key table
-    got = torch.full((4096 * 8,), float("nan"), dtype=torch.float16, device="cuda")
+    got = poisoned((4096 * 8,), dtype=torch.float16, device="cuda")
     lookup[(1,)](words, lut, got, ASM=kf.nibble_asm()[0], N=4096)
     assert torch.equal(got.cpu().view(4096, 8), lut.cpu()[torch.tensor(codes)])
 
@@ -425,7 +431,7 @@ def test_decode_custom_op_passes_opcheck():
     torch.library.opcheck(torch.ops.tq.decode_attention.default, args, kwargs)
     ref = paged_decode_attention_ref(q, cache, table, seq_lens, fmt, scale=0.125)
     torch.ops.tq.decode_attention(*args, **kwargs)
-    assert rel_err(out, ref) < TOL[torch.float32]
+    assert rel_err(out, ref) < ATTENTION_RTOL[torch.float32]
 
 
 @contextlib.contextmanager
@@ -463,12 +469,12 @@ def test_decode_stacked_tiles_and_byte_tables(d, group, lens, kwargs, chunks):
     kw = {"sinks": torch.randn(2 * group)} if kwargs.get("sinks") else kwargs
     for lut in ("exact", "byte"):
         cfg = LaunchConfig(16, 4, 1, lut=lut, chunks=chunks)
-        out = torch.full_like(q, float("nan"))
+        out = poisoned_like(q)
         tq_decode_attention(q, cache, table, seq_lens, fmt, out=out, config=cfg, num_splits=2, **kw)
         with byte_grid(fmt if lut == "byte" else None):
             ref = paged_decode_attention_ref(q, cache, table, seq_lens, fmt, **kw)
         assert not out.isnan().any()
-        assert rel_err(out, ref) < TOL[torch.float32], lut
+        assert rel_err(out, ref) < ATTENTION_RTOL[torch.float32], lut
 
 
 def test_byte_grid_adds_little_attention_error():

@@ -12,19 +12,14 @@ from _slot_cases import (
     generator,
     make_format,
     read_paged_slots,
-    rel_rms,
 )
 
 from tq_core import named_format
+from tq_core.testing import DEQUANT_RTOL, poisoned, rel_err
 from tq_kernels.ops.dequant import tq_dequantize, tq_dequantize_paged
 from tq_kernels.ops.store import tq_store_paged
 
-POISON = 0xAB
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Relative RMS error of the kernel's output against the reference decode cast to the same dtype. The
-# float32 results differ by accumulation order only (~1e-7); that can flip the final rounding of an
-# element by one ulp of a 16-bit dtype, rarely.
-TOL = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 
 
 def _filled_cache(
@@ -36,7 +31,7 @@ def _filled_cache(
     value = torch.randn(nb * bs, h, d, generator=g)
     if nan:
         key[min(2, nb * bs - 1), h - 1, d // 2] = float("nan")
-    cache = torch.full(fmt.cache_shape(nb, bs, h), POISON, dtype=torch.uint8)
+    cache = poisoned(fmt.cache_shape(nb, bs, h), dtype=torch.uint8)
     fmt.store_paged(cache, key, value, torch.arange(nb * bs), layer=layer)
     return cache
 
@@ -52,7 +47,8 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> 
     want = want.to(dtype)
     nan = want.isnan()
     assert torch.equal(got.isnan(), nan), "NaN positions differ"
-    assert rel_rms(got[~nan], want[~nan]) < TOL[dtype], f"relative RMS {rel_rms(got[~nan], want[~nan]):.3g}"
+    err = rel_err(got[~nan], want[~nan], dtype=torch.float64)
+    assert err < DEQUANT_RTOL[dtype], f"relative RMS {err:.3g}"
 
 
 @pytest.mark.parametrize(
@@ -115,16 +111,17 @@ def test_store_then_dequantize_round_trip(name):
     g = generator("round-trip", name)
     key, value = torch.randn(t, h, d, generator=g), torch.randn(t, h, d, generator=g)
     slots = torch.randperm(3 * bs, generator=g)[:t]
-    cache = torch.full(fmt.cache_shape(3, bs, h), POISON, dtype=torch.uint8)
+    cache = poisoned(fmt.cache_shape(3, bs, h), dtype=torch.uint8)
     tq_store_paged(key, value, cache, slots, fmt)
     k_hat, v_hat = tq_dequantize_paged(cache, slots, fmt, dtype=torch.float32)
     ref = fmt.encode(key, value)
     identical = assert_slots_match(read_paged_slots(fmt, cache, slots), ref, fmt, key, value).view(t, h)
     ref_k, ref_v = fmt.decode(ref)
     # vectors whose slot differs (a boundary tie, a scale rounded the other way) are covered above
-    assert rel_rms(k_hat[identical], ref_k[identical]) < TOL[torch.float32]
-    assert rel_rms(v_hat[identical], ref_v[identical]) < TOL[torch.float32]
-    assert 0.01 < rel_rms(k_hat, key) < 0.5  # a quantizer's error (2-bit keys: ~0.34), not garbage
+    assert rel_err(k_hat[identical], ref_k[identical], dtype=torch.float64) < DEQUANT_RTOL[torch.float32]
+    assert rel_err(v_hat[identical], ref_v[identical], dtype=torch.float64) < DEQUANT_RTOL[torch.float32]
+    # a quantizer's error (2-bit keys: ~0.34), not garbage
+    assert 0.01 < rel_err(k_hat, key, dtype=torch.float64) < 0.5
 
 
 def test_dequantize_no_tokens():

@@ -2,9 +2,10 @@ import itertools
 
 import pytest
 import torch
-from _paged import TOL, make_paged, rel_err
+from _paged import make_paged
 
 from tq_core import named_format, paged_extend_attention_ref
+from tq_core.testing import ATTENTION_RTOL, poisoned_like, rel_err
 from tq_kernels.ops.extend import tq_extend_attention
 from tq_kernels.tuning import LaunchConfig
 
@@ -48,14 +49,14 @@ def _setup(prefix, chunk, heads, kv_heads, page, fmt_name, d=64, seed=0):
 )
 def test_extend_matches_reference(prefix, chunk, heads, kv_heads, page, fmt_name, loop):
     fmt, cache, table, k_new, v_new, plens, qsl, q = _setup(prefix, chunk, heads, kv_heads, page, fmt_name)
-    out = torch.full_like(q, float("nan"))
+    out = poisoned_like(q)
     tq_extend_attention(
         q, k_new, v_new, cache, table, plens, qsl, max(chunk), fmt, layer=2, block_r=32, config=LOOPS[loop],
         out=out,
     )  # fmt: skip
     ref = paged_extend_attention_ref(q, k_new, v_new, cache, table, plens, qsl, fmt, layer=2)
     assert not out.isnan().any()
-    assert rel_err(out, ref) < TOL[torch.float32]
+    assert rel_err(out, ref) < ATTENTION_RTOL[torch.float32]
 
 
 @pytest.mark.parametrize(
@@ -75,7 +76,7 @@ def test_extend_features(kwargs, loop):
         q, k_new, v_new, cache, table, plens, qsl, 20, fmt, layer=2, block_r=32, config=LOOPS[loop], **kw
     )
     ref = paged_extend_attention_ref(q, k_new, v_new, cache, table, plens, qsl, fmt, layer=2, **kw)
-    assert rel_err(out, ref) < TOL[torch.float32]
+    assert rel_err(out, ref) < ATTENTION_RTOL[torch.float32]
 
 
 @pytest.mark.parametrize(
@@ -103,7 +104,7 @@ def test_extend_loops_agree(fmt_name, loop):
         q, k_new, v_new, cache, table, plens, qsl, fmt, layer=2, sliding_window=30
     )
     for out in outs:
-        assert rel_err(out, ref) < TOL[torch.float32]
+        assert rel_err(out, ref) < ATTENTION_RTOL[torch.float32]
     assert rel_err(outs[0], outs[1]) < 1e-4
 
 
@@ -124,7 +125,7 @@ def test_extend_bf16_inputs():
         layer=2,
     )
     assert out.dtype == torch.bfloat16
-    assert rel_err(out, ref) < TOL[torch.bfloat16]
+    assert rel_err(out, ref) < ATTENTION_RTOL[torch.bfloat16]
 
 
 def test_extend_bad_input():
@@ -171,7 +172,7 @@ def test_extend_gpu_matrix(d, page, group, fmt_name):
             q.float(), k_new.float(), v_new.float(), cache, table, plens, qsl, fmt, **kw
         )
         assert not out.isnan().any()
-        assert rel_err(out, ref) < TOL[torch.bfloat16]
+        assert rel_err(out, ref) < ATTENTION_RTOL[torch.bfloat16]
 
 
 def test_extend_custom_op_passes_opcheck():
@@ -209,7 +210,7 @@ def test_extend_custom_op_passes_opcheck():
     torch.library.opcheck(torch.ops.tq.extend_attention.default, args)
     torch.ops.tq.extend_attention(*args)
     ref = paged_extend_attention_ref(q, k_new, v_new, cache, table, plens, qsl, fmt, layer=1, scale=0.125)
-    assert rel_err(out, ref) < TOL[torch.float32]
+    assert rel_err(out, ref) < ATTENTION_RTOL[torch.float32]
 
 
 def test_block_table_stride_is_not_specialized():

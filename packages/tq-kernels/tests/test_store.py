@@ -16,9 +16,9 @@ from _slot_cases import (
 )
 
 from tq_core import ComponentFormat, KVFormat, named_format
+from tq_core.testing import POISON_BYTE, poisoned
 from tq_kernels.ops.store import tq_store, tq_store_paged
 
-POISON = 0xAB
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -42,7 +42,7 @@ def _check_paged(
     nb, _, bs, _ = cache.shape
     keep = (slots >= 0) & (slots < nb * bs)
     written = slots[keep].long()
-    assert bool((cache[~paged_slot_bytes(fmt, cache.shape, written)] == POISON).all()), (
+    assert bool((cache[~paged_slot_bytes(fmt, cache.shape, written)] == POISON_BYTE).all()), (
         "a byte outside the slots in slot_mapping changed"
     )
     ref = fmt.encode(key[keep], value[keep], layer=layer, nonfinite="propagate")
@@ -56,7 +56,7 @@ def _check_paged(
 def test_store_paged_matches_reference(t, h, d, name, bs, dt, layer):
     fmt = make_format(name, d)
     key, value, nb, slots = _paged_inputs(t, h, d, bs, DTYPES[dt], generator("store", t, h, d, name, bs, dt))
-    cache = torch.full(fmt.cache_shape(nb, bs, h), POISON, dtype=torch.uint8)
+    cache = poisoned(fmt.cache_shape(nb, bs, h), dtype=torch.uint8)
     tq_store_paged(key, value, cache, slots, fmt, layer=layer)
     _check_paged(cache, key, value, slots, fmt, layer)
 
@@ -64,7 +64,7 @@ def test_store_paged_matches_reference(t, h, d, name, bs, dt, layer):
 def test_store_paged_int32_mapping_equals_reference_store_paged():
     fmt = named_format("turboquant_3bit_nc", 128)
     key, value, nb, slots = _paged_inputs(9, 2, 128, 4, torch.bfloat16, generator("int32"))
-    cache = torch.full(fmt.cache_shape(nb, 4, 2), POISON, dtype=torch.uint8)
+    cache = poisoned(fmt.cache_shape(nb, 4, 2), dtype=torch.uint8)
     ref = cache.clone()
     tq_store_paged(key, value, cache, slots.to(torch.int32), fmt)
     fmt.store_paged(ref, key, value, slots)
@@ -77,11 +77,11 @@ def test_store_paged_int32_mapping_equals_reference_store_paged():
 
 def test_store_paged_no_tokens_is_a_no_op():
     fmt = named_format("turboquant_4bit_nc", 64)
-    cache = torch.full(fmt.cache_shape(1, 4, 2), POISON, dtype=torch.uint8)
+    cache = poisoned(fmt.cache_shape(1, 4, 2), dtype=torch.uint8)
     tq_store_paged(
         torch.empty(0, 2, 64), torch.empty(0, 2, 64), cache, torch.empty(0, dtype=torch.int64), fmt
     )
-    assert bool((cache == POISON).all())
+    assert bool((cache == POISON_BYTE).all())
 
 
 def test_store_paged_strided_key_and_permuted_cache():
@@ -92,7 +92,7 @@ def test_store_paged_strided_key_and_permuted_cache():
     key, value = qkv[:, 2 * h : 3 * h], qkv[:, 3 * h :]
     assert not key.is_contiguous()
     nb = 3
-    cache = torch.full((h, nb, bs, fmt.slot_bytes), POISON, dtype=torch.uint8).permute(1, 0, 2, 3)
+    cache = poisoned((h, nb, bs, fmt.slot_bytes), dtype=torch.uint8).permute(1, 0, 2, 3)
     slots = torch.tensor([5, 0, -1, 11, 2, 7])
     tq_store_paged(key, value, cache, slots, fmt)
     _check_paged(cache, key, value, slots, fmt, 0)
@@ -101,7 +101,7 @@ def test_store_paged_strided_key_and_permuted_cache():
 def test_store_paged_skips_slots_outside_the_cache():
     fmt, h, d, bs = named_format("turboquant_k8v4", 64), 2, 64, 4
     key, value = torch.randn(4, h, d), torch.randn(4, h, d)
-    cache = torch.full(fmt.cache_shape(2, bs, h), POISON, dtype=torch.uint8)
+    cache = poisoned(fmt.cache_shape(2, bs, h), dtype=torch.uint8)
     slots = torch.tensor([-1, 8, 3, -7])  # 8 == num_blocks * block_size: out of range
     tq_store_paged(key, value, cache, slots, fmt)
     _check_paged(cache, key, value, slots, fmt, 0)
@@ -117,7 +117,7 @@ def test_store_nonfinite_vectors_are_isolated(name):
     key[3, 0, 0] = float("inf")
     value[3, 1, 95] = float("-inf")
     slots = torch.arange(t) * 2
-    cache = torch.full(fmt.cache_shape(3, 4, h), POISON, dtype=torch.uint8)
+    cache = poisoned(fmt.cache_shape(3, 4, h), dtype=torch.uint8)
     tq_store_paged(key, value, cache, slots, fmt)
     _check_paged(cache, key, value, slots, fmt, 0)
 
@@ -139,7 +139,7 @@ def test_store_saturates_float16_scale_and_encodes_zero_vectors():
     key[0] *= 1e5
     key[1] = 0.0
     value = torch.zeros(3, 1, d)
-    out = torch.full((3, 1, fmt.slot_bytes), POISON, dtype=torch.uint8)
+    out = poisoned((3, 1, fmt.slot_bytes), dtype=torch.uint8)
     tq_store(key, value, out, fmt)
     ref = fmt.encode(key, value, nonfinite="propagate")
     assert_slots_match(out, ref, fmt, key, value)
@@ -163,7 +163,7 @@ def test_store_contiguous_matches_encode(shape, name, dt):
     g = generator("contiguous", shape, name)
     key = torch.randn(shape, generator=g).to(DTYPES[dt])
     value = (torch.randn(shape, generator=g) * 0.1).to(DTYPES[dt])
-    out = torch.full((*shape[:-1], fmt.slot_bytes), POISON, dtype=torch.uint8)
+    out = poisoned((*shape[:-1], fmt.slot_bytes), dtype=torch.uint8)
     assert tq_store(key, value, out, fmt, layer=1) is out
     assert_slots_match(out, fmt.encode(key, value, layer=1), fmt, key, value, layer=1)
 
@@ -182,7 +182,7 @@ def _valid_args():
     return {
         "key": torch.randn(3, 2, 64),
         "value": torch.randn(3, 2, 64),
-        "cache": torch.full(fmt.cache_shape(2, 4, 2), POISON, dtype=torch.uint8),
+        "cache": poisoned(fmt.cache_shape(2, 4, 2), dtype=torch.uint8),
         "slot_mapping": torch.tensor([0, 1, -1]),
         "fmt": fmt,
     }
@@ -237,10 +237,10 @@ def test_store_paged_rejects_bad_inputs(case):
 )
 def test_store_rejects_formats_the_kernels_do_not_support(fmt, match):
     k = torch.randn(2, 1, fmt.head_dim)
-    out = torch.full((2, 1, fmt.slot_bytes), POISON, dtype=torch.uint8)
+    out = poisoned((2, 1, fmt.slot_bytes), dtype=torch.uint8)
     with pytest.raises(ValueError, match=match):
         tq_store(k, k, out, fmt)
-    assert bool((out == POISON).all())
+    assert bool((out == POISON_BYTE).all())
 
 
 def test_store_paged_rejects_negative_layer():
@@ -302,7 +302,7 @@ def test_store_paged_gpu_large(name):
     key, value, nb, slots = _paged_inputs(t, h, d, bs, torch.bfloat16, g, spare_blocks=8)
     key, value, slots = key.cuda(), value.cuda(), slots.cuda()
     key[7, 3, 5] = float("nan")
-    cache = torch.full(fmt.cache_shape(nb, bs, h), POISON, dtype=torch.uint8, device="cuda")
+    cache = poisoned(fmt.cache_shape(nb, bs, h), dtype=torch.uint8, device="cuda")
     tq_store_paged(key, value, cache, slots, fmt, layer=3)
     torch.cuda.synchronize()
     _check_paged(cache.cpu(), key.cpu(), value.cpu(), slots.cpu(), fmt, 3)
@@ -321,7 +321,7 @@ def test_store_gpu_launch_configs(name, block_n, num_warps):
     g = generator("gpu-store-config", name, block_n, num_warps)
     key, value, nb, slots = _paged_inputs(t, h, d, bs, torch.bfloat16, g, spare_blocks=8)
     key, value, slots = key.cuda(), value.cuda(), slots.cuda()
-    cache = torch.full(fmt.cache_shape(nb, bs, h), POISON, dtype=torch.uint8, device="cuda")
+    cache = poisoned(fmt.cache_shape(nb, bs, h), dtype=torch.uint8, device="cuda")
     _launch(key, value, cache, slots, fmt, 2, LaunchConfig(block_n, num_warps, 1))
     torch.cuda.synchronize()
     _check_paged(cache.cpu(), key.cpu(), value.cpu(), slots.cpu(), fmt, 2)

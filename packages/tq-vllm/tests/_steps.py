@@ -17,22 +17,13 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.kv_cache_interface import FullAttentionSpec, get_kv_quant_mode
 
 from tq_core import attention_ref
+from tq_core.testing import poisoned
 from tq_vllm.backend import TurboQuantBackend
 
-# Relative RMS error allowed against tq_core's reference attention on the same compressed cache
-# (the same table as tq-kernels' tests: both sides decode identical codes; the kernels feed tensor
-# cores float16 operands and round the output to the model dtype).
-TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2}
 # vLLM 0.32 names a KV-cache layout by the physical order of the axes L(ayer) B(lock) H(ead) N (token)
 # C(ontent); vLLM 0.26 with tq-vllm's stride order is LBHNC.  Compressed layers need H outside N.
 LAYOUTS = ("LBHNC", "BLHNC", "LBNHC")
-FILL = 0xAB  # bytes of never-written cache slots
 PAD = 2  # padding tokens appended to every step, as CUDA-graph padding does
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a32, b32 = a.float(), b.float()
-    return float((a32 - b32).norm() / b32.norm().clamp_min(1e-30))
 
 
 class Layer(torch.nn.Module):
@@ -57,11 +48,9 @@ def vllm_cache(
     so layouts with the layer axis inside the block axis (BLHNC) give strided blocks, as in vLLM.
     """
     sizes = {"L": 2, "B": num_blocks, "H": num_kv_heads, "N": block_size, "C": content}
-    physical = torch.empty([sizes[axis] for axis in layout], dtype=dtype)
-    if dtype == torch.uint8:
-        physical.fill_(FILL)
-    else:
-        physical.fill_(float("nan"))  # an uncompressed slot read before it was written poisons the output
+    # never-written compressed slots hold POISON_BYTE; an uncompressed slot read before it was written
+    # is NaN and poisons the output
+    physical = poisoned([sizes[axis] for axis in layout], dtype=dtype)
     logical = physical.permute([layout.index(axis) for axis in "LBHNC"])
     return physical, logical[1]
 
@@ -229,7 +218,7 @@ def run_uncompressed_step(
     impl.do_kv_cache_update(layer, step.new_keys, step.new_values, kv_cache, step.new_slots)
     meta = builder.build(0, step.common_metadata())
     n = step.num_tokens
-    output = torch.full((n + PAD, h, d), float("nan"), dtype=dtype)
+    output = poisoned((n + PAD, h, d), dtype=dtype)
     if flash is not None:
         impl.dense.flash, impl.dense.use_vllm_kernels = flash, True
     impl.forward(layer, step.query, step.new_keys, step.new_values, kv_cache, meta, output=output)

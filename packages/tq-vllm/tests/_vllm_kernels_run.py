@@ -27,7 +27,13 @@ vllm.triton_utils.triton, vllm.triton_utils.tl, vllm.triton_utils.tldevice = tri
 vllm.triton_utils.HAS_TRITON = True
 torch.cuda.get_device_capability = lambda *args, **kwargs: (9, 0)
 
-from _steps import rel_err, run_uncompressed_step  # noqa: E402
+from _platform import pin_cuda_platform_without_gpu  # noqa: E402
+
+pin_cuda_platform_without_gpu()  # where vLLM has no platform (its CUDA wheel without a GPU)
+
+from _steps import run_uncompressed_step  # noqa: E402
+
+from tq_core.testing import rel_err  # noqa: E402
 
 # The interpreter computes bfloat16 tl.dot wrongly in vLLM's attention kernel (float16 and float32
 # are right), so these cases are float16; the CUDA path is dtype-agnostic.

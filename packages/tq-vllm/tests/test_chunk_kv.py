@@ -15,9 +15,10 @@ import pytest
 pytest.importorskip("vllm")
 
 import torch
-from _steps import Layer, build_layer, rel_err, vllm_cache
+from _steps import Layer, build_layer, vllm_cache
 
 from tq_core import named_format, paged_extend_attention_ref
+from tq_core.testing import poisoned, rel_err
 from tq_vllm.impl import TurboQuantImpl
 
 LAYER_NAME = "model.layers.2.self_attn.attn"
@@ -50,7 +51,7 @@ def _attend(mode: str, cuts: list[int], q, k, v, monkeypatch) -> tuple[torch.Ten
     layer, rows, start = Layer(LAYER_NAME), [], 0
     for end in cuts:
         impl.do_kv_cache_update(layer, k[start:end], v[start:end], kv_cache, torch.arange(start, end))
-        out = torch.full((end - start, CASE["h"], CASE["d"]), float("nan"), dtype=CASE["dtype"])
+        out = poisoned((end - start, CASE["h"], CASE["d"]), dtype=CASE["dtype"])
         impl.forward(layer, q[start:end], k[start:end], v[start:end], kv_cache, _meta(builder, start, end, table),
                      output=out)  # fmt: skip
         rows.append(out)

@@ -22,12 +22,13 @@ import pytest
 pytest.importorskip("vllm")
 
 import torch
-from _steps import PAD, TOL, Layer, attention_kwargs, build_layer, make_step, rel_err, vllm_cache
+from _steps import PAD, Layer, attention_kwargs, build_layer, make_step, vllm_cache
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
 import tq_kernels.ops.decode as decode_ops
 import tq_kernels.ops.store as store_ops
 from tq_core import named_format, paged_decode_attention_ref
+from tq_core.testing import ATTENTION_RTOL, poisoned, rel_err
 from tq_vllm.impl import compressed_cache_view
 
 LAYER_NAME = "model.layers.5.self_attn.attn"
@@ -77,7 +78,7 @@ def test_padded_uniform_decode_batch_matches_reference() -> None:
     n = step.num_tokens
     assert (meta.num_decodes, meta.num_decode_tokens, meta.num_prefills) == (n + PAD, n + PAD, 0)
     impl.do_kv_cache_update(layer, step.new_keys, step.new_values, kv_cache, step.new_slots)
-    output = torch.full((n + PAD, CASE["h"], CASE["d"]), float("nan"), dtype=CASE["dtype"])
+    output = poisoned((n + PAD, CASE["h"], CASE["d"]), dtype=CASE["dtype"])
     impl.forward(layer, step.query, step.new_keys, step.new_values, kv_cache, meta, output=output)
     fmt = named_format(CASE["kv"], CASE["d"])
     ref = paged_decode_attention_ref(
@@ -89,7 +90,7 @@ def test_padded_uniform_decode_batch_matches_reference() -> None:
         layer=5,
         **attention_kwargs(CASE, sinks),
     )
-    assert rel_err(output[:n], ref) < TOL[CASE["dtype"]]
+    assert rel_err(output[:n], ref) < ATTENTION_RTOL[CASE["dtype"]]
     # a padding request has no context: its row is written (the graph covers it) and holds zeros
     assert bool((output[n:] == 0).all())
 

@@ -19,18 +19,7 @@ import pytest
 pytest.importorskip("vllm")
 
 import torch
-from _steps import (
-    FILL,
-    PAD,
-    TOL,
-    Layer,
-    attention_kwargs,
-    build_layer,
-    make_step,
-    rel_err,
-    run_uncompressed_step,
-    vllm_cache,
-)
+from _steps import PAD, Layer, attention_kwargs, build_layer, make_step, run_uncompressed_step, vllm_cache
 from vllm.config import VllmConfig, set_current_vllm_config
 
 from tq_core import (
@@ -38,6 +27,7 @@ from tq_core import (
     paged_decode_attention_ref,
     paged_extend_attention_ref,
 )
+from tq_core.testing import ATTENTION_RTOL, POISON_BYTE, poisoned, rel_err
 from tq_vllm.backend import TurboQuantBackend
 from tq_vllm.impl import TurboQuantImpl, compressed_cache_view
 
@@ -100,7 +90,7 @@ def test_compressed_layer_matches_reference(case: dict) -> None:
     impl.do_kv_cache_update(layer, hist_k, hist_v, kv_cache, step.history_slots)
     impl.do_kv_cache_update(layer, step.new_keys, step.new_values, kv_cache, step.new_slots)
 
-    ref_cache = torch.full(fmt.cache_shape(step.num_blocks, BLOCK, hkv), FILL, dtype=torch.uint8)
+    ref_cache = poisoned(fmt.cache_shape(step.num_blocks, BLOCK, hkv), dtype=torch.uint8)
     n = step.num_tokens
     all_k = torch.cat([hist_k, step.new_keys[:n]]).float()
     all_v = torch.cat([hist_v, step.new_values[:n]]).float()
@@ -112,7 +102,7 @@ def test_compressed_layer_matches_reference(case: dict) -> None:
         fmt.store_paged(blank, all_k, all_v, all_slots, layer=LAYER)
     unwritten = lo != hi
     view = compressed_cache_view(kv_cache, fmt.slot_bytes)
-    assert bool((view[unwritten] == FILL).all()), "a byte outside the slot mapping's slots was written"
+    assert bool((view[unwritten] == POISON_BYTE).all()), "a byte outside the slot mapping's slots was written"
     # The kernel and the reference may round a coordinate sitting on a code boundary differently, or
     # pick another gain of the encoder's search where two score alike (tq-kernels' store tests bound
     # those ties): few bytes differ, and the slots reconstruct the K/V equally well.
@@ -129,7 +119,7 @@ def test_compressed_layer_matches_reference(case: dict) -> None:
 
     meta = builder.build(0, step.common_metadata())
     assert (meta.num_decodes, meta.num_prefills) == (2, 2)
-    output = torch.full((n + PAD, h * d), float("nan"), dtype=dtype)
+    output = poisoned((n + PAD, h * d), dtype=dtype)
     impl.forward(layer, step.query, step.new_keys, step.new_values, kv_cache, meta, output=output)
     out = output.view(-1, h, d)
 
@@ -153,8 +143,8 @@ def test_compressed_layer_matches_reference(case: dict) -> None:
     )
     assert bool(out[:n].isfinite().all()), "a row of the step was not written"
     assert bool(out[n:].isnan().all()), "padding rows were written"
-    assert rel_err(out[:nd], ref_dec) < TOL[dtype]
-    assert rel_err(out[nd:n], ref_pre) < TOL[dtype]
+    assert rel_err(out[:nd], ref_dec) < ATTENTION_RTOL[dtype]
+    assert rel_err(out[nd:n], ref_pre) < ATTENTION_RTOL[dtype]
 
 
 @pytest.mark.parametrize("case", DENSE_CASES, ids=_case_id)
@@ -163,7 +153,7 @@ def test_uncompressed_layer_matches_exact_attention(case: dict) -> None:
     output, ref, n = run_uncompressed_step(case, REQUESTS, LAYER_NAME, BLOCK)
     assert bool(output[:n].isfinite().all())
     assert bool(output[n:].isnan().all())
-    assert rel_err(output[:n], ref) < TOL[case["dtype"]]
+    assert rel_err(output[:n], ref) < ATTENTION_RTOL[case["dtype"]]
 
 
 def test_compressed_layer_rejects_a_token_major_layout() -> None:
@@ -180,7 +170,7 @@ def test_compressed_layer_rejects_a_token_major_layout() -> None:
 def test_profiling_run_without_metadata_returns_zeros() -> None:
     case = COMPRESSED_CASES[1]
     _, impl, _, _ = build_layer(case, LAYER_NAME, BLOCK)
-    output = torch.full((3, case["h"] * case["d"]), float("nan"), dtype=torch.bfloat16)
+    output = poisoned((3, case["h"] * case["d"]), dtype=torch.bfloat16)
     q = torch.zeros(3, case["h"], case["d"], dtype=torch.bfloat16)
     kv = torch.zeros(3, case["hkv"], case["d"], dtype=torch.bfloat16)
     cache = torch.zeros(4, case["hkv"], BLOCK, 134, dtype=torch.uint8)
@@ -344,7 +334,7 @@ def test_uncompressed_layer_on_flash_attention_passes_the_paged_cache(case: dict
     window = case.get("window")
     assert fake.calls[0]["window_size"] == ([-1, -1] if window is None else [window - 1, 0])
     assert bool(output[n:].isnan().all())
-    assert rel_err(output[:n], ref) < TOL[case["dtype"]]
+    assert rel_err(output[:n], ref) < ATTENTION_RTOL[case["dtype"]]
 
 
 def test_dense_attention_mode_is_validated(monkeypatch) -> None:

@@ -18,9 +18,10 @@ import pytest
 pytest.importorskip("vllm")
 
 import torch
-from _steps import PAD, TOL, Layer, attention_kwargs, build_layer, make_step, rel_err, vllm_cache
+from _steps import PAD, Layer, attention_kwargs, build_layer, make_step, vllm_cache
 
 from tq_core import attention_ref, named_format, paged_decode_attention_ref
+from tq_core.testing import ATTENTION_RTOL, poisoned, rel_err
 from tq_vllm.impl import TurboQuantImpl
 from tq_vllm.prefix import plan_prefix_gather, prefix_flash_budget
 
@@ -71,7 +72,7 @@ def _run(case: dict, requests: list[tuple[int, int]], *, flash: bool = True, bud
     impl.do_kv_cache_update(layer, step.new_keys, step.new_values, kv_cache, step.new_slots)
     meta = builder.build(0, step.common_metadata())
     n = step.num_tokens
-    output = torch.full((n + PAD, h, d), float("nan"), dtype=dtype)
+    output = poisoned((n + PAD, h, d), dtype=dtype)
     impl.forward(layer, step.query, step.new_keys, step.new_values, kv_cache, meta, output=output)
     return step, meta, fake, output, sinks
 
@@ -127,7 +128,7 @@ def test_first_chunks_run_on_flash_and_decodes_on_the_cache(case: dict) -> None:
     )
     out = output.view(-1, case["h"], case["d"])
     assert bool(out[:n].isfinite().all()) and bool(out[n:].isnan().all())
-    assert rel_err(out[nd:n], ref_pre) < TOL[case["dtype"]]
+    assert rel_err(out[nd:n], ref_pre) < ATTENTION_RTOL[case["dtype"]]
     # The decodes of the same batch read the compressed cache: compare with the reference on it.
     ref_cache = fmt.allocate_cache(step.num_blocks, BLOCK, case["hkv"])
     hist_k, hist_v = step.history()
@@ -137,7 +138,7 @@ def test_first_chunks_run_on_flash_and_decodes_on_the_cache(case: dict) -> None:
     ref_dec = paged_decode_attention_ref(
         step.query[:nd], ref_cache, step.block_table[:nd], step.seq_lens[:nd], fmt, layer=3, **kw
     )
-    assert rel_err(out[:nd], ref_dec) < TOL[case["dtype"]]
+    assert rel_err(out[:nd], ref_dec) < ATTENTION_RTOL[case["dtype"]]
 
 
 PREFIX_CASES = [
@@ -163,7 +164,7 @@ def test_a_cached_prefix_is_decoded_for_flash_and_matches_the_extend_kernel(case
     assert none.calls == []
     n = step.num_tokens
     assert bool(output[:n].isfinite().all()) and bool(output[n:].isnan().all())
-    assert rel_err(output[:n], extend_out[:n]) < TOL[case["dtype"]]
+    assert rel_err(output[:n], extend_out[:n]) < ATTENTION_RTOL[case["dtype"]]
 
 
 def test_a_prefix_beyond_the_memory_budget_keeps_the_extend_kernel() -> None:

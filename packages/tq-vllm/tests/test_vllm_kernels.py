@@ -18,7 +18,8 @@ import pytest
 pytest.importorskip("vllm")
 
 import torch
-from _steps import TOL
+
+from tq_core.testing import ATTENTION_RTOL
 
 RUNNER = Path(__file__).with_name("_vllm_kernels_run.py")
 
@@ -40,4 +41,4 @@ def report() -> dict:
 def test_vllm_triton_path_matches_exact_attention(report: dict, case: str) -> None:
     result = report[case]
     assert result["rows_written"] and result["padding_untouched"]
-    assert result["rel_err"] < TOL[torch.float16]
+    assert result["rel_err"] < ATTENTION_RTOL[torch.float16]

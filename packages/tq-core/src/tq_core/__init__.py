@@ -2,14 +2,16 @@
 
 Codebooks (:mod:`tq_core.codebooks`), rotations (:mod:`tq_core.rotations`), bit packing
 (:mod:`tq_core.packing`), quantizers (:mod:`tq_core.quantizers`), KV slot formats (:mod:`tq_core.formats`),
-reference attention (:mod:`tq_core.attention`) and metrics (:mod:`tq_core.metrics`).  Every kernel in
-tq-kernels is tested against these functions.
+reference attention (:mod:`tq_core.attention`), metrics (:mod:`tq_core.metrics`) and the equal-bytes
+baselines (:mod:`tq_core.baselines`).  Every kernel in tq-kernels is tested against these functions,
+with the error measure, tolerances and test buffers of :mod:`tq_core.testing`.
 """
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from tq_core import testing
 from tq_core.attention import attention_ref, paged_decode_attention_ref, paged_extend_attention_ref
 from tq_core.codebooks import Codebook, coordinate_density, lloyd_max_codebook, mse_lower_bound
 from tq_core.formats import (
@@ -72,6 +74,7 @@ __all__ = [
     "paged_decode_attention_ref",
     "paged_extend_attention_ref",
     "top_rms_channels",
+    "testing",
     "unpack_bits",
     "vllm_layout",
 ]
