@@ -22,6 +22,7 @@ from tq_core.testing import hardware_skips, register_markers
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+
 def pytest_configure(config: pytest.Config) -> None:
     register_markers(config)
 
