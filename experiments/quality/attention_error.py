@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "packages/tq-core/src"))
 from harness import write_result  # noqa: E402
 
 from tq_core import named_format  # noqa: E402
-from tq_core.baselines import _rtn  # noqa: E402
+from tq_core.baselines import round_to_nearest  # noqa: E402
 from tq_core.codebooks import lloyd_max_codebook  # noqa: E402
 
 # vLLM's (key bits, value bits) per preset; ours split the same bytes their own way (tq_core's
@@ -127,10 +127,10 @@ def quantizers(preset: str, layer: int):
 
     def ours_k_uniform_v(k, v):
         kh, _ = ours(k, v)
-        return kh, _rtn(v, vb, -1)
+        return kh, round_to_nearest(v, vb, -1)
 
     def vllm_like(k, v):
-        return vllm_like_keys(k, vllm_kb), _rtn(v, vllm_vb, -1)
+        return vllm_like_keys(k, vllm_kb), round_to_nearest(v, vllm_vb, -1)
 
     return {"ours": ours, "ours-K + uniform-V": ours_k_uniform_v, "vllm-like": vllm_like}
 

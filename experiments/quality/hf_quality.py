@@ -76,12 +76,13 @@ def format_qdq(fmt, values: str = "format", vllm_bits: tuple[int, int] | None = 
     sizes the min/max values as vLLM's preset does."""
     from attention_error import vllm_like_keys
 
-    from tq_core.baselines import _rtn
+    from tq_core.baselines import round_to_nearest
 
     def qdq(x: torch.Tensor, layer: int, which: str) -> torch.Tensor:
         x32 = x.float()
         if which == "v" and values == "minmax":
-            return _rtn(x32, fmt.value.bits if vllm_bits is None else vllm_bits[1], -1).to(x.dtype)
+            bits = fmt.value.bits if vllm_bits is None else vllm_bits[1]
+            return round_to_nearest(x32, bits, -1).to(x.dtype)
         if which == "k" and vllm_bits is not None:
             return vllm_like_keys(x32, vllm_bits[0]).to(x.dtype)
         k_hat, v_hat = fmt.decode(fmt.encode(x32, x32, layer=layer), layer=layer)

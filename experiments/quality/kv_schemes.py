@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_error import VLLM_SPLIT, vllm_like_keys  # noqa: E402
 
 from tq_core import named_format  # noqa: E402
-from tq_core.baselines import UniformKVBaseline, _rtn  # noqa: E402
+from tq_core.baselines import UniformKVBaseline, round_to_nearest  # noqa: E402
 
 PRESETS = ("turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc")
 # presets also measured with the nearest-centroid encoder, to show what the gain search buys
@@ -124,9 +124,9 @@ def vllm_like_rounder(preset: str) -> Rounder:
     """vLLM's preset re-implemented from tq_core pieces: Hadamard + Lloyd-Max keys with float16 norm and the
     preset's norm correction (fp8 keys for k8v4), per-token min/max values."""
     if preset == "turboquant_k8v4":
-        return lambda k, v: (fp8_round(k), _rtn(v, 4, -1))
+        return lambda k, v: (fp8_round(k), round_to_nearest(v, 4, -1))
     kb, vb = VLLM_SPLIT[preset]
-    return lambda k, v: (vllm_like_keys(k, kb, norm_correction=True), _rtn(v, vb, -1))
+    return lambda k, v: (vllm_like_keys(k, kb, norm_correction=True), round_to_nearest(v, vb, -1))
 
 
 # -- the schemes ---------------------------------------------------------------------------------------

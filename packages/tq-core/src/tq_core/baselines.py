@@ -16,13 +16,44 @@ import torch
 from tq_core._validate import check_bits, check_float_tensor, check_head_dim
 from tq_core.packing import packed_bytes
 
-__all__ = ["UniformKVBaseline", "uniform_baseline_for_budget", "uniform_candidates"]
+__all__ = ["UniformKVBaseline", "round_to_nearest", "uniform_baseline_for_budget", "uniform_candidates"]
 
 _GROUPS = (32, 64, 128, 256, 512)
 
 
-def _rtn(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Asymmetric min-max round-to-nearest along ``dim`` with float16 scale and zero point."""
+def round_to_nearest(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Quantize and dequantize ``x`` with asymmetric min-max round-to-nearest along ``dim``.
+
+    Each slice along ``dim`` gets ``2**bits`` levels between its minimum and maximum, with the zero
+    point (the minimum) and the scale ``(max - min) / (2**bits - 1)`` rounded to float16, as a cache
+    storing them in float16 would.  This is the uniform quantizer of :class:`UniformKVBaseline`
+    (``dim=-2`` over a token group for keys per channel, ``dim=-1`` for values per token) and of the
+    vLLM-like baseline's values, for scripts that build other equal-bytes baselines from it.
+
+    Args:
+        x: float16/bfloat16/float32/float64 tensor, at least one dimension.
+        bits: bits per element, 1..8.
+        dim: the dimension the minimum and maximum run along (negative counts from the end).
+
+    Returns:
+        The reconstruction, float32 (float64 for float64 input), ``x``'s shape.
+
+    Raises:
+        ValueError: for a non-float tensor, ``bits`` outside 1..8 or ``dim`` out of range.
+
+    Example:
+        >>> x = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+        >>> round_to_nearest(x, 2, -1)  # 4 levels: exact
+        tensor([[0., 1., 2., 3.]])
+        >>> round_to_nearest(x, 1, -1)  # 2 levels: the minimum and the maximum
+        tensor([[0., 0., 3., 3.]])
+    """
+    check_float_tensor(x, "x")
+    check_bits(bits, "bits")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        raise ValueError(
+            f"dim must be an integer in {-x.dim()}..{x.dim() - 1} for x of shape {tuple(x.shape)}, got {dim!r}"
+        )
     lo = x.amin(dim=dim, keepdim=True).to(torch.float16).to(torch.float32)
     hi = x.amax(dim=dim, keepdim=True)
     levels = 2**bits - 1
@@ -76,10 +107,10 @@ class UniformKVBaseline:
         kq = torch.empty_like(k32)
         t = k32.shape[-2]
         for s in range(0, t, self.group_tokens):
-            kq[..., s : s + self.group_tokens, :] = _rtn(
+            kq[..., s : s + self.group_tokens, :] = round_to_nearest(
                 k32[..., s : s + self.group_tokens, :], self.key_bits, -2
             )
-        return kq, _rtn(v32, self.value_bits, -1)
+        return kq, round_to_nearest(v32, self.value_bits, -1)
 
 
 def uniform_candidates(budget: float, head_dim: int) -> list[UniformKVBaseline]:
