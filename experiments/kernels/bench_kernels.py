@@ -218,7 +218,6 @@ def store_rows(tokens: int, copy_gbps: float, cache_tokens: int | None = None) -
 
 def tune_store(tokens: int, cache_tokens: int) -> list[dict]:
     """Time the store kernel's launch configurations (rows per program x warps) on one shape."""
-    from tq_kernels.ops.store import _launch
     from tq_kernels.tuning import LaunchConfig
 
     k = torch.randn(tokens, HKV, D, device="cuda", dtype=torch.bfloat16)
@@ -231,7 +230,9 @@ def tune_store(tokens: int, cache_tokens: int) -> list[dict]:
         for bn, warps in ((16, 4), (16, 8), (32, 4), (32, 8), (64, 4), (64, 8)):
             cfg = LaunchConfig(bn, warps, 1)
             try:
-                ms = graph_ms(lambda fmt=fmt, cache=cache, cfg=cfg: _launch(k, v, cache, slots, fmt, 0, cfg))
+                ms = graph_ms(
+                    lambda fmt=fmt, cache=cache, cfg=cfg: tq_store_paged(k, v, cache, slots, fmt, config=cfg)
+                )
             except Exception as e:
                 print(f"store tune {cfg}: {type(e).__name__}: {e}", flush=True)
                 continue

@@ -18,6 +18,7 @@ from _slot_cases import (
 from tq_core import ComponentFormat, KVFormat, named_format
 from tq_core.testing import POISON_BYTE, poisoned
 from tq_kernels.ops.store import tq_store, tq_store_paged
+from tq_kernels.tuning import LaunchConfig, launch_key
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -168,6 +169,20 @@ def test_store_contiguous_matches_encode(shape, name, dt):
     assert_slots_match(out, fmt.encode(key, value, layer=1), fmt, key, value, layer=1)
 
 
+@pytest.mark.parametrize(("block_n", "num_warps"), [(32, 4), (64, 8)])
+def test_store_paged_launch_config_writes_the_same_slots(block_n, num_warps):
+    """A launch configuration other than the tuned one (the benchmark's sweep) changes how rows are
+    split between programs, not what is written: 40 tokens x 2 heads leave the last program partial."""
+    fmt, t, h, d, bs = named_format("turboquant_4bit_nc", 64), 40, 2, 64, 16
+    key, value, nb, slots = _paged_inputs(t, h, d, bs, torch.float32, generator("config", block_n, num_warps))
+    cache = poisoned(fmt.cache_shape(nb, bs, h), dtype=torch.uint8)
+    tq_store_paged(key, value, cache, slots, fmt, layer=1, config=LaunchConfig(block_n, num_warps, 1))
+    _check_paged(cache, key, value, slots, fmt, 1)
+    tuned = poisoned(fmt.cache_shape(nb, bs, h), dtype=torch.uint8)
+    tq_store_paged(key, value, tuned, slots, fmt, layer=1)
+    assert torch.equal(cache, tuned)
+
+
 def test_store_rotation_depends_on_layer():
     fmt = named_format("turboquant_4bit_nc", 64)
     key = value = torch.randn(2, 64, generator=generator("layer"))
@@ -243,6 +258,24 @@ def test_store_rejects_formats_the_kernels_do_not_support(fmt, match):
     assert bool((out == POISON_BYTE).all())
 
 
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        (LaunchConfig(8, 4, 1), "power of two >= 16"),
+        (LaunchConfig(48, 4, 1), "power of two >= 16"),
+        (LaunchConfig(16, 0, 1), "num_warps and num_stages must be >= 1"),
+        ((16, 4, 1), "LaunchConfig or None"),
+    ],
+    ids=["block-8", "block-48", "warps-0", "tuple"],
+)
+def test_store_paged_rejects_bad_launch_configs(config, match):
+    a = _valid_args()
+    before = a["cache"].clone()
+    with pytest.raises(ValueError, match=match):
+        tq_store_paged(a["key"], a["value"], a["cache"], a["slot_mapping"], a["fmt"], config=config)
+    assert torch.equal(a["cache"], before)
+
+
 def test_store_paged_rejects_negative_layer():
     a = _valid_args()
     with pytest.raises(ValueError, match="layer must be"):
@@ -273,6 +306,11 @@ def test_store_custom_ops_pass_opcheck():
     key = format_key(a["fmt"])
     torch.library.opcheck(
         torch.ops.tq.store_paged.default, (a["key"], a["value"], a["cache"], a["slot_mapping"], key, 0)
+    )
+    launch = launch_key(LaunchConfig(32, 4, 1))
+    torch.library.opcheck(
+        torch.ops.tq.store_paged.default,
+        (a["key"], a["value"], a["cache"], a["slot_mapping"], key, 0, launch),
     )
     out = torch.empty(3, 2, a["fmt"].slot_bytes, dtype=torch.uint8)
     torch.library.opcheck(torch.ops.tq.store.default, (a["key"], a["value"], out, key, 0))
@@ -314,14 +352,11 @@ def test_store_paged_gpu_large(name):
 def test_store_gpu_launch_configs(name, block_n, num_warps):
     """The store launches the benchmark times (tq_kernels.tuning.store_config candidates) write the same
     slots as the reference, at a decode step's size (40 tokens, partial last program)."""
-    from tq_kernels.ops.store import _launch
-    from tq_kernels.tuning import LaunchConfig
-
     fmt, t, h, d, bs = make_format(name, 128), 40, 8, 128, 16
     g = generator("gpu-store-config", name, block_n, num_warps)
     key, value, nb, slots = _paged_inputs(t, h, d, bs, torch.bfloat16, g, spare_blocks=8)
     key, value, slots = key.cuda(), value.cuda(), slots.cuda()
     cache = poisoned(fmt.cache_shape(nb, bs, h), dtype=torch.uint8, device="cuda")
-    _launch(key, value, cache, slots, fmt, 2, LaunchConfig(block_n, num_warps, 1))
+    tq_store_paged(key, value, cache, slots, fmt, layer=2, config=LaunchConfig(block_n, num_warps, 1))
     torch.cuda.synchronize()
     _check_paged(cache.cpu(), key.cpu(), value.cpu(), slots.cpu(), fmt, 2)

@@ -24,7 +24,7 @@ from tq_kernels.ops._slot_checks import (
     check_tensor,
     field_constexprs,
 )
-from tq_kernels.tuning import LaunchConfig, rotation_dot_precision, store_config
+from tq_kernels.tuning import LaunchConfig, launch_key, lookup_launch, rotation_dot_precision, store_config
 
 __all__ = ["tq_store_paged", "tq_store"]
 
@@ -49,6 +49,20 @@ def _check_kv(key: object, value: object, fmt: KVFormat) -> tuple[torch.Tensor, 
     return key, value
 
 
+def _check_store_config(config: object) -> LaunchConfig:
+    if not isinstance(config, LaunchConfig):
+        raise ValueError(
+            f"config must be a tq_kernels.tuning.LaunchConfig or None, got {type(config).__name__}"
+        )
+    if config.block_n < 16 or config.block_n & (config.block_n - 1):  # rows of a tl.dot tile
+        raise ValueError(f"config.block_n must be a power of two >= 16, got {config.block_n}")
+    if config.num_warps < 1 or config.num_stages < 1:
+        raise ValueError(
+            f"config.num_warps and num_stages must be >= 1, got {config.num_warps}, {config.num_stages}"
+        )
+    return config
+
+
 def _launch(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -60,7 +74,7 @@ def _launch(
 ) -> None:
     """Launch on key/value `[T, H, D]` and a paged cache `[num_blocks, H, block_size, slot_bytes]`, or
     without ``slot_mapping`` on contiguous slots viewed as `[T, 1, 1, slot_bytes]`.  ``config``
-    overrides :func:`tq_kernels.tuning.store_config` (the benchmark's sweep)."""
+    overrides :func:`tq_kernels.tuning.store_config`."""
     num_tokens, num_heads, _ = key.shape
     num_rows = num_tokens * num_heads
     if num_rows == 0:
@@ -123,8 +137,11 @@ def _store_paged_op(
     slot_mapping: torch.Tensor,
     fmt_key: str,
     layer: int,
+    launch: str = "",
 ) -> None:
-    _launch(key, value, cache, slot_mapping, lookup_format(fmt_key), layer)
+    """``launch``: the :func:`~tq_kernels.tuning.launch_key` of a configuration, "" for the tuned one."""
+    config = lookup_launch(launch) if launch else None
+    _launch(key, value, cache, slot_mapping, lookup_format(fmt_key), layer, config)
 
 
 @_store_paged_op.register_fake
@@ -135,6 +152,7 @@ def _(
     slot_mapping: torch.Tensor,
     fmt_key: str,
     layer: int,
+    launch: str = "",
 ) -> None:
     return None
 
@@ -161,6 +179,7 @@ def tq_store_paged(
     fmt: KVFormat,
     *,
     layer: int = 0,
+    config: LaunchConfig | None = None,
 ) -> None:
     """Encode K and V of new tokens and write them into a paged TurboQuant cache, in place.
 
@@ -179,6 +198,9 @@ def tq_store_paged(
             ``-1`` (and anything outside the cache) is skipped and nothing is written for it.
         fmt: the cache's :class:`~tq_core.formats.KVFormat`.
         layer: selects the layer's rotation.
+        config: rows per program (``block_n``, a power of two >= 16), warps and stages to launch with
+            instead of :func:`tq_kernels.tuning.store_config`'s (for tuning sweeps; the slots written
+            are the same).
 
     Example:
         >>> from tq_core import named_format
@@ -197,7 +219,8 @@ def tq_store_paged(
         )
     slot_mapping = check_slot_mapping(slot_mapping, key.shape[0])
     check_devices(key=key, value=value, cache=cache, slot_mapping=slot_mapping)
-    _store_paged_op(key, value, cache, slot_mapping, format_key(fmt), layer)
+    launch = "" if config is None else launch_key(_check_store_config(config))
+    _store_paged_op(key, value, cache, slot_mapping, format_key(fmt), layer, launch)
 
 
 def tq_store(
