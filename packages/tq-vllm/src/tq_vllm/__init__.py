@@ -7,7 +7,10 @@ and calls `register()` in each of its processes. Then
 
 stores the KV cache in tq-core's `turboquant_4bit_nc` format (the same bytes per token-head as vLLM's
 preset of that name) and runs tq-kernels' store, decode and extend kernels on it; likewise
-`turboquant_k8v4`, `turboquant_k3v4_nc` and `turboquant_3bit_nc`.
+`turboquant_k8v4`, `turboquant_k3v4_nc` and `turboquant_3bit_nc`.  On vLLM 0.33 and later tq-vllm also
+registers names of its own, which need no `--attention-backend`:
+
+    vllm serve MODEL --kv-cache-dtype tq_4bit     # or tq_k8v4, tq_k3v4, tq_3bit, tq_5bit, tq_2bit
 
 Importing `tq_vllm` stays light and imports neither vLLM nor torch: a general plugin that fails to
 import breaks every vLLM start in that environment.
@@ -32,6 +35,8 @@ __all__ = ["BACKEND_PATH", "__version__", "register"]
 
 # What AttentionBackendEnum.CUSTOM resolves to once registered (imported lazily by vLLM).
 BACKEND_PATH = "tq_vllm.backend.TurboQuantBackend"
+# The named backend of each own kv-cache dtype (vLLM 0.33+): tq_vllm.backend.TurboQuantBackend_<dtype>.
+_NAMED_BACKEND_PATH = "tq_vllm.backend.TurboQuantBackend_{}"
 # Modules the backend imports when vLLM resolves it; checked before registering.
 _RUNTIME_MODULES = ("torch", "triton", "tq_core", "tq_kernels")
 
@@ -51,8 +56,11 @@ def register() -> None:
     direct call) that warning is one line saying how to install it; an unexpected failure is logged
     with its traceback.
 
-    With ``TQ_VLLM_FULL_CAPACITY=1`` it also applies the ledger's ``full_capacity`` patch, which
-    compresses vLLM's boundary layers too (see :mod:`tq_vllm.patches`).
+    On vLLM 0.33 and later it also registers tq-vllm's own ``--kv-cache-dtype`` names
+    (:data:`tq_vllm.presets.OWN_CACHE_DTYPES`) and a backend for each.  It applies the ledger's
+    ``backend_selection`` patch, which sends those runs to tq-vllm's backend and logs once when a
+    ``turboquant_*`` run forgot ``--attention-backend CUSTOM``; with ``TQ_VLLM_FULL_CAPACITY=1`` also
+    ``full_capacity``, which compresses vLLM's boundary layers too (see :mod:`tq_vllm.patches`).
 
     Example:
         >>> import tq_vllm
@@ -113,6 +121,7 @@ def _register() -> None:
             custom.get_path(),
         )
     register_backend(custom, BACKEND_PATH)
+    own = _register_own_dtypes()
 
     from tq_vllm.patches import apply_enabled
 
@@ -121,8 +130,22 @@ def _register() -> None:
         _registered = True
         _log.info(
             "tq-vllm %s registered the TurboQuant attention backend as CUSTOM (vLLM %s%s); use "
-            "--kv-cache-dtype turboquant_{k8v4,4bit_nc,k3v4_nc,3bit_nc} --attention-backend CUSTOM",
+            "--kv-cache-dtype turboquant_{k8v4,4bit_nc,k3v4_nc,3bit_nc} --attention-backend CUSTOM%s",
             __version__,
             vllm_version,
             f", patches: {', '.join(patches)}" if patches else "",
+            f", or --kv-cache-dtype {{{','.join(own)}}}" if own else "",
         )
+
+
+def _register_own_dtypes() -> list[str]:
+    """tq-vllm's own kv-cache dtypes and their backends, where vLLM takes plugin dtypes (0.33+)."""
+    from tq_vllm._compat import has_kv_cache_dtype_registry, register_kv_cache_dtype, register_named_backend
+    from tq_vllm.presets import OWN_CACHE_DTYPES, backend_name
+
+    if not has_kv_cache_dtype_registry():
+        return []
+    for dtype in OWN_CACHE_DTYPES:
+        register_kv_cache_dtype(dtype)
+        register_named_backend(backend_name(dtype), _NAMED_BACKEND_PATH.format(dtype))
+    return list(OWN_CACHE_DTYPES)

@@ -1,10 +1,16 @@
-"""The TurboQuant attention backend that vLLM selects with ``--attention-backend CUSTOM``.
+"""The TurboQuant attention backend: ``--attention-backend CUSTOM``, and one named backend per own dtype.
 
 :func:`tq_vllm.register` points vLLM's ``AttentionBackendEnum.CUSTOM`` at :class:`TurboQuantBackend`.
 With ``--attention-backend CUSTOM`` every attention layer of the model comes here: the layers that
 carry a ``turboquant_*`` kv-cache dtype get our compressed slots (:func:`tq_core.named_format`, the
 same bytes per token-head as vLLM's preset of that name), and the layers vLLM keeps at ``"auto"``
 (the first and last two with a turboquant dtype) get a plain cache of the model dtype.
+
+On vLLM 0.33+ each of tq-vllm's own dtypes (``tq_4bit`` ...) has a subclass of its own in
+:data:`NAMED_BACKENDS`, registered as ``TQ_VLLM_4BIT`` ...; the ledger's ``backend_selection`` patch
+sends every layer of such a run there.  The subclass differs only in knowing its dtype: vLLM sizes a
+page from the layer's spec alone, whose mode (``KVQuantMode.CUSTOM``) is the same for every registered
+name.
 
 The KV cache of one layer, as vLLM hands it to the impl, is a logical ``[num_blocks, num_kv_heads,
 block_size, content]`` view whose physical order keeps each (block, head) region of ``block_size *
@@ -33,7 +39,9 @@ from vllm.v1.attention.backend import AttentionBackend, AttentionType, MultipleO
 from tq_vllm.presets import (
     COMPRESSED_CACHE_DTYPES,
     DENSE_CACHE_DTYPES,
+    OWN_CACHE_DTYPES,
     SUPPORTED_HEAD_DIMS,
+    backend_name,
     describe_support,
     is_compressed,
     kv_format,
@@ -43,7 +51,7 @@ if TYPE_CHECKING:
     from tq_vllm.impl import TurboQuantImpl
     from tq_vllm.metadata import TurboQuantMetadataBuilder
 
-__all__ = ["TurboQuantBackend"]
+__all__ = ["NAMED_BACKENDS", "TurboQuantBackend"]
 
 # Triton's fp16/bf16 tensor-core paths the kernels are written for (Ampere and newer).
 _MIN_CAPABILITY = (8, 0)
@@ -57,7 +65,13 @@ class TurboQuantBackend(AttentionBackend):
     # before `forward`; both are captured in full CUDA graphs.
     forward_includes_kv_cache_update: bool = False
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
-    supported_kv_cache_dtypes: ClassVar[list[Any]] = [*DENSE_CACHE_DTYPES, *COMPRESSED_CACHE_DTYPES]
+    supported_kv_cache_dtypes: ClassVar[list[Any]] = [
+        *DENSE_CACHE_DTYPES,
+        *COMPRESSED_CACHE_DTYPES,
+        *OWN_CACHE_DTYPES,
+    ]
+    # The own dtype (``tq_4bit`` ...) a named subclass serves; its specs carry no dtype name.
+    own_dtype: ClassVar[str | None] = None
 
     @staticmethod
     def get_name() -> str:
@@ -164,17 +178,34 @@ class TurboQuantBackend(AttentionBackend):
     # -- vLLM 0.32: the backend sizes the page through the spec ------------------------------------
     @classmethod
     def customize_spec(cls, spec: Any) -> Any:
-        """Give a ``turboquant_*`` layer our slot size (vLLM 0.32); other specs pass unchanged.
+        """Give a compressed layer our slot size (vLLM 0.28+); other specs pass unchanged.
 
         ``state_content_bytes`` is what vLLM allocates per (token, kv head); ours equals vLLM's
         preset (134 B for ``turboquant_4bit_nc`` at head_dim 128), so capacity matches its backend.
+        A ``turboquant_*`` spec names its preset through its mode; a spec of one of our own dtypes
+        has mode ``KVQuantMode.CUSTOM`` and takes the dtype of the named backend it was sent to.
+
+        Raises:
+            ValueError: for a ``KVQuantMode.CUSTOM`` spec on the plain CUSTOM backend, which cannot
+                tell which of our dtypes it is (the ``backend_selection`` patch routes those layers
+                to their named backend).
         """
         mode = getattr(spec, "kv_quant_mode", None)
         if getattr(spec, "state_content_bytes", None) is not None or mode is None:
             return spec
-        if not getattr(mode, "is_turboquant", False):
+        if getattr(mode, "is_turboquant", False):
+            name = mode.name.lower()
+        elif _is_custom_mode(mode):
+            if cls.own_dtype is None:
+                raise ValueError(
+                    f"{cls.__name__} got a layer of a plugin kv-cache dtype (KVQuantMode.CUSTOM) without "
+                    f"knowing which; tq-vllm's own dtypes {list(OWN_CACHE_DTYPES)} run on their named "
+                    "backends (TQ_VLLM_*), which tq_vllm.register() sets up and selects"
+                )
+            name = cls.own_dtype
+        else:
             return spec
-        fmt = kv_format(mode.name.lower(), spec.head_size)
+        fmt = kv_format(name, spec.head_size)
         assert fmt is not None
         return dataclasses.replace(spec, state_content_bytes=fmt.slot_bytes)
 
@@ -189,3 +220,41 @@ class TurboQuantBackend(AttentionBackend):
         from vllm.v1.kv_cache_layout import KVCacheLayout
 
         return (KVCacheLayout.LBHNC, KVCacheLayout.BLHNC, KVCacheLayout.LHBNC, KVCacheLayout.BHLNC)
+
+
+def _is_custom_mode(mode: Any) -> bool:
+    """``mode is KVQuantMode.CUSTOM`` where vLLM has that member (0.33+)."""
+    from vllm.v1.kv_cache_interface import KVQuantMode
+
+    custom = getattr(KVQuantMode, "CUSTOM", None)
+    return custom is not None and mode is custom
+
+
+def _named_backend(kv_cache_dtype: str) -> type[TurboQuantBackend]:
+    """The subclass that serves ``kv_cache_dtype`` (compressed) and the dense layers of its runs."""
+    name = backend_name(kv_cache_dtype)
+    qualname = f"TurboQuantBackend_{kv_cache_dtype}"
+
+    def get_name() -> str:
+        return name  # vLLM maps it back to its enum member (`AttentionBackendEnum[get_name()]`)
+
+    return type(
+        qualname,
+        (TurboQuantBackend,),
+        {
+            "__module__": __name__,
+            "__qualname__": qualname,
+            "__doc__": f"TurboQuantBackend for --kv-cache-dtype {kv_cache_dtype}, registered as {name}.",
+            "own_dtype": kv_cache_dtype,
+            "supported_kv_cache_dtypes": [*DENSE_CACHE_DTYPES, kv_cache_dtype],
+            "get_name": staticmethod(get_name),
+        },
+    )
+
+
+#: ``{own dtype: its backend class}``; each class is a module attribute, so vLLM resolves it by path
+#: (``tq_vllm.backend.TurboQuantBackend_tq_4bit``).
+NAMED_BACKENDS: dict[str, type[TurboQuantBackend]] = {
+    dtype: _named_backend(dtype) for dtype in OWN_CACHE_DTYPES
+}
+globals().update({cls.__qualname__: cls for cls in NAMED_BACKENDS.values()})

