@@ -1,4 +1,5 @@
-"""Screening: subtract each head's K (and V) mean before TurboQuant encoding, add it back after decoding.
+"""Screening: subtract each head's K (and V) mean before TurboQuant encoding, add it back after decoding;
+or keep a sequence's first tokens (attention sinks) exact.
 
     python experiments/quality/screen_centering.py OUT.jsonl NUM_SEQS bf16,4bit_nc:-,4bit_nc:k,4bit_nc:kv
 
@@ -8,7 +9,7 @@ ignores it; a value shift comes back as the same shift of the output.  Storing `
 mean is taken over the first chunk a layer stores (the prompt), per sequence and head.  Perplexity only,
 SmolLM2 in bfloat16 on CPU, the protocol of real_quality.py (64-token chunks, a chunk's own K/V exact, every
 earlier token rounded through tq_core's reference encoder); ``<preset>:-`` is the same path without the
-shift, the control.  Output: one json row per scheme (per-sequence NLL) and a printed perplexity.
+shift, the control; ``<preset>:s`` (``:s4``) keeps the first token (4 tokens) of every sequence exact.  Output: one json row per scheme (per-sequence NLL) and a printed perplexity.
 """
 
 from __future__ import annotations
@@ -37,18 +38,22 @@ CHUNK, LEN, BATCH = 64, 1024, 3
 class CenteredRounder:
     """Rounds one layer's K/V through ``fmt`` after subtracting the mean of the first tokens it sees."""
 
-    def __init__(self, fmt, layer: int, keys: bool, values: bool) -> None:
-        self.fmt, self.layer, self.keys, self.values = fmt, layer, keys, values
+    def __init__(self, fmt, layer: int, keys: bool, values: bool, sink: int = 0) -> None:
+        self.fmt, self.layer, self.keys, self.values, self.sink = fmt, layer, keys, values, sink
         self.mean: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.mean is None:
+        first = self.mean is None  # the first call holds positions 0, 1, ...
+        if first:
             mk = k.mean(2, keepdim=True) if self.keys else torch.zeros_like(k[:, :, :1])
             mv = v.mean(2, keepdim=True) if self.values else torch.zeros_like(v[:, :, :1])
             self.mean = (mk, mv)
         mk, mv = self.mean
         kq, vq = self.fmt.decode(self.fmt.encode(k - mk, v - mv, layer=self.layer), layer=self.layer)
-        return kq + mk, vq + mv
+        kq, vq = kq + mk, vq + mv
+        if first and self.sink:  # the sequence's first tokens (attention sinks) stay exact
+            kq[:, :, : self.sink], vq[:, :, : self.sink] = k[:, :, : self.sink], v[:, :, : self.sink]
+        return kq, vq
 
 
 def cache_factory(name: str, head_dim: int):
@@ -59,7 +64,8 @@ def cache_factory(name: str, head_dim: int):
 
     def make(config):
         n = config.get_text_config().num_hidden_layers
-        rounders = [CenteredRounder(fmt, i, "k" in mode, "v" in mode) for i in range(n)]
+        sink = int(mode.split("s")[1] or 1) if "s" in mode else 0  # "s" or "s4": first 1 or 4 tokens exact
+        rounders = [CenteredRounder(fmt, i, "k" in mode, "v" in mode, sink) for i in range(n)]
         return Cache(layers=[kv_schemes._past_qdq_layer(DynamicLayer, r, 1)() for r in rounders])
 
     return make
