@@ -550,6 +550,7 @@ RENDERERS: dict[str, Callable[[str], str]] = {
     "hf-kv-plot": _plot("hf_kv.png"),
     "quality": _quality,
     "quality-plot": _plot("quality.png"),
+    "quality-real-plot": _plot("quality_real.png"),
     "quality-refmodel8min": lambda uri: _quality(uri, "quality_refmodel8min.json"),
     "quality-refmodel8min-plot": _plot("quality_refmodel8min.png"),
     "quality-values-cpu": lambda uri: _quality(uri, "quality_values_cpu.json"),

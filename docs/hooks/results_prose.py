@@ -173,7 +173,60 @@ def renderers(r: Any) -> dict[str, Callable[[str], str]]:
         "fa3-baseline": lambda uri: fa3_sentence(r, uri) + "\n",
         "fa3-baseline-bullet": bullet("A stronger baseline.", fa3_sentence),
         "vllm-caveat": lambda uri: vllm_caveat(r, uri),
+        "quality-real": lambda uri: quality_real(r, uri),
     }
+
+
+QUALITY_REAL = "quality_real.json"
+
+
+def quality_real(r: Any, uri: str) -> str:
+    """The real-model table of ``experiments/quality/real_report.py`` (rows, then the targets)."""
+    data = r._load(QUALITY_REAL)
+    if data is None:
+        return f'!!! warning "Not measured yet"\n    `experiments/results/{QUALITY_REAL}` is not in this build.\n'
+
+    def pct(x: float | None, ci: list[float] | None = None) -> str:
+        if x is None:
+            return "-"
+        return f"{x:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+
+    def num(x: float | None, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    lines = [
+        "| model | scheme | B/token-head | ppl | ppl change % [95% CI] | greedy agreement | needle acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in data["rows"]:
+        lines.append(
+            f"| {row['model']} | `{row['scheme']}` | {row['bytes_per_token_head']:g} | {row['ppl']:.3f} | "
+            f"{pct(row['ppl_delta_pct'], row.get('ppl_delta_ci95'))} | {num(row['token_agreement'], '.3f')} | "
+            f"{num(row['needle_acc'], '.2f')} |"
+        )
+    out = ["\n".join(lines), ""]
+    goals = data.get("targets") or []
+    if goals:
+        out += [
+            "Ours against the vLLM-like scheme at the same bytes (points of perplexity change; the target "
+            "is ours at most half of theirs, the interval of ours - theirs/2 below zero):",
+            "",
+            "| model | preset | ours | vLLM-like | ours - theirs [95% CI] | ours - theirs/2 [95% CI] | half met "
+            "| absolute target | met |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for t in goals:
+            d, h = t["diff_ci95"], t["ours_minus_half_theirs_ci95"]
+            bound = "-" if t["absolute_target_pct"] is None else f"<= +{t['absolute_target_pct']:g}%"
+            met = {None: "-", True: "yes", False: "no"}[t["absolute_target_met"]]
+            out.append(
+                f"| {t['model']} | `{t['preset']}` | {t['ours_delta_pct']:+.2f} | {t['theirs_delta_pct']:+.2f} "
+                f"| [{d[0]:+.2f}, {d[1]:+.2f}] | [{h[0]:+.2f}, {h[1]:+.2f}] | "
+                f"{'yes' if t['half_target_met'] else 'no'} | {bound} | {met} |"
+            )
+        out.append("")
+    out.append(f"Source: `experiments/results/{QUALITY_REAL}`, written by `{data.get('command', '?')}`.")
+    return "\n".join(out) + "\n"
 
 
 WIDTH = 104  # the READMEs' line length
