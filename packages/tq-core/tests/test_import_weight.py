@@ -16,9 +16,10 @@ EXTRA_ONLY = ("tqdm", "matplotlib", "safetensors", "tokenizers")
 
 
 def test_import_loads_no_eval_extra():
+    # torch itself imports tqdm when it is installed (torch.hub): count only what tq_core adds
     code = (
-        "import sys, tq_core, tq_core.cli, tq_core.eval; "
-        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({EXTRA_ONLY!r})))"
+        "import sys, torch; before = set(sys.modules); import tq_core, tq_core.cli, tq_core.eval; "
+        f"print(sorted({{m.split('.')[0] for m in set(sys.modules) - before}} & set({EXTRA_ONLY!r})))"
     )
     src = str(Path(tq_core.__file__).resolve().parents[1])  # where this process finds tq_core
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
