@@ -9,7 +9,8 @@ ignores it; a value shift comes back as the same shift of the output.  Storing `
 mean is taken over the first chunk a layer stores (the prompt), per sequence and head.  Perplexity only,
 SmolLM2 in bfloat16 on CPU, the protocol of real_quality.py (64-token chunks, a chunk's own K/V exact, every
 earlier token rounded through tq_core's reference encoder); ``<preset>:-`` is the same path without the
-shift, the control; ``<preset>:s`` (``:s4``) keeps the first token (4 tokens) of every sequence exact.  Output: one json row per scheme (per-sequence NLL) and a printed perplexity.
+shift, the control; ``k4v2:-`` (``k3.5v2.5:-``) splits the bits between K and V another way;
+``<preset>:s`` (``:s4``) keeps the first token (4 tokens) of every sequence exact.  Output: one json row per scheme (per-sequence NLL) and a printed perplexity.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import real_quality
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-from tq_core import named_format
+from tq_core import ComponentFormat, KVFormat, named_format
 
 CHUNK, LEN, BATCH = 64, 1024, 3
 
@@ -56,11 +57,27 @@ class CenteredRounder:
         return kq, vq
 
 
+def split_format(spec: str, head_dim: int) -> KVFormat:
+    """``k4v2`` or ``k3.5v2.5``: a format with that many bits per coordinate for K and V (a fractional part
+    gives that share of the coordinates one bit more), norm correction on, sized to its own bytes."""
+    kb, vb = (float(x) for x in spec[1:].split("v"))
+
+    def component(bits: float) -> ComponentFormat:
+        whole = math.floor(bits)
+        return ComponentFormat(whole, round((bits - whole) * head_dim), "float16", True)
+
+    return KVFormat(head_dim, component(kb), component(vb), name=spec)
+
+
 def cache_factory(name: str, head_dim: int):
     if name == "bf16":
         return lambda config: DynamicCache(config=config)
     preset, mode = name.split(":")
-    fmt = named_format(f"turboquant_{preset}", head_dim)
+    fmt = (
+        split_format(preset, head_dim)
+        if preset.startswith("k") and "v" in preset and "_" not in preset
+        else (named_format(f"turboquant_{preset}", head_dim))
+    )
 
     def make(config):
         n = config.get_text_config().num_hidden_layers
