@@ -188,7 +188,8 @@ class TurboQuantLayer(CacheLayerMixin):
         self._read_memo: tuple[Any, bool, PagedRead | None] | None = None
         self.keys = self.values = None
         self.is_initialized = False
-        self.chunk = None  # the exact K/V of the multi-token forward in progress (chunk_kv="exact")
+        # the exact K/V of the multi-token forward in progress (chunk_kv="exact")
+        self.chunk: tuple[torch.Tensor, torch.Tensor] | None = None
         # transformers sets record_past back to False itself (DeferredStopCheck.finish), hence a plain field
         self.record_past = False
         self._crop_floor = 0  # while recording, a crop may go back to this length (see _retain_from)

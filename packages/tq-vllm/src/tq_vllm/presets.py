@@ -105,7 +105,10 @@ def kv_format(kv_cache_dtype: str, head_dim: int) -> KVFormat | None:
 
 @functools.lru_cache(maxsize=64)
 def _own_format(kv_cache_dtype: str, head_dim: int) -> KVFormat:
-    key_bits, value_bits = OWN_CACHE_DTYPES[kv_cache_dtype]  # type: ignore[misc]
+    bits = OWN_CACHE_DTYPES[kv_cache_dtype]
+    if isinstance(bits, str):  # a vLLM preset's layout name: named_format serves it
+        raise ValueError(f"{kv_cache_dtype} is a vLLM preset layout, not a bit split")
+    key_bits, value_bits = bits
     return KVFormat(head_dim, ComponentFormat(key_bits), ComponentFormat(value_bits), name=kv_cache_dtype)
 
 
