@@ -175,3 +175,43 @@ def test_bad_input():
         paged_decode_attention_ref(
             torch.randn(2, 2, 64), fmt.allocate_cache(2, 4, 1), torch.zeros(1, 2), torch.tensor([1, 1]), fmt
         )
+
+
+def test_mm_prefix_key_end_is_the_prefix_lm_mask():
+    """Per query, the visible chunk keys of mm_prefix_mask are exactly the prefix plus j < key_end, on
+    random ranges (ranges starting in the prefix, overlapping the chunk end, several per sequence)."""
+    from tq_core.attention import mm_prefix_key_end, mm_prefix_mask
+
+    g = torch.Generator().manual_seed(3)
+    checked = 0
+    for _ in range(40):
+        batch = int(torch.randint(1, 4, (1,), generator=g))
+        prefix = torch.randint(0, 20, (batch,), generator=g).tolist()
+        chunk = torch.randint(0, 25, (batch,), generator=g).tolist()
+        qsl = [0, *torch.tensor(chunk).cumsum(0).tolist()]
+        ranges = []
+        for p, c in zip(prefix, chunk, strict=True):
+            cuts = sorted(torch.randint(0, p + c + 1, (4,), generator=g).tolist())
+            ranges.append([(cuts[0], cuts[1]), (cuts[2] + 1, cuts[3])])  # disjoint, maybe empty
+        key_end = mm_prefix_key_end(ranges, qsl, prefix)
+        for b in range(batch):
+            mask = mm_prefix_mask(ranges[b], prefix[b], chunk[b])
+            for i in range(chunk[b]):
+                end = i + 1 if key_end is None else key_end[qsl[b] + i]
+                want = torch.zeros(prefix[b] + chunk[b], dtype=torch.bool)
+                want[: prefix[b] + end] = True
+                assert torch.equal(mask[i], want), (ranges[b], prefix[b], i)
+                checked += 1
+    assert checked > 200
+
+
+def test_mm_prefix_key_end_none_without_look_ahead_and_bad_ranges_fail():
+    from tq_core.attention import mm_prefix_key_end
+
+    # a range inside the prefix, or one ending on the chunk's first token, needs no look-ahead
+    assert mm_prefix_key_end([[(0, 4), (9, 10)]], [0, 3], [10]) is None
+    assert mm_prefix_key_end([[(0, 4), (9, 12)]], [0, 3], [10]) == [3, 3, 3]
+    with pytest.raises(ValueError, match="pair of ints"):
+        mm_prefix_key_end([[(0.5, 3)]], [0, 3], [0])
+    with pytest.raises(ValueError, match="one entry per sequence"):
+        mm_prefix_key_end([[], []], [0, 3], [0])

@@ -5,6 +5,7 @@ import torch
 from _paged import make_paged
 
 from tq_core import named_format, paged_extend_attention_ref
+from tq_core.attention import mm_prefix_key_end
 from tq_core.testing import ATTENTION_RTOL, poisoned_like, rel_err
 from tq_kernels.ops.extend import tq_extend_attention
 from tq_kernels.tuning import LaunchConfig
@@ -77,6 +78,53 @@ def test_extend_features(kwargs, loop):
     )
     ref = paged_extend_attention_ref(q, k_new, v_new, cache, table, plens, qsl, fmt, layer=2, **kw)
     assert rel_err(out, ref) < ATTENTION_RTOL[torch.float32]
+
+
+# media ranges (inclusive absolute positions, vLLM's convention) per sequence of prefixes [40, 3, 0]
+# and chunks [12, 20, 33]: a range inside a chunk, one that starts in the cached prefix (a prefix-cache
+# hit inside an image), two ranges in one chunk, one ending on the chunk's last token, a range beyond it
+MEDIA_CASES = {
+    "inside": [[(43, 48)], [], [(5, 20)]],
+    "from-prefix": [[(30, 45)], [(0, 9), (12, 21)], [(0, 0), (31, 32)]],
+    "to-chunk-end": [[(51, 51), (49, 51)], [(10, 22)], [(1, 40)]],
+}
+
+
+@pytest.mark.parametrize("window", [None, 24], ids=["full", "window24"])
+@pytest.mark.parametrize("media", list(MEDIA_CASES))
+@pytest.mark.parametrize("loop", ["plane", "nibble"])
+def test_extend_media_ranges_match_the_prefix_lm_mask(media, window, loop):
+    """Bidirectional media ranges through ``key_end``: the same attention as the reference's explicit
+    (causal AND window) OR same-range mask, including ranges that start in the cached prefix."""
+    # with a window, vLLM passes only ranges that fit in it (longer ones are dropped unless the model
+    # clamps them to the window, where key_end's (causal OR range) AND window is that model's mask)
+    ranges = [[r for r in rs if window is None or r[1] - r[0] < window] for rs in MEDIA_CASES[media]]
+    prefix, chunk = [40, 3, 0], [12, 20, 33]
+    fmt, cache, table, k_new, v_new, plens, qsl, q = _setup(
+        prefix, chunk, 4, 2, 16, "turboquant_4bit_nc", seed=8
+    )
+    key_end = mm_prefix_key_end(ranges, qsl.tolist(), prefix)
+    assert key_end is not None
+    ref = paged_extend_attention_ref(
+        q, k_new, v_new, cache, table, plens, qsl, fmt, layer=2, sliding_window=window, mm_ranges=ranges
+    )
+    causal = paged_extend_attention_ref(
+        q, k_new, v_new, cache, table, plens, qsl, fmt, layer=2, sliding_window=window
+    )
+    assert rel_err(causal, ref) > 0.05  # the ranges change the answer: the test can fail
+    out = poisoned_like(q)
+    tq_extend_attention(
+        q, k_new, v_new, cache, table, plens, qsl, 33, fmt, layer=2, sliding_window=window,
+        key_end=torch.tensor(key_end, dtype=torch.int32), config=LOOPS[loop], block_r=32, out=out,
+    )  # fmt: skip
+    assert rel_err(out, ref) < ATTENTION_RTOL[torch.float32]
+
+
+def test_extend_key_end_is_validated():
+    fmt, cache, table, k_new, v_new, plens, qsl, q = _setup([3], [5], 2, 2, 16, "turboquant_4bit_nc")
+    for bad in (torch.ones(4, dtype=torch.int32), torch.ones(5, dtype=torch.int64), [1, 2, 3, 4, 5]):
+        with pytest.raises(ValueError, match="key_end must be an int32"):
+            tq_extend_attention(q, k_new, v_new, cache, table, plens, qsl, 5, fmt, key_end=bad)
 
 
 @pytest.mark.parametrize(
@@ -198,6 +246,8 @@ def test_extend_custom_op_passes_opcheck():
         0,
         0.0,
         None,
+        # key_end: each row's causal end, as a tensor (the optional tensor argument is checked too)
+        torch.tensor([1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 6, 7], dtype=torch.int32),
         32,
         32,
         4,

@@ -11,12 +11,25 @@ Conventions (as in vLLM): a query at absolute position ``p`` sees key ``j`` iff 
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
+
 import torch
 
 from tq_core._validate import check_float_tensor
 from tq_core.formats import KVFormat
 
-__all__ = ["attention_ref", "paged_decode_attention_ref", "paged_extend_attention_ref"]
+__all__ = [
+    "attention_ref",
+    "mm_prefix_key_end",
+    "mm_prefix_mask",
+    "paged_decode_attention_ref",
+    "paged_extend_attention_ref",
+]
+
+#: A request's bidirectional media ranges: inclusive absolute ``(start, end)`` token positions, as vLLM's
+#: ``CommonAttentionMetadata.mm_req_doc_ranges`` holds them (ranges with ``start >= end`` are ignored).
+MediaRanges = Sequence[tuple[int, int]]
 
 
 def _check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
@@ -202,6 +215,7 @@ def paged_extend_attention_ref(
     sliding_window: int | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    mm_ranges: Sequence[MediaRanges] | None = None,
 ) -> torch.Tensor:
     """Causal attention of new chunks over their compressed prefix plus their own exact K/V.
 
@@ -215,6 +229,8 @@ def paged_extend_attention_ref(
         cache, block_table, fmt, layer: as for :func:`paged_decode_attention_ref`.
         prefix_lens: int `[batch]`.
         query_start_loc: int `[batch + 1]`, cumulative chunk lengths starting at 0.
+        mm_ranges: optional, per sequence, its bidirectional media ranges (:data:`MediaRanges`): a query
+            inside a range also sees every key of that range (:func:`mm_prefix_mask`).
 
     Returns:
         float32 `[total_q, num_heads, d]`.
@@ -227,6 +243,10 @@ def paged_extend_attention_ref(
     if query_start_loc.shape != (batch + 1,) or int(query_start_loc[-1]) != q.shape[0]:
         raise ValueError(f"query_start_loc must be [batch+1] cumulative lengths ending at {q.shape[0]}")
     _check_paged_args(cache, block_table, prefix_lens, batch)
+    if mm_ranges is not None and len(mm_ranges) != batch:
+        raise ValueError(
+            f"mm_ranges must hold one list of ranges per sequence ({batch}), got {len(mm_ranges)}"
+        )
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     for b in range(batch):
         s, e = int(query_start_loc[b]), int(query_start_loc[b + 1])
@@ -236,6 +256,12 @@ def paged_extend_attention_ref(
         kp, vp = fmt.gather_paged(cache, block_table[b], n, layer=layer)
         k = torch.cat([kp, k_new[s:e].to(torch.float32)])
         v = torch.cat([vp, v_new[s:e].to(torch.float32)])
+        if mm_ranges is not None and mm_ranges[b]:
+            mask = mm_prefix_mask(mm_ranges[b], n, e - s, sliding_window=sliding_window, device=q.device)
+            out[s:e] = attention_ref(
+                q[s:e], k, v, scale=scale, causal=False, mask=mask, softcap=softcap, sinks=sinks
+            )
+            continue
         out[s:e] = attention_ref(
             q[s:e],
             k,
@@ -247,4 +273,100 @@ def paged_extend_attention_ref(
             softcap=softcap,
             sinks=sinks,
         )
+    return out
+
+
+def mm_prefix_mask(
+    ranges: MediaRanges,
+    prefix_len: int,
+    chunk_len: int,
+    *,
+    sliding_window: int | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Which keys each of a chunk's queries sees in a prefix-LM (vision-language) model.
+
+    ``(causal AND sliding window) OR (query and key inside the same media range)``, vLLM's order (its
+    FlexAttention and Triton masks): the chunk's queries sit at positions ``prefix_len + i`` and see
+    keys ``0 .. prefix_len + chunk_len - 1``.
+
+    Returns:
+        bool `[chunk_len, prefix_len + chunk_len]`, True where the query sees the key.
+
+    Example:
+        >>> mm_prefix_mask([(1, 2)], 0, 4).int().tolist()
+        [[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    """
+    if prefix_len < 0 or chunk_len < 0:
+        raise ValueError(f"prefix_len and chunk_len must be >= 0, got {prefix_len}, {chunk_len}")
+    pos = torch.arange(prefix_len, prefix_len + chunk_len, device=device)[:, None]
+    j = torch.arange(prefix_len + chunk_len, device=device)[None, :]
+    mask = j <= pos
+    if sliding_window is not None:
+        mask &= (pos - j) < sliding_window
+    for start, end in _valid_ranges(ranges):
+        mask |= (pos >= start) & (pos <= end) & (j >= start) & (j <= end)
+    return mask
+
+
+def mm_prefix_key_end(
+    ranges: Sequence[MediaRanges], query_start_loc: Sequence[int], prefix_lens: Sequence[int]
+) -> list[int] | None:
+    """Each chunk query's exclusive end of visible chunk keys (the extend kernel's ``key_end``), or None
+    when no media range reaches past a query of these chunks (then plain causal attention is exact).
+
+    Query ``i`` of sequence ``b`` (absolute position ``p = prefix_lens[b] + i``) inside a range
+    ``[start, end]`` sees the chunk's keys up to ``end`` (clamped to the chunk), else up to itself: with
+    causality that is exactly :func:`mm_prefix_mask`, since a range's keys before ``p`` are visible anyway.
+    With a sliding window it equals the mask for ranges no longer than the window (vLLM drops longer
+    ones for models that do not clamp them in the kernel).
+
+    Args:
+        ranges: per sequence, its media ranges (:data:`MediaRanges`).
+        query_start_loc: host ints `[batch + 1]`, cumulative chunk lengths from 0.
+        prefix_lens: host ints `[batch]`, tokens cached before each chunk.
+
+    Example:
+        >>> mm_prefix_key_end([[(1, 2)]], [0, 4], [0])
+        [1, 3, 3, 4]
+    """
+    batch = len(prefix_lens)
+    if len(ranges) != batch or len(query_start_loc) != batch + 1:
+        raise ValueError(
+            f"ranges ({len(ranges)}) and prefix_lens ({batch}) need one entry per sequence and "
+            f"query_start_loc {batch + 1} offsets, got {len(query_start_loc)}"
+        )
+    key_end: list[int] | None = None
+    for b in range(batch):
+        start_q, q_len, prefix = (
+            int(query_start_loc[b]),
+            int(query_start_loc[b + 1] - query_start_loc[b]),
+            int(prefix_lens[b]),
+        )
+        for start, end in _valid_ranges(ranges[b]):
+            first = max(start - prefix, 0)  # chunk rows inside the range
+            last = min(end - prefix, q_len - 1)
+            if first >= last:  # no row of this chunk sees past itself
+                continue
+            if key_end is None:
+                key_end = [
+                    i + 1
+                    for b2 in range(batch)
+                    for i in range(int(query_start_loc[b2 + 1] - query_start_loc[b2]))
+                ]
+            stop = min(end - prefix + 1, q_len)
+            for i in range(first, last + 1):
+                key_end[start_q + i] = max(key_end[start_q + i], stop)
+    return key_end
+
+
+def _valid_ranges(ranges: MediaRanges) -> list[tuple[int, int]]:
+    out = []
+    for r in ranges:
+        try:
+            start, end = (operator.index(x) for x in r)
+        except (TypeError, ValueError):
+            raise ValueError(f"a media range is a (start, end) pair of ints, got {r!r}") from None
+        if start < end:
+            out.append((start, end))
     return out

@@ -5,7 +5,9 @@ Grid: ``(batch, cdiv(max_query_len, M_TOK), num_kv_heads)``.  A program owns ``M
 one sequence times the ``GROUP`` query heads of one KV head, flattened into ``BLOCK_R`` rows
 (row ``r``: token ``r // GROUP_P2``, head ``r % GROUP_P2``), so the tensor cores see a tall M dimension
 even for decode-like chunks.  Phase 1 streams the compressed prefix (dequantized in registers); phase 2
-the chunk's rotated float32 K/V with the causal mask.  The launcher rotates the output back.
+the chunk's rotated float32 K/V with the causal mask, or, given ``key_end``, with each query row's own
+end (a vision-language model's bidirectional image range: a query inside it also sees the range's later
+keys).  The launcher rotates the output back.
 """
 
 import triton
@@ -41,15 +43,21 @@ def _tq_prefix_start(prefix, tile, sliding_window, M_TOK: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
-def _tq_chunk_range(q_len, tile, sliding_window, M_TOK: tl.constexpr, BLOCK_N: tl.constexpr,
-                    USE_WINDOW: tl.constexpr):  # fmt: skip
-    """(first, end) chunk positions the tile's queries can see: causal, and windowed."""
+def _tq_chunk_range(key_end_ptr, q_start, i, r_mask, q_len, tile, sliding_window, M_TOK: tl.constexpr,
+                    BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, USE_KEY_END: tl.constexpr):  # fmt: skip
+    """(first, end) chunk positions the tile's queries can see, and each row's exclusive end ``kend``:
+    ``i + 1`` (causal), or the row's ``key_end`` entry (a bidirectional image range reaches past the
+    query); both windowed from below."""
     hi = tl.minimum(q_len, (tile + 1) * M_TOK)
+    kend = i + 1
+    if USE_KEY_END:
+        kend = tl.load(key_end_ptr + q_start + i, mask=r_mask, other=0)
+        hi = tl.minimum(q_len, tl.maximum(hi, tl.max(kend, axis=0)))
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(tile * M_TOK - sliding_window + 1, 0)
         lo = lo // BLOCK_N * BLOCK_N
-    return lo, hi
+    return lo, hi, kend
 
 
 @triton.jit
@@ -90,6 +98,7 @@ def _tq_extend_attention_kernel(
     block_table_ptr,
     prefix_lens_ptr,
     qsl_ptr,
+    key_end_ptr,
     k_lut_ptr,
     v_lut_ptr,
     sinks_ptr,
@@ -114,6 +123,7 @@ def _tq_extend_attention_kernel(
     USE_SOFTCAP: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     USE_SINKS: tl.constexpr,
+    USE_KEY_END: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     K_BITS: tl.constexpr,
@@ -150,11 +160,11 @@ def _tq_extend_attention_kernel(
     pos = prefix + i  # absolute position of each row's query
     if NIBBLE:
         _tq_extend_nibbles(
-            q_ptr, k_ptr, v_ptr, cache_ptr, block_table_ptr, k_lut_ptr, v_lut_ptr, sinks_ptr, out_ptr,
-            b, kvh, tile, q_start, q_len, prefix, i, head, r_mask, pos,
+            q_ptr, k_ptr, v_ptr, cache_ptr, block_table_ptr, key_end_ptr, k_lut_ptr, v_lut_ptr, sinks_ptr,
+            out_ptr, b, kvh, tile, q_start, q_len, prefix, i, head, r_mask, pos,
             stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_cache_blk, stride_cache_head,
             stride_bt_b, stride_o_t, stride_o_h, softcap, sliding_window,
-            BLOCK_R, M_TOK, BLOCK_N, PAGE, USE_SOFTCAP, USE_WINDOW, USE_SINKS, HEAD_DIM, BLOCK_W,
+            BLOCK_R, M_TOK, BLOCK_N, PAGE, USE_SOFTCAP, USE_WINDOW, USE_SINKS, USE_KEY_END, HEAD_DIM, BLOCK_W,
             K_BITS, K_CODE_OFF, K_NORM_OFF, K_NORM, V_BITS, V_CODE_OFF, V_NORM_OFF, V_NORM, K_ASM, V_ASM,
         )  # fmt: skip
         return
@@ -194,8 +204,10 @@ def _tq_extend_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot((p * v_gamma[None, :]).to(tl.float16), v_c)
         m_i = m_new
 
-    # phase 2: the chunk itself, causal
-    lo2, hi = _tq_chunk_range(q_len, tile, sliding_window, M_TOK, BLOCK_N, USE_WINDOW)
+    # phase 2: the chunk itself, causal (or up to each row's key_end)
+    lo2, hi, kend = _tq_chunk_range(
+        key_end_ptr, q_start, i, r_mask, q_len, tile, sliding_window, M_TOK, BLOCK_N, USE_WINDOW, USE_KEY_END
+    )
     for n0 in range(lo2, hi, BLOCK_N):
         j = n0 + offs_n
         n_mask = j < hi
@@ -203,7 +215,7 @@ def _tq_extend_attention_kernel(
         tile_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_ptr + kv_off, mask=tile_mask, other=0.0).to(tl.float16)
         s = tl.dot(q, tl.trans(k))
-        visible = n_mask[None, :] & (j[None, :] <= i[:, None])
+        visible = n_mask[None, :] & (j[None, :] < kend[:, None])
         if USE_WINDOW:
             visible = visible & ((i[:, None] - j[None, :]) < sliding_window)
         m_new, alpha, p, l_i = _tq_masked_softmax(s, visible, m_i, l_i, softcap, USE_SOFTCAP)
@@ -224,12 +236,13 @@ def _tq_extend_attention_kernel(
 
 @triton.jit
 def _tq_extend_nibbles(
-    q_ptr, k_ptr, v_ptr, cache_ptr, block_table_ptr, k_lut_ptr, v_lut_ptr, sinks_ptr, out_ptr,
-    b, kvh, tile, q_start, q_len, prefix, i, head, r_mask, pos,
+    q_ptr, k_ptr, v_ptr, cache_ptr, block_table_ptr, key_end_ptr, k_lut_ptr, v_lut_ptr, sinks_ptr,
+    out_ptr, b, kvh, tile, q_start, q_len, prefix, i, head, r_mask, pos,
     stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_cache_blk, stride_cache_head,
     stride_bt_b, stride_o_t, stride_o_h, softcap, sliding_window,
     BLOCK_R: tl.constexpr, M_TOK: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, USE_KEY_END: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     BLOCK_W: tl.constexpr, K_BITS: tl.constexpr, K_CODE_OFF: tl.constexpr, K_NORM_OFF: tl.constexpr,
     K_NORM: tl.constexpr, V_BITS: tl.constexpr, V_CODE_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr,
     V_NORM: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
@@ -275,8 +288,10 @@ def _tq_extend_nibbles(
         )  # fmt: skip
         m_i = m_new
 
-    # phase 2: the chunk itself, causal
-    lo2, hi = _tq_chunk_range(q_len, tile, sliding_window, M_TOK, BLOCK_N, USE_WINDOW)
+    # phase 2: the chunk itself, causal (or up to each row's key_end)
+    lo2, hi, kend = _tq_chunk_range(
+        key_end_ptr, q_start, i, r_mask, q_len, tile, sliding_window, M_TOK, BLOCK_N, USE_WINDOW, USE_KEY_END
+    )
     for n0 in range(lo2, hi, BLOCK_N):
         j = n0 + offs_n
         n_mask = j < hi
@@ -284,7 +299,7 @@ def _tq_extend_nibbles(
         tile_mask = n_mask[:, None] & w_mask[None, :]
         k0, k1, k2, k3, k4, k5, k6, k7 = _tq_load_phases(k_ptr + kv_rows, tile_mask)
         s = _tq_phase_scores(q0, q1, q2, q3, q4, q5, q6, q7, k0, k1, k2, k3, k4, k5, k6, k7)
-        visible = n_mask[None, :] & (j[None, :] <= i[:, None])
+        visible = n_mask[None, :] & (j[None, :] < kend[:, None])
         if USE_WINDOW:
             visible = visible & ((i[:, None] - j[None, :]) < sliding_window)
         m_new, alpha, p, l_i = _tq_masked_softmax(s, visible, m_i, l_i, softcap, USE_SOFTCAP)

@@ -33,6 +33,7 @@ def _extend_op(
     sliding_window: int,
     softcap: float,
     sinks: torch.Tensor | None,
+    key_end: torch.Tensor | None,
     block_r: int,
     block_n: int,
     num_warps: int,
@@ -74,6 +75,7 @@ def _extend_op(
             block_table,
             prefix_lens,
             query_start_loc,
+            key_end if key_end is not None else query_start_loc,
             k_lut,
             v_lut,
             sinks if sinks is not None else q_rot,
@@ -97,6 +99,7 @@ def _extend_op(
             USE_SOFTCAP=softcap != 0.0,
             USE_WINDOW=sliding_window > 0,
             USE_SINKS=sinks is not None,
+            USE_KEY_END=key_end is not None,
             **kf.region_constexprs(cache.shape[2]),
             num_warps=num_warps,
             num_stages=num_stages,
@@ -124,6 +127,7 @@ def _(
     sliding_window: int,
     softcap: float,
     sinks: torch.Tensor | None,
+    key_end: torch.Tensor | None,
     block_r: int,
     block_n: int,
     num_warps: int,
@@ -152,6 +156,7 @@ def tq_extend_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    key_end: torch.Tensor | None = None,
     block_r: int = 64,
     config: LaunchConfig | None = None,
     out: torch.Tensor | None = None,
@@ -168,6 +173,11 @@ def tq_extend_attention(
         query_start_loc: int `[batch + 1]`, cumulative chunk lengths from 0.
         max_query_len: the longest chunk (a host int: it sizes the grid).
         fmt, layer, scale, sliding_window, softcap, sinks: as for ``tq_decode_attention``.
+        key_end: optional int32 `[total_q]`: query row ``t`` (chunk index ``i``) sees the chunk's keys
+            ``j < key_end[t]`` instead of ``j <= i`` (entries are chunk-relative and clamped to the chunk;
+            the sliding window still bounds them from below).  A vision-language model's bidirectional
+            image range ``[s, e]`` inside the chunk gives its queries ``key_end = e + 1``
+            (``tq_core.attention.mm_prefix_key_end``); None is causal.
         block_r: query rows (tokens x heads of a group) per program.
         config: key tile, pipelining and loop override (default: :func:`tq_kernels.tuning.extend_config`);
             ``config.nibble`` runs the prefix with the decode kernel's eight-phase loop for 4-bit formats
@@ -200,6 +210,16 @@ def tq_extend_attention(
         raise ValueError(f"max_query_len must be >= 0, got {max_query_len}")
     if sinks is not None and (sinks.shape != (num_heads,) or sinks.device != q.device):
         raise ValueError(f"sinks must be a [{num_heads}] tensor on {q.device}")
+    if key_end is not None and (
+        not isinstance(key_end, torch.Tensor)
+        or key_end.shape != (total_q,)
+        or key_end.dtype != torch.int32
+        or key_end.device != q.device
+    ):
+        raise ValueError(
+            f"key_end must be an int32 [{total_q}] tensor on {q.device} (one chunk-relative end per query "
+            f"row), got {type(key_end).__name__ if not isinstance(key_end, torch.Tensor) else (key_end.dtype, tuple(key_end.shape))}"
+        )
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
@@ -225,6 +245,7 @@ def tq_extend_attention(
         int(sliding_window or 0),
         float(softcap or 0.0),
         sinks,
+        key_end.contiguous() if key_end is not None else None,
         block_r,
         cfg.block_n,
         cfg.num_warps,
