@@ -17,6 +17,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.kv_cache_interface import FullAttentionSpec, get_kv_quant_mode
 
 from tq_core import attention_ref
+from tq_core.attention import mm_prefix_mask
 from tq_core.testing import poisoned
 from tq_vllm.backend import TurboQuantBackend
 
@@ -72,6 +73,8 @@ class Step:
     new_keys: torch.Tensor  # [num_tokens + PAD, num_kv_heads, head_size]
     new_values: torch.Tensor
     num_blocks: int
+    # a prefix-LM model's media ranges per request index (vLLM's mm_req_doc_ranges), or None
+    media: dict[int, list[tuple[int, int]]] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -94,6 +97,7 @@ class Step:
             block_table_tensor=self.block_table,
             slot_mapping=self.new_slots,
             seq_lens_cpu_upper_bound=self.seq_lens.clone(),
+            **({"mm_req_doc_ranges": self.media} if self.media is not None else {}),
         )
 
 
@@ -107,6 +111,7 @@ def make_step(
     dtype: torch.dtype,
     seed: int,
     spare_blocks: int = 3,
+    media: dict[int, list[tuple[int, int]]] | None = None,
 ) -> Step:
     g = torch.Generator().manual_seed(seed)
     seq = [c + n for c, n in requests]
@@ -144,6 +149,7 @@ def make_step(
             [*(v[c:] for v, (c, _) in zip(values, requests, strict=True)), rand(PAD, num_kv_heads, head_size)]
         ),
         num_blocks=num_blocks,
+        media=media,
     )
 
 
@@ -199,14 +205,16 @@ def run_uncompressed_step(
     *,
     vllm_kernels: bool | None = None,
     flash=None,
+    media: dict[int, list[tuple[int, int]]] | None = None,
 ):
     """One step through an uncompressed layer: (output `[num_tokens + PAD, h, d]`, exact reference
     `[num_tokens, h, d]`, num_tokens).  ``flash``: a stand-in for vLLM's FlashAttention varlen function,
     installed as the layer's attention (the writes stay on the torch path)."""
     d, h, hkv, dtype = case["d"], case["h"], case["hkv"], case["dtype"]
     step = make_step(
-        requests, num_heads=h, num_kv_heads=hkv, head_size=d, block_size=block_size, dtype=dtype, seed=d
-    )
+        requests, num_heads=h, num_kv_heads=hkv, head_size=d, block_size=block_size, dtype=dtype, seed=d,
+        media=media,
+    )  # fmt: skip
     builder, impl, spec, sinks = build_layer(case, layer_name, block_size)
     assert impl.fmt is None and impl.dense is not None
     assert spec.page_size_bytes == block_size * hkv * 2 * d * dtype.itemsize
@@ -224,10 +232,16 @@ def run_uncompressed_step(
     impl.forward(layer, step.query, step.new_keys, step.new_values, kv_cache, meta, output=output)
     kw = attention_kwargs(case, sinks)
     qsl = step.query_start_loc.tolist()
-    ref = torch.cat(
-        [
-            attention_ref(step.query[qsl[i] : qsl[i + 1]], step.keys[i], step.values[i], **kw)
-            for i in range(len(requests))
-        ]
-    )
-    return output, ref, n
+    refs = []
+    for i, (cached, new) in enumerate(requests):
+        q = step.query[qsl[i] : qsl[i + 1]]
+        if media and media.get(i):  # the prefix-LM mask holds causality and the window
+            mask = mm_prefix_mask(media[i], cached, new, sliding_window=kw["sliding_window"])
+            refs.append(
+                attention_ref(
+                    q, step.keys[i], step.values[i], **{**kw, "sliding_window": None}, causal=False, mask=mask
+                )
+            )
+        else:
+            refs.append(attention_ref(q, step.keys[i], step.values[i], **kw))
+    return output, torch.cat(refs), n

@@ -47,10 +47,15 @@ CASES = {
 }
 REQUESTS = [(20, 1), (37, 1), (16, 9), (0, 13)]
 
+# a prefix-LM step: media ranges inside a fresh prompt and from a cached prefix into a chunk
+MEDIA = {
+    "D64-H4-2-media": ({2: [(14, 22)], 3: [(2, 8)]}, dict(kv="auto", d=64, h=4, hkv=2, dtype=torch.float16))
+}
+
 report = {}
-for name, case in CASES.items():
+for name, (media, case) in {**{k: (None, c) for k, c in CASES.items()}, **MEDIA}.items():
     output, ref, n = run_uncompressed_step(
-        case, REQUESTS, "model.layers.0.self_attn.attn", 16, vllm_kernels=True
+        case, REQUESTS, "model.layers.0.self_attn.attn", 16, vllm_kernels=True, media=media
     )
     report[name] = {
         "rel_err": rel_err(output[:n], ref),

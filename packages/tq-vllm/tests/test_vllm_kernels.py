@@ -36,7 +36,8 @@ def report() -> dict:
 
 
 @pytest.mark.parametrize(
-    "case", ["D128-H4-2-window", "D64-H4-1-softcap-sinks", "D96-H6-2-BLHNC", "D80-H6-3-LBNHC"]
+    "case",
+    ["D128-H4-2-window", "D64-H4-1-softcap-sinks", "D96-H6-2-BLHNC", "D80-H6-3-LBNHC", "D64-H4-2-media"],
 )
 def test_vllm_triton_path_matches_exact_attention(report: dict, case: str) -> None:
     result = report[case]

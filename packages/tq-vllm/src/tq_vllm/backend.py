@@ -109,6 +109,13 @@ class TurboQuantBackend(AttentionBackend):
         return True
 
     @classmethod
+    def supports_mm_prefix(cls) -> bool:
+        """Prefix-LM vision-language models (Gemma 3, PaliGemma, Molmo 2...): a query inside an image or
+        video range also sees that range's later tokens (``TurboQuantMetadata.prefill_key_end`` for the
+        compressed layers, vLLM's own range mask for the uncompressed ones)."""
+        return True
+
+    @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from tq_core.attention import attention_ref
+from tq_core.attention import attention_ref, mm_prefix_mask
 
 __all__ = ["DenseAttention", "split_kv", "window_size"]
 
@@ -123,7 +123,9 @@ class DenseAttention:
     ) -> None:
         """Attention of the step's ``query`` `[num_actual_tokens, num_heads, head_size]` into ``out``."""
         k_cache, v_cache = split_kv(cache, self.head_size)
-        if self._vllm_kernels(query) and self.flash is not None:
+        # FlashAttention has no mask for media ranges (prefix-LM models): vLLM's Triton kernel has
+        media = getattr(meta, "mm_range_tensor", None) is not None
+        if self._vllm_kernels(query) and self.flash is not None and not media:
             self._forward_flash(query, k_cache, v_cache, meta, out)
         elif self._vllm_kernels(query):
             self._forward_triton(layer, query, k_cache, v_cache, meta, out)
@@ -149,6 +151,11 @@ class DenseAttention:
             k_descale=k_scale.expand(descale_shape),
             v_descale=v_scale.expand(descale_shape),
             sinks=self.sinks,
+            **(
+                {"mm_prefix_range": meta.mm_range_tensor}
+                if getattr(meta, "mm_range_tensor", None) is not None
+                else {}
+            ),
         )
 
     def _forward_flash(
@@ -197,6 +204,7 @@ class DenseAttention:
         qsl = meta.query_start_loc_cpu.tolist()
         seq_lens = meta.seq_lens.tolist()
         block_size = k_cache.shape[1]
+        media = getattr(meta, "mm_ranges", None) or {}
         for i, seq_len in enumerate(seq_lens):
             start, end = qsl[i], qsl[i + 1]
             if end == start:
@@ -205,15 +213,25 @@ class DenseAttention:
             blocks = meta.block_table[i].to(torch.int64)[pos // block_size]
             k = k_cache[blocks, pos % block_size]
             v = v_cache[blocks, pos % block_size]
+            mask = None
+            if media.get(i):  # a prefix-LM request's media ranges: the mask holds causality and window
+                mask = mm_prefix_mask(
+                    media[i],
+                    seq_len - (end - start),
+                    end - start,
+                    sliding_window=self.sliding_window,
+                    device=query.device,
+                )
             out[start:end] = attention_ref(
                 query[start:end],
                 k,
                 v,
                 scale=self.scale,
-                causal=True,
-                sliding_window=self.sliding_window,
+                causal=mask is None,
+                sliding_window=self.sliding_window if mask is None else None,
                 softcap=self.softcap,
                 sinks=self.sinks,
+                mask=mask,
             ).to(out.dtype)
 
 

@@ -427,7 +427,9 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 slots = torch.empty(*key.shape[:-1], fmt.slot_bytes, dtype=torch.uint8, device=key.device)
                 tq_store(key, value, slots, fmt, layer=common["layer"])
                 key, value = tq_dequantize(slots, fmt, layer=common["layer"], dtype=query.dtype)
-            if self.flash is not None and query.dtype != torch.float32:
+            # a media range reaching past a query (prefix-LM models) needs the extend kernel's key_end
+            key_end = meta.prefill_key_end
+            if self.flash is not None and query.dtype != torch.float32 and key_end is None:
                 flash_args: dict[str, Any] = dict(
                     q=query[nd:],
                     max_seqlen_q=meta.max_query_len,
@@ -463,6 +465,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 qsl,
                 meta.max_query_len,
                 fmt,
+                key_end=key_end,
                 out=out[nd:],
                 **common,
             )

@@ -53,6 +53,13 @@ class TurboQuantMetadata(AttentionMetadata):
             requests (host int); None when the host does not know them exactly (or there is no
             prefill).
         prefill_max_seq_len: the longest prefill request's context, chunk included (host int).
+        mm_ranges: a prefix-LM (vision-language) model's bidirectional media ranges per request index
+            (vLLM's ``mm_req_doc_ranges``: inclusive absolute positions), or None.
+        mm_range_tensor: the same as vLLM's Triton attention takes them, int32 `[num_reqs, max_ranges, 2]`
+            on the device (zero-padded), or None when no request has a range.
+        prefill_key_end: int32 `[num_prefill_tokens]` on the device: each prefill query's exclusive end
+            of visible chunk keys (:func:`tq_core.attention.mm_prefix_key_end`), or None when no media
+            range reaches past a query of this step (then attention is plain causal).
     """
 
     num_actual_tokens: int
@@ -70,6 +77,9 @@ class TurboQuantMetadata(AttentionMetadata):
     decode_len_bound: int
     prefill_prefix_tokens: int | None = None
     prefill_max_seq_len: int = 0
+    mm_ranges: dict[int, list[tuple[int, int]]] | None = None
+    mm_range_tensor: torch.Tensor | None = None
+    prefill_key_end: torch.Tensor | None = None
     # the dense prefix layout of this step's prefill requests, planned by the first layer that
     # needs it and shared by the rest (keyed by the cache's block size)
     _prefix_plans: dict[int, PrefixGather] = field(default_factory=dict, repr=False, compare=False)
@@ -186,7 +196,11 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         )
         bound = self.max_model_len or cam.block_table_tensor.shape[1] * self.kv_cache_spec.block_size
         prefix_tokens, prefill_max_seq_len = _prefill_prefix_tokens(cam, num_decodes, num_prefills)
+        mm_ranges, mm_tensor, key_end = _media_ranges(cam, num_decodes, num_prefills)
         return TurboQuantMetadata(
+            mm_ranges=mm_ranges,
+            mm_range_tensor=mm_tensor,
+            prefill_key_end=key_end,
             prefill_prefix_tokens=prefix_tokens,
             prefill_max_seq_len=prefill_max_seq_len,
             num_actual_tokens=cam.num_actual_tokens,
@@ -221,3 +235,38 @@ def _prefill_prefix_tokens(
     qsl = cam.query_start_loc_cpu
     seq = upper[lo:hi]
     return int((seq - (qsl[lo + 1 : hi + 1] - qsl[lo:hi])).sum()), int(seq.max())
+
+
+def _media_ranges(
+    cam: CommonAttentionMetadata, num_decodes: int, num_prefills: int
+) -> tuple[dict[int, list[tuple[int, int]]] | None, torch.Tensor | None, torch.Tensor | None]:
+    """A prefix-LM step's media ranges: (vLLM's dict, the padded device tensor vLLM's Triton attention
+    reads for the uncompressed layers, the prefill queries' ``key_end`` for the compressed layers).
+
+    vLLM fills ``mm_req_doc_ranges`` only for models whose decoder attends bidirectionally inside each
+    image or video range (Gemma 3, PaliGemma, Molmo 2...), and only when the backend declares
+    ``supports_mm_prefix``.  Host work from host tensors (a device sync only on a vLLM without
+    ``seq_lens_cpu_upper_bound``, for steps that carry ranges).
+    """
+    ranges = getattr(cam, "mm_req_doc_ranges", None)
+    if not ranges or not any(ranges.values()):
+        return None, None, None
+    num_reqs = cam.query_start_loc_cpu.shape[0] - 1
+    rows = [list(ranges.get(r, [])) or [(0, 0)] for r in range(num_reqs)]
+    width = max(len(r) for r in rows)
+    padded = [r + [(0, 0)] * (width - len(r)) for r in rows]
+    device = cam.query_start_loc.device
+    tensor = torch.tensor(padded, dtype=torch.int32).to(device, non_blocking=True)
+    key_end = None
+    if num_prefills:
+        from tq_core.attention import mm_prefix_key_end
+
+        lo, hi = num_decodes, num_decodes + num_prefills
+        qsl = cam.query_start_loc_cpu[lo : hi + 1]
+        seq = getattr(cam, "seq_lens_cpu_upper_bound", None)
+        seq = (seq if seq is not None else cam.seq_lens.cpu())[lo:hi]
+        prefix = (seq - (qsl[1:] - qsl[:-1])).tolist()
+        ends = mm_prefix_key_end([ranges.get(r, []) for r in range(lo, hi)], (qsl - qsl[0]).tolist(), prefix)
+        if ends is not None:
+            key_end = torch.tensor(ends, dtype=torch.int32).to(device, non_blocking=True)
+    return dict(ranges), tensor, key_end
