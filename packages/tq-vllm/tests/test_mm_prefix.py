@@ -139,3 +139,15 @@ def test_metadata_carries_ranges_only_when_they_reach_past_a_query() -> None:
 
 def test_backend_declares_mm_prefix_support() -> None:
     assert TurboQuantBackend.supports_mm_prefix() is True
+
+
+def test_decode_only_batches_carry_no_ranges() -> None:
+    """Decodes sit past their prompt's ranges; a decode-only batch keeps the metadata it was captured
+    with in a full CUDA graph (no ranges)."""
+    case = dict(kv="turboquant_4bit_nc", d=64, h=2, hkv=1, dtype=torch.float16)
+    builder, _, _, _ = build_layer(case, LAYER_NAME, BLOCK)
+    step = make_step([(30, 1), (40, 1)], num_heads=2, num_kv_heads=1, head_size=64, block_size=BLOCK,
+                     dtype=torch.float16, seed=0, media={0: [(2, 12)], 1: [(5, 30)]})  # fmt: skip
+    meta = builder.build(0, step.common_metadata())
+    assert meta.num_prefills == 0
+    assert (meta.mm_ranges, meta.mm_range_tensor, meta.prefill_key_end) == (None, None, None)

@@ -249,7 +249,9 @@ def _media_ranges(
     ``seq_lens_cpu_upper_bound``, for steps that carry ranges).
     """
     ranges = getattr(cam, "mm_req_doc_ranges", None)
-    if not ranges or not any(ranges.values()):
+    # a decode sits after its prompt's ranges: they change nothing for it, and a decode-only batch
+    # stays the one captured in a full CUDA graph (captured without ranges)
+    if not num_prefills or not ranges or not any(ranges.values()):
         return None, None, None
     num_reqs = cam.query_start_loc_cpu.shape[0] - 1
     rows = [list(ranges.get(r, [])) or [(0, 0)] for r in range(num_reqs)]
