@@ -20,7 +20,8 @@ Both K and V of layer ``l`` are rotated by ``make_rotation(d, fmt.rotation, laye
 Attention never needs to un-rotate keys: ``<q, k_hat> = gamma_k <R q, c[codes_k]>``, and the output is
 rotated back once, ``o = R^T sum_j p_j gamma_vj c[codes_vj]``.
 
-Named formats have the bytes per token-head of vLLM's TurboQuant presets (see :data:`VLLM_PRESETS`), with
+Named formats have the bytes per token-head of vLLM's TurboQuant presets (:mod:`tq_core.presets`, whose
+names this module re-exports), with
 the layout inside the budget chosen by measurement (``turboquant eval``; experiments/results/).
 Budgets for other head dims follow vLLM's rule: packed code bytes scale with ``d``, metadata does not.
 """
@@ -35,7 +36,8 @@ from typing import Literal, get_args
 import torch
 
 from tq_core._validate import check_bits, check_float_tensor, check_head_dim, check_int, check_last_dim
-from tq_core.packing import pack_planes, packed_bytes, planes_bytes, unpack_planes
+from tq_core.packing import pack_planes, planes_bytes, unpack_planes
+from tq_core.presets import PRESET_NAMES_NOTE, VLLM_PRESETS, budget_bytes, vllm_layout
 from tq_core.quantizers import MSECodes, NonFinite, TurboQuantMSE
 from tq_core.rotations import RotationKind, layer_seed, make_rotation
 
@@ -63,53 +65,6 @@ NORM_RANGE: dict[str, tuple[float, float]] = {
     name: (float(torch.finfo(t).tiny * torch.finfo(t).eps), float(torch.finfo(t).max))
     for name, t in _NORM_TORCH.items()
 }
-
-# vLLM's TurboQuant presets at head_dim d: (key bits, value bits, metadata bytes per token-head).
-# vLLM stores keys as Hadamard-rotated Lloyd-Max codes (k8v4: raw fp8) + a float16 norm, and values with
-# per-token uniform min/max codes + float16 scale and zero point; the slot is rounded up to even bytes.
-VLLM_PRESETS: dict[str, tuple[int, int, int]] = {
-    "turboquant_k8v4": (8, 4, 4),
-    "turboquant_4bit_nc": (4, 4, 6),
-    "turboquant_k3v4_nc": (3, 4, 6),
-    "turboquant_3bit_nc": (3, 3, 6),
-}
-
-
-def vllm_layout(preset: str) -> str:
-    """What vLLM itself stores under the dtype name ``preset``: the name describes this, not tq's layout.
-
-    tq's named format of the same name keeps only the preset's bytes per token-head
-    (:func:`budget_bytes`) and lays out its own codes inside them (:func:`named_format`).
-
-    Example:
-        >>> vllm_layout("turboquant_k8v4")
-        'K fp8, V 4 bit uniform'
-        >>> vllm_layout("turboquant_4bit_nc")
-        'K 4 bit Lloyd-Max, V 4 bit uniform'
-    """
-    if not isinstance(preset, str) or preset not in VLLM_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(VLLM_PRESETS)}")
-    kb, vb, _ = VLLM_PRESETS[preset]
-    key = "K fp8" if kb == 8 else f"K {kb} bit Lloyd-Max"
-    return f"{key}, V {vb} bit uniform"
-
-
-#: One sentence for wherever a user meets the named formats (``turboquant formats``, READMEs, docs).
-PRESET_NAMES_NOTE = (
-    "The format names are vLLM's kv_cache_dtype names and describe vLLM's own layouts (turboquant_k8v4 "
-    f"in vLLM: {vllm_layout('turboquant_k8v4')}); tq keeps only each preset's bytes per token-head and "
-    "stores its own layout in them."
-)
-
-
-def budget_bytes(preset: str, head_dim: int) -> int:
-    """Bytes per token-head that vLLM's preset ``preset`` takes at ``head_dim`` (196/134/118/102 at 128)."""
-    if not isinstance(preset, str) or preset not in VLLM_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(VLLM_PRESETS)}")
-    check_head_dim(head_dim, "head_dim")
-    kb, vb, meta = VLLM_PRESETS[preset]
-    total = packed_bytes(head_dim, kb) + packed_bytes(head_dim, vb) + meta
-    return total + (total & 1)  # vLLM rounds the slot up to an even size
 
 
 @dataclass(frozen=True)
