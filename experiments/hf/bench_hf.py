@@ -19,7 +19,6 @@ import argparse
 import gc
 import inspect
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -27,10 +26,11 @@ import torch
 import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness import gpu_name, line_plot, out_path, write_result
-
 import tq_hf
+from tq_core.eval.plots import line_plot
+from tq_core.eval.results import gpu_name, out_path, write_result
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 CONFIGS = [("DynamicCache", "sdpa"), ("TurboQuantCache", "sdpa"), ("TurboQuantCache", "turboquant")]
 
@@ -175,7 +175,7 @@ def main() -> None:
         peak_mem_note="peak allocated bytes above the weights while decoding (KV + activations)",
         wall_s=time.perf_counter() - t_start,
     )
-    write_result(args.name, {**meta, "rows": rows})
+    write_result(args.name, {**meta, "rows": rows}, results=RESULTS)
     title = f"Llama-8B shape ({args.layers} layers), batch {args.batch}, {gpu_name()}"
     for key, ylabel, png, scale in (
         ("decode_tok_s", "decode tokens/s", "hf_decode.png", 1.0),
@@ -187,7 +187,14 @@ def main() -> None:
             for c, a in CONFIGS
         }  # fmt: skip
         try:
-            line_plot(out_path(png), series, xlabel="context (tokens)", ylabel=ylabel, title=title, logx=True)
+            line_plot(
+                out_path(png, results=RESULTS),
+                series,
+                xlabel="context (tokens)",
+                ylabel=ylabel,
+                title=title,
+                logx=True,
+            )
         except ImportError as e:  # no matplotlib on this machine
             print(f"no plot: {e}")
 

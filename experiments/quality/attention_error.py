@@ -19,35 +19,27 @@ causal GQA attention output from the round-tripped K/V against the exact one: re
 - ``ours-K + uniform-V``: our keys, values by per-token min/max RTN at our value's bit width with
   float16 scale and zero (the preset's bytes exactly: 134, 118, 102).
 - ``vllm-like``: keys rotated by the plain normalized Hadamard matrix, Lloyd-Max codes, float16 norm,
-  no norm correction; values per-token min/max RTN (vLLM's scheme as documented, re-implemented here
-  from tq_core's pieces, not vLLM's code).
+  no norm correction; values per-token min/max RTN (vLLM's scheme as documented, re-implemented in
+  ``tq_core.baselines.vllm_like_baseline`` from tq_core's pieces, not vLLM's code).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
+from tq_core import named_format
+from tq_core.baselines import round_to_nearest, vllm_like_baseline
+from tq_core.eval.results import write_result
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "experiments"))
-sys.path.insert(0, str(ROOT / "packages/tq-core/src"))
-from harness import write_result  # noqa: E402
+RESULTS = ROOT / "experiments" / "results"
 
-from tq_core import named_format  # noqa: E402
-from tq_core.baselines import round_to_nearest  # noqa: E402
-from tq_core.codebooks import lloyd_max_codebook  # noqa: E402
-
-# vLLM's (key bits, value bits) per preset; ours split the same bytes their own way (tq_core's
-# turboquant_k3v4_nc is 4-bit keys and 3-bit values: 66 + 50 of its 118 bytes)
-VLLM_SPLIT = {
-    "turboquant_4bit_nc": (4, 4),
-    "turboquant_k3v4_nc": (3, 4),
-    "turboquant_3bit_nc": (3, 3),
-}
-PRESETS = VLLM_SPLIT
+# the presets compared; vLLM's own split of each preset's bytes comes from tq_core.baselines.vllm_like_baseline
+# (ours split the same bytes their own way: tq_core's turboquant_k3v4_nc is 4-bit keys and 3-bit values)
+PRESETS = ("turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc")
 
 
 def capture(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -89,31 +81,9 @@ def rel_err(o: torch.Tensor, exact: torch.Tensor) -> float:
     return float((o - exact).norm() / exact.norm())
 
 
-def hadamard(d: int) -> torch.Tensor:
-    h = torch.ones(1, 1)
-    while h.shape[0] < d:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / h.shape[0] ** 0.5
-
-
-def vllm_like_keys(k: torch.Tensor, bits: int, *, norm_correction: bool = False) -> torch.Tensor:
-    """Keys round-tripped as vLLM stores them: plain Hadamard rotation, Lloyd-Max codes, float16 norm;
-    ``norm_correction`` rescales the centroid vector to unit norm before the stored norm (vLLM's ``_nc``)."""
-    d = k.shape[-1]
-    hm = hadamard(d).to(k.device)
-    norm = k.norm(dim=-1, keepdim=True)
-    y = (k / (norm + 1e-8)) @ hm
-    cb = lloyd_max_codebook(d, bits)
-    idx = torch.bucketize(y, cb.boundaries.to(y.device, y.dtype))
-    c = cb.centroids.to(y.device, y.dtype)[idx]
-    if norm_correction:
-        c = c / c.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    return norm.to(torch.float16).float() * (c @ hm.T)
-
-
 def quantizers(preset: str, layer: int):
     fmt = named_format(preset, 128)
-    vllm_kb, vllm_vb = VLLM_SPLIT[preset]
+    theirs = vllm_like_baseline(preset, 128, norm_correction=False)
     # uniform values in our value's place: b-bit codes + float16 scale and zero = our b-bit codes + 2 B
     # norm + 2 B, which every preset's slot has to spare (4bit_nc 132 of 134, 3bit_nc 100 of 102,
     # k3v4_nc 116 of 118)
@@ -129,10 +99,7 @@ def quantizers(preset: str, layer: int):
         kh, _ = ours(k, v)
         return kh, round_to_nearest(v, vb, -1)
 
-    def vllm_like(k, v):
-        return vllm_like_keys(k, vllm_kb), round_to_nearest(v, vllm_vb, -1)
-
-    return {"ours": ours, "ours-K + uniform-V": ours_k_uniform_v, "vllm-like": vllm_like}
+    return {"ours": ours, "ours-K + uniform-V": ours_k_uniform_v, "vllm-like": theirs.quantize_dequantize}
 
 
 def main() -> None:
@@ -179,7 +146,7 @@ def main() -> None:
                   f"(keys only {mean[1]:.4f}, values only {mean[2]:.4f}) by layer "
                   + " ".join(f"{x[0]:.4f}" for x in per_layer), flush=True)  # fmt: skip
     write_result(args.name, {"model": str(args.model_dir.relative_to(ROOT) if args.model_dir.is_relative_to(ROOT) else args.model_dir),
-                             "seqs": args.seqs, "len": args.len, "rows": rows})  # fmt: skip
+                             "seqs": args.seqs, "len": args.len, "rows": rows}, results=RESULTS)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -21,9 +20,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workload as wl
+
+from tq_core.baselines import fp8_round, round_to_nearest, vllm_like_keys
 
 PRESETS = ("turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc")
 
@@ -62,8 +61,7 @@ def qdq_cache(model, qdq: Callable[[torch.Tensor, int, str], torch.Tensor]):
 
 
 def fp8_qdq(x: torch.Tensor, layer: int, which: str) -> torch.Tensor:
-    # vLLM's fp8 KV cache without calibration: e4m3 with scale 1 (saturating at +-448)
-    return x.clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype)
+    return fp8_round(x)  # vLLM's fp8 KV cache without calibration: e4m3 with scale 1 (saturating at +-448)
 
 
 def format_qdq(fmt, values: str = "format", vllm_bits: tuple[int, int] | None = None):
@@ -74,9 +72,6 @@ def format_qdq(fmt, values: str = "format", vllm_bits: tuple[int, int] | None = 
     zero (the same bytes), and ``vllm_bits`` (key bits, value bits) replaces the keys by a
     re-implementation of vLLM's (plain Hadamard, Lloyd-Max codes, float16 norm, no norm correction) and
     sizes the min/max values as vLLM's preset does."""
-    from attention_error import vllm_like_keys
-
-    from tq_core.baselines import round_to_nearest
 
     def qdq(x: torch.Tensor, layer: int, which: str) -> torch.Tensor:
         x32 = x.float()

@@ -7,7 +7,8 @@ back from the scheme's storage, with no exact window:
 - ``ours-<preset>``: ``tq_hf.TurboQuantCache(named_format(preset, d), residual_length=0,
   fused_attention=False)`` under SDPA: each layer's update dequantizes the stored past and appends the
   chunk's exact K/V (the fused ``"turboquant"`` attention would read the chunk compressed too).
-- ``fp8``, ``vllm-like-<preset>``: :class:`PastQDQCache`, storage rounded on write, per token.
+- ``fp8``, ``vllm-like-<preset>``: :func:`past_qdq_cache`, storage rounded on write, per token
+  (``tq_core.baselines.fp8_round`` and ``vllm_like_baseline(preset)``).
 - ``kivi-k<b>v<b>``: per-channel keys need whole groups of ``KIVI_GROUP`` tokens, so, as in KIVI, the newest
   tokens of an unfinished group stay exact.  With 64-token chunks and groups of 64, every past token of the
   perplexity task is read rounded; during greedy decoding up to 63 newest tokens are exact.
@@ -17,25 +18,14 @@ back from the scheme's storage, with no exact window:
 
 from __future__ import annotations
 
-import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-for _src in ("packages/tq-core/src", "packages/tq-kernels/src", "packages/tq-hf/src"):
-    if str(ROOT / _src) not in sys.path:
-        sys.path.append(str(ROOT / _src))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from attention_error import VLLM_SPLIT, vllm_like_keys  # noqa: E402
-
-from tq_core import named_format  # noqa: E402
-from tq_core.baselines import UniformKVBaseline, round_to_nearest  # noqa: E402
+from tq_core import named_format
+from tq_core.baselines import UniformKVBaseline, fp8_round, vllm_like_baseline
 
 PRESETS = ("turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc")
 # presets also measured with the nearest-centroid encoder, to show what the gain search buys
@@ -47,20 +37,6 @@ QUANTO_BITS = (4, 2)
 
 
 # -- bytes per token and KV head (K + V) ----------------------------------------------------------------
-def vllm_slot_bytes(preset: str, head_dim: int) -> int:
-    """vLLM's slot size for a turboquant preset (packages/tq-vllm/VLLM_INTERNALS.md, section a): fp8 keys
-    (k8v4) or Lloyd-Max codes + a float16 norm; min/max value codes + float16 scale and zero; even."""
-    d = head_dim
-    if preset == "turboquant_k8v4":
-        key = d
-        vb = 4
-    else:
-        kb, vb = VLLM_SPLIT[preset]
-        key = math.ceil(d * kb / 8) + 2
-    slot = key + math.ceil(d * vb / 8) + 4
-    return slot + slot % 2
-
-
 def quanto_bytes(bits: int, head_dim: int, group: int = QUANTO_GROUP) -> float:
     """K and V, each ``bits``-bit codes plus a 16-bit scale and zero point per group of ``group`` values."""
     return 2 * (head_dim * bits / 8 + 4 * head_dim / group)
@@ -75,7 +51,7 @@ def kivi(key_bits: int, value_bits: int, head_dim: int) -> UniformKVBaseline:
 Rounder = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _past_qdq_layer(base: type, rounder: Rounder, group: int) -> Any:
+def past_qdq_layer(base: type, rounder: Rounder, group: int) -> Any:
     """A transformers cache layer class (``base``: DynamicLayer or DynamicSlidingWindowLayer) whose stored
     K/V are ``rounder``-ed once they form whole groups of ``group`` tokens (1: every token at once)."""
 
@@ -109,24 +85,10 @@ def past_qdq_cache(config: Any, rounder: Rounder, group: int = 1) -> Any:
     layers = []
     for kind in types:
         if kind == "sliding_attention":
-            layers.append(_past_qdq_layer(DynamicSlidingWindowLayer, rounder, group)(cfg.sliding_window))
+            layers.append(past_qdq_layer(DynamicSlidingWindowLayer, rounder, group)(cfg.sliding_window))
         else:
-            layers.append(_past_qdq_layer(DynamicLayer, rounder, group)())
+            layers.append(past_qdq_layer(DynamicLayer, rounder, group)())
     return Cache(layers=layers)
-
-
-def fp8_round(x: torch.Tensor) -> torch.Tensor:
-    # vLLM's fp8 KV cache without calibration: e4m3 with scale 1, saturating at +-448
-    return x.clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype)
-
-
-def vllm_like_rounder(preset: str) -> Rounder:
-    """vLLM's preset re-implemented from tq_core pieces: Hadamard + Lloyd-Max keys with float16 norm and the
-    preset's norm correction (fp8 keys for k8v4), per-token min/max values."""
-    if preset == "turboquant_k8v4":
-        return lambda k, v: (fp8_round(k), round_to_nearest(v, 4, -1))
-    kb, vb = VLLM_SPLIT[preset]
-    return lambda k, v: (vllm_like_keys(k, kb, norm_correction=True), round_to_nearest(v, vb, -1))
 
 
 # -- the schemes ---------------------------------------------------------------------------------------
@@ -167,9 +129,12 @@ def schemes(head_dim: int, model_dtype_bytes: int = 2) -> dict[str, Scheme]:
                 f"ours-{short}-nearest", preset, near.slot_bytes, _tq_cache(near),
                 "nearest-centroid encoder (ComponentFormat(gain_search=False))",
             )  # fmt: skip
+        theirs = vllm_like_baseline(
+            preset, d
+        )  # Hadamard + Lloyd-Max keys with norm correction (fp8 for k8v4)
         out[f"vllm-like-{short}"] = Scheme(
-            f"vllm-like-{short}", preset, vllm_slot_bytes(preset, d),
-            lambda c, p=preset: past_qdq_cache(c, vllm_like_rounder(p)),
+            f"vllm-like-{short}", preset, theirs.bytes_per_token_head,
+            lambda c, b=theirs: past_qdq_cache(c, b.quantize_dequantize),
             "fp8 keys, 4-bit min/max values" if short == "k8v4"
             else "Hadamard + Lloyd-Max keys (float16 norm, norm correction), per-token min/max values",
         )  # fmt: skip

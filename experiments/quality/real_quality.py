@@ -10,7 +10,7 @@ skipped, so an interrupted run resumes.  Three tasks (README.md, "Real models"):
 - perplexity by chunked teacher forcing: a ``--chunk``-token first forward, then ``--chunk``-token forwards
   that read every earlier token from the scheme's storage; every target after the first chunk is scored;
 - greedy agreement: ``--agree-steps`` greedy tokens after held-out prompts prefilled in chunks;
-- needles: ``experiments/reference-model/needle.py`` prompts (a passkey and two distractor facts in held-out
+- needles: ``tq_core.eval.needle`` prompts (a passkey and two distractor facts in held-out
   filler) prefilled in chunks, then greedy decoding; a hit is the exact answer ids.
 
 The held-out text is Python's own documentation as shipped with the interpreter (``pydoc_data.topics``,
@@ -27,17 +27,14 @@ import time
 import warnings
 from pathlib import Path
 
+import kv_schemes
 import numpy as np
+import real_models
 import torch
 import torch.nn.functional as F
+from workload import emit, needle_hits
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "reference-model"))
-import kv_schemes  # noqa: E402
-import real_models  # noqa: E402
-from needle import needle_suite  # noqa: E402
-from workload import emit, needle_hits  # noqa: E402
+from tq_core.eval.needle import needle_suite
 
 
 def heldout_text() -> tuple[str, str]:
@@ -53,7 +50,7 @@ def heldout_text() -> tuple[str, str]:
 
 
 class Encoder:
-    """``encode(text) -> ids`` without special tokens, what needle.py expects."""
+    """``encode(text) -> ids`` without special tokens, what tq_core.eval.needle expects."""
 
     def __init__(self, tok) -> None:
         self.tok = tok

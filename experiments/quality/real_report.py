@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-from harness import RESULTS, write_result  # noqa: E402
-from report import _paired_bootstrap, agreement, ppl_delta_ci  # noqa: E402
+from report import agreement, paired_bootstrap, ppl_delta_ci
+
+from tq_core.eval.results import write_result
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 BASELINES = ("bf16", "fp32")
 SCHEMA = ("model", "engine", "scheme", "preset", "bytes_per_token_head", "ppl", "ppl_delta_pct",
@@ -62,7 +61,7 @@ def targets(raw: list[dict], draws: int = 2000, seed: int = 0) -> list[dict]:
         base = next((latest[(m, e, b)] for b in BASELINES if (m, e, b) in latest), None)
         if theirs is None or base is None:
             continue
-        boot = _paired_bootstrap([ours, theirs], base, draws, seed)
+        boot = paired_bootstrap([ours, theirs], base, draws, seed)
         if boot is None:
             continue
         q = lambda xs: [sorted(xs)[int(0.025 * draws)], sorted(xs)[int(0.975 * draws) - 1]]  # noqa: E731
@@ -177,7 +176,7 @@ def main() -> None:
     goals = targets(raw)
     (RESULTS / f"{args.name}.md").write_text(table(rows) + "\n" + targets_table(goals))
     plot(rows, RESULTS / f"{args.name}.png")
-    path = write_result(args.name, {"rows": rows, "targets": goals, "notes": notes})
+    path = write_result(args.name, {"rows": rows, "targets": goals, "notes": notes}, results=RESULTS)
     print(table(rows))
     print(targets_table(goals))
     print(f"wrote {path}, {args.name}.md, {args.name}.png")

@@ -11,11 +11,11 @@ import argparse
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness import RESULTS, write_result
+from tq_core.eval.results import write_result
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 AGREEMENT = {
     "token_agreement": "mean over prompts of (greedy tokens equal to bf16's before the first divergence) / steps",
@@ -39,7 +39,7 @@ def agreement(tokens: list[list[int]], base: list[list[int]]) -> tuple[float | N
     return sum(prefix) / len(prefix), sum(same) / len(same)
 
 
-def _paired_bootstrap(rows: list[dict], b: dict, draws: int, seed: int) -> list[list[float]] | None:
+def paired_bootstrap(rows: list[dict], b: dict, draws: int, seed: int) -> list[list[float]] | None:
     """Paired bootstrap over the held-out sequences that every row of ``rows`` and ``b`` scored: for each
     draw (sequences resampled with replacement), the perplexity change (%) of each row against ``b``.
     None when a row lacks per-sequence NLLs (results written before they were recorded)."""
@@ -60,7 +60,7 @@ def _paired_bootstrap(rows: list[dict], b: dict, draws: int, seed: int) -> list[
 def ppl_delta_ci(r: dict, b: dict, draws: int = 2000, seed: int = 0) -> list[float] | None:
     """95% interval of the perplexity change (%) against ``b``, by a paired bootstrap over the held-out
     sequences (both rows scored the same sequences).  None without per-sequence NLLs."""
-    boot = _paired_bootstrap([r], b, draws, seed)
+    boot = paired_bootstrap([r], b, draws, seed)
     if boot is None:
         return None
     deltas = sorted(d for (d,) in boot)
@@ -71,7 +71,7 @@ def delta_difference_ci(r: dict, o: dict, b: dict, draws: int = 2000, seed: int 
     """Median and 95% interval of (Δppl% of ``r``) - (Δppl% of ``o``), both against ``b``, by a paired
     bootstrap over the held-out sequences that all three rows scored: whether two configs of the same
     engine are told apart.  None without per-sequence NLLs."""
-    boot = _paired_bootstrap([r, o], b, draws, seed)
+    boot = paired_bootstrap([r, o], b, draws, seed)
     if boot is None:
         return None
     diffs = sorted(x - y for x, y in boot)
@@ -249,7 +249,8 @@ def main() -> None:
     (RESULTS / f"{args.name}.md").write_text(table(rows))
     plot(rows, RESULTS / f"{args.name}.png")
     path = write_result(args.name, {"model": model, "protocol": protocol, "rows": rows, "targets": checks,
-                                    "definitions": AGREEMENT, "raw_logs": [str(f) for f in args.jsonl]})  # fmt: skip
+                                    "definitions": AGREEMENT, "raw_logs": [str(f) for f in args.jsonl]},
+                        results=RESULTS)  # fmt: skip
     print(table(rows))
     print(json.dumps(checks, indent=1))
     print(f"wrote {path}, {args.name}.md, {args.name}.png")

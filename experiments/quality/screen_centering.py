@@ -21,13 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kv_schemes
 import real_models
 import real_quality
+import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -83,7 +81,7 @@ def cache_factory(name: str, head_dim: int):
         n = config.get_text_config().num_hidden_layers
         sink = int(mode.split("s")[1] or 1) if "s" in mode else 0  # "s" or "s4": first 1 or 4 tokens exact
         rounders = [CenteredRounder(fmt, i, "k" in mode, "v" in mode, sink) for i in range(n)]
-        return Cache(layers=[kv_schemes._past_qdq_layer(DynamicLayer, r, 1)() for r in rounders])
+        return Cache(layers=[kv_schemes.past_qdq_layer(DynamicLayer, r, 1)() for r in rounders])
 
     return make
 

@@ -22,10 +22,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workload as wl
-from harness import run_result_process
+
+from tq_core.eval.results import run_result_process
 
 SHORT = {"k8v4": "turboquant_k8v4", "4bit_nc": "turboquant_4bit_nc", "k3v4_nc": "turboquant_k3v4_nc",
          "3bit_nc": "turboquant_3bit_nc"}  # fmt: skip

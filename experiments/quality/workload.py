@@ -1,20 +1,18 @@
 """The quality protocol, the same token ids for every engine and config (see README.md).
 
 Held-out ids come from the model directory's ``heldout.txt`` (files the model never trained on), tokenized
-with its ``tokenizer.json``; the needle prompts come from ``experiments/reference-model/needle.py``.
+with its ``tokenizer.json``; the needle prompts come from ``tq_core.eval.needle``.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reference-model"))
-from needle import NeedleSample, needle_suite
+from tq_core.eval.needle import NeedleSample, needle_suite
 
 
 @dataclass(frozen=True)

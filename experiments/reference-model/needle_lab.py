@@ -13,18 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from train import collect_corpus, losses, make_batch, needle_accuracy, tokenize
+
+from tq_core.eval.needle import needle_suite
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from needle import needle_suite  # noqa: E402
-from train import collect_corpus, losses, make_batch, needle_accuracy, tokenize  # noqa: E402
 
 
 def sampled_losses(model, ids, answer_mask, keep: float, rng):
@@ -70,7 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.value_digits != 6:
-        import needle
+        from tq_core.eval import needle
 
         lo, hi = 10 ** (args.value_digits - 1), 10**args.value_digits
         adj, nouns = needle.ADJECTIVES, needle.NOUNS

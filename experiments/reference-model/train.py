@@ -6,7 +6,7 @@
 Steps: collect text files (stdlib + site-packages *.py/*.md/*.rst/*.txt, sorted, deduplicated, capped),
 hold out ~2% of them by path hash, train a byte-level BPE tokenizer (`tokenizers`), tokenize, then train
 ``LlamaForCausalLM`` for a wall-clock budget on sequences of 512..16K tokens (16K in the last third), ~80% of
-them carrying the passkey task of ``needle.py`` with up to 6 questions each (loss = LM loss + 3x the loss
+them carrying the passkey task of ``tq_core.eval.needle`` with up to 6 questions each (loss = LM loss + 3x the loss
 on the answer ids).  Writes a transformers model
 directory (bf16 safetensors in <=15 MB shards, tokenizer.json, provenance.json, train.log, heldout.txt);
 ``--export DIR`` also writes the few-file form the device machine can return: the shards plus one
@@ -33,8 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from needle import answer_ids, build_needle, needle_suite, question_ids
+from tq_core.eval.needle import answer_ids, build_needle, needle_suite, question_ids
 
 EXTENSIONS = (".py", ".md", ".rst", ".txt")
 EOS = "<|endoftext|>"
@@ -180,7 +179,7 @@ class CachedEncoder:
 def make_batch(corpus, tok, length, rows, needle_frac, rng, max_distractors=2, questions=1):
     """`(rows, length)` ids and a same-shape mask of answer ids (the passkey task's targets).
 
-    A needle row plants 1 + U{0..max_distractors} facts and, after the question of ``needle.py``, asks up
+    A needle row plants 1 + U{0..max_distractors} facts and, after the question of ``tq_core.eval.needle``, asks up
     to ``questions`` - 1 more questions about the other facts (each followed by its answer): more
     retrieval targets per row, the same format as the evaluation's single question.
     """

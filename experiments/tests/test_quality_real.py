@@ -1,37 +1,21 @@
 """Pure pieces of the real-model quality harness (experiments/quality): byte counts, SHA256SUMS parsing,
-the past-rounding cache's contract, the paired bootstrap and the report's schema.  No model download."""
+the past-rounding cache's contract, the paired bootstrap and the report's schema.  No model download.
+
+The equal-bytes baselines themselves (vLLM-like slot sizes, norm correction) are tested with tq_core, in
+packages/tq-core/tests/test_baselines.py.  pytest.ini puts experiments/quality on the path."""
 
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
-import pytest
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quality"))
 import kv_schemes
+import pytest
 import real_models
 import real_report
+import torch
 from report import ppl_delta_ci
 
 from tq_core import named_format
-
-
-# vLLM's slot sizes as its own TurboQuantConfig computes them (packages/tq-vllm/VLLM_INTERNALS.md, section a)
-@pytest.mark.parametrize(
-    ("preset", "sizes"),
-    [
-        ("turboquant_k8v4", {64: 100, 96: 148, 128: 196, 256: 388}),
-        ("turboquant_4bit_nc", {64: 70, 96: 102, 128: 134, 256: 262}),
-        ("turboquant_k3v4_nc", {64: 62, 96: 90, 128: 118, 256: 230}),
-        ("turboquant_3bit_nc", {64: 54, 96: 78, 128: 102, 256: 198}),
-    ],
-)
-def test_vllm_slot_bytes_match_vllm(preset, sizes):
-    for d, want in sizes.items():
-        assert kv_schemes.vllm_slot_bytes(preset, d) == want
 
 
 def test_scheme_bytes_at_head_dim_64():
@@ -113,18 +97,6 @@ def test_report_rows_have_exactly_the_issue_schema():
     assert ours["token_agreement"] == pytest.approx(1 / 3) and ours["needle_acc"] == 0.5
     base = next(r for r in rows if r["scheme"] == "bf16")
     assert base["ppl_delta_pct"] == 0 and base["token_agreement"] == 1.0
-
-
-def test_vllm_like_keys_norm_correction_keeps_the_stored_norm():
-    from attention_error import vllm_like_keys
-
-    k = torch.randn(32, 64, generator=torch.Generator().manual_seed(1)) * 3
-    norm16 = k.norm(dim=-1).to(torch.float16).float()
-    corrected = vllm_like_keys(k, 3, norm_correction=True)
-    assert torch.allclose(corrected.norm(dim=-1), norm16, rtol=1e-5)
-    # without it the centroid vector's norm (sqrt(1 - D_mse) ~ 0.98 at 3 bits on average) shrinks the key
-    plain = vllm_like_keys(k, 3)
-    assert float((plain.norm(dim=-1) / norm16).mean()) < 0.995
 
 
 def _target_row(scheme: str, nll: list[float], preset: str | None = "turboquant_4bit_nc") -> dict:

@@ -14,8 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness import out_path, write_result
+from tq_core.eval.results import out_path, write_result
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
         r["prefill_vs_bf16"] = round(r["prefill_s"] / base["prefill_s"], 3)
         r["capacity_vs_bf16"] = round(r["kv_capacity_tokens"] / base["kv_capacity_tokens"], 3)
     extra = {"runs_command": args.runs_command} if args.runs_command else {}
-    write_result(args.name, {"gpu": args.gpu, "vllm": args.vllm, **extra, "rows": rows})
+    write_result(args.name, {"gpu": args.gpu, "vllm": args.vllm, **extra, "rows": rows}, results=RESULTS)
     print(f"{'run':16} {'kv':22} {'backend':10} {'capacity':>10} {'x bf16':>6} {'prefill s':>9} {'x':>5} "
           f"{'ms/step':>8} {'x bf16':>6}")  # fmt: skip
     for r in rows:
@@ -66,7 +67,7 @@ def main() -> None:
             ax.text(vals[i], i, f" {ratio:.2f}x", va="center", fontsize=8)
     fig.suptitle(f"vLLM {args.vllm} anchor: Llama-8B shape, 32 x 8K prompt, 256 new tokens, {args.gpu}")
     fig.tight_layout()
-    fig.savefig(out_path(f"{args.name}.png"), dpi=120)
+    fig.savefig(out_path(f"{args.name}.png", results=RESULTS), dpi=120)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,7 @@ import random
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 GEN = 128
 PREFIX, TAIL = 1024, 480
@@ -98,7 +96,8 @@ def main() -> None:
         print("RESULT " + json.dumps(run_engine(*args.one, args.model)), flush=True)
         return
     from gpu_smoke import CONFIGS
-    from harness import run_result_process, write_result
+
+    from tq_core.eval.results import run_result_process, write_result
 
     rows = []
     for full_name in args.names:
@@ -137,7 +136,7 @@ def main() -> None:
         rows.append(row)
         print("RESULT " + json.dumps(row), flush=True)
     weights = f"trained: {args.model}" if args.model else "seeded random (dummy load), not a trained model"
-    write_result("vllm_consistency", {"weights": weights, "gen_tokens": GEN, "rows": rows})
+    write_result("vllm_consistency", {"weights": weights, "gen_tokens": GEN, "rows": rows}, results=RESULTS)
 
 
 if __name__ == "__main__":

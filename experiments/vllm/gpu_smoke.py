@@ -25,7 +25,7 @@ import time
 import zlib
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 MODELS = {
     "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024,
@@ -143,7 +143,7 @@ def compare(res: dict, base: dict) -> dict:
 
 
 def main(names: list[str]) -> None:
-    from harness import run_result_process, write_result
+    from tq_core.eval.results import run_result_process, write_result
 
     results, rows = {}, []
     for name in names or list(CONFIGS):
@@ -166,6 +166,7 @@ def main(names: list[str]) -> None:
     write_result(
         f"vllm_gpu_smoke{'_' + tag if tag else ''}",
         {"weights": "seeded random (dummy load), not a trained model", "rows": rows},
+        results=RESULTS,
     )
 
 

@@ -28,9 +28,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness import gpu_name, out_path, run_result_process, write_result
 from throughput import metrics, model_config
+
+from tq_core.eval.results import gpu_name, out_path, run_result_process, write_result
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 BASES = {"bf16": ("auto", "FLASH_ATTN"), "fp8": ("fp8", None), "ours-4bit": ("turboquant_4bit_nc", "CUSTOM")}
 ROWS = [name + suffix for name in BASES for suffix in ("", "+offload")]
@@ -125,7 +127,7 @@ def report(files: list[str]) -> None:
     for k, r in rows.items():
         print(f"{k:18} " + "  ".join(f"{c} {r.get(c)}" for c in keys))
     payload = {"gpu": first["gpu"], "vllm": first["vllm"], "sources": files, "rows": list(rows.values())}
-    print(f"wrote {write_result(name, payload)}")
+    print(f"wrote {write_result(name, payload, results=RESULTS)}")
 
 
 def main() -> None:
@@ -153,7 +155,7 @@ def main() -> None:
     s = {"tiny": args.tiny, "seed": args.seed, "simple": args.simple}
     for k, (full, tiny) in DEFAULTS.items():
         s[k] = getattr(args, k) if getattr(args, k) is not None else (tiny if args.tiny else full)
-    jsonl = args.jsonl or out_path(f"vllm_offload{'_tiny' if args.tiny else ''}.jsonl")
+    jsonl = args.jsonl or out_path(f"vllm_offload{'_tiny' if args.tiny else ''}.jsonl", results=RESULTS)
     env = dict(os.environ, PYTHONUNBUFFERED="1", VLLM_USE_SIMPLE_KV_OFFLOAD="1" if args.simple else "0")
     for name in args.rows or ROWS:
         cmd = [sys.executable, __file__, "--one", name, json.dumps(s)]

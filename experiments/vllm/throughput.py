@@ -34,8 +34,11 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness import StackSampler, bar_plot, gpu_name, out_path, write_result
+from tq_core.eval.plots import bar_plot
+from tq_core.eval.profiling import StackSampler
+from tq_core.eval.results import gpu_name, out_path, write_result
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 # name: (kv_cache_dtype, attention_backend (None: vLLM picks), TQ_VLLM_FULL_CAPACITY)
 ROWS = {
@@ -258,7 +261,7 @@ def report(files: list[str], name: str | None) -> None:
     name = name or f"vllm_throughput_{gpu}{shape}"
     order = [k for k in ROWS if k in rows]
     path = write_result(name, {"gpu": first["gpu"], "vllm": first["vllm"], "settings": s, "targets": targets,
-                               "sources": files, "rows": [rows[k] for k in order]})  # fmt: skip
+                               "sources": files, "rows": [rows[k] for k in order]}, results=RESULTS)  # fmt: skip
     keys = ("kv_capacity_tokens", "output_tok_s", "output_tok_s_vs_fp8", "output_tok_s_vs_bf16", "tpot_p50_ms",
             "tpot_p50_vs_fp8", "running_max_sampled", "preemptions", "init_s", "init_vs_bf16", "torch_compile_s",
             "capture_s", "triton_compiles_init", "triton_compiles_timed")  # fmt: skip
@@ -275,7 +278,7 @@ def report(files: list[str], name: str | None) -> None:
              f"{s['num_requests']} x ({s['prompt_len']} + {s['gen_len']}) tokens, "
              f"{budget}")  # fmt: skip
     try:
-        bar_plot(out_path(f"{name}.png"), {k: ok[k]["output_tok_s"] for k in order if k in ok},
+        bar_plot(out_path(f"{name}.png", results=RESULTS), {k: ok[k]["output_tok_s"] for k in order if k in ok},
                  xlabel="output tokens/s (higher is better)", title=title, notes=notes)  # fmt: skip
     except ImportError as exc:  # the JSON is the result; the plot is a view of it
         print(f"no plot: {exc}")
@@ -324,7 +327,12 @@ def main() -> None:
         v = getattr(args, k)
         s[k] = v if v is not None else (tiny if args.tiny else full)
     tag = args.shape + ("_tiny" if args.tiny else "")
-    run_rows(args.rows or list(ROWS), s, args.jsonl or out_path(f"vllm_throughput_{tag}.jsonl"), args.timeout)
+    run_rows(
+        args.rows or list(ROWS),
+        s,
+        args.jsonl or out_path(f"vllm_throughput_{tag}.jsonl", results=RESULTS),
+        args.timeout,
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""tq-core stays light: importing it (and its CLI module) loads torch, not the eval extra's packages."""
+"""tq-core stays light: importing it (its CLI module, and the experiments' result, plot and profiling
+modules of tq_core.eval) loads torch, not the eval extra's packages."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def test_import_loads_no_eval_extra():
     # torch itself imports tqdm when it is installed (torch.hub): count only what tq_core adds
     code = (
         "import sys, torch; before = set(sys.modules); import tq_core, tq_core.cli, tq_core.eval; "
+        "import tq_core.eval.results, tq_core.eval.plots, tq_core.eval.profiling; "
         f"print(sorted({{m.split('.')[0] for m in set(sys.modules) - before}} & set({EXTRA_ONLY!r})))"
     )
     src = str(Path(tq_core.__file__).resolve().parents[1])  # where this process finds tq_core

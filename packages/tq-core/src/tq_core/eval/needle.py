@@ -1,4 +1,7 @@
-"""The synthetic long-context retrieval task, shared by the training script and the quality harness.
+"""A synthetic long-context retrieval task (passkeys in filler text), for training and quality runs.
+
+The reference model's training script (experiments/reference-model/train.py) and the quality harness
+(experiments/quality) build their needle prompts here, so both use the same task.
 
 A sample is filler text (real corpus tokens) with a few facts planted in it, each
 
@@ -21,6 +24,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+__all__ = [
+    "Encoder",
+    "NeedleSample",
+    "answer_ids",
+    "build_needle",
+    "needle_suite",
+    "question_ids",
+    "random_fact",
+]
 
 ADJECTIVES = [
     "amber",
@@ -125,6 +138,7 @@ def _encode(tok: Encoder, text: str) -> list[int]:
 
 
 def random_fact(rng: np.random.Generator) -> tuple[str, str]:
+    """A ``(key, value)`` pair: an adjective-noun key and a six-digit value."""
     key = f"{ADJECTIVES[rng.integers(len(ADJECTIVES))]}-{NOUNS[rng.integers(len(NOUNS))]}"
     return key, str(int(rng.integers(100_000, 1_000_000)))
 
@@ -149,7 +163,11 @@ def build_needle(
         distractors: facts with other keys planted at random depths.
 
     Example:
-        >>> sample = build_needle(tok, corpus[:4096], 4096, 0.5, np.random.default_rng(0))
+        >>> class Chars:  # any tokenizer with encode(text) -> ids
+        ...     def encode(self, text):
+        ...         return [ord(c) for c in text]
+        >>> corpus = np.arange(4096) % 50 + 1000
+        >>> sample = build_needle(Chars(), corpus, 4096, 0.5, np.random.default_rng(0))
         >>> len(sample.prompt)
         4096
     """
