@@ -223,6 +223,47 @@ def test_extend_gpu_matrix(d, page, group, fmt_name):
         assert rel_err(out, ref) < ATTENTION_RTOL[torch.bfloat16]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [128, 256])
+def test_extend_media_ranges_gpu(d):
+    """key_end compiled for the GPU (plane loop and the eight-phase loop with its register lookup): a
+    10-image prompt cut into chunks at image boundaries, against the reference's prefix-LM mask."""
+    prefix, chunk = [0, 1100, 600], [1300, 800, 7]
+    ranges = [[(10 + 130 * i, 137 + 130 * i) for i in range(10)], [(1000, 1400), (1500, 1700)], [(590, 604)]]
+    fmt = named_format("turboquant_4bit_nc", d)
+    lens = [p + c for p, c in zip(prefix, chunk, strict=True)]
+    cache, table, keys, values = make_paged(fmt, lens, 2, 16, seed=d)
+    dev = "cuda"
+    k_new = torch.cat([k[p:] for k, p in zip(keys, prefix, strict=True)]).to(dev, torch.bfloat16)
+    v_new = torch.cat([v[p:] for v, p in zip(values, prefix, strict=True)]).to(dev, torch.bfloat16)
+    qsl = torch.tensor([0, *torch.tensor(chunk).cumsum(0).tolist()], dtype=torch.int32)
+    key_end = torch.tensor(mm_prefix_key_end(ranges, qsl.tolist(), prefix), dtype=torch.int32, device=dev)
+    qsl = qsl.to(dev)
+    q = torch.randn(int(qsl[-1]), 8, d, device=dev, dtype=torch.bfloat16)
+    plens = torch.tensor(prefix, dtype=torch.int32, device=dev)
+    cache, table = cache.to(dev), table.to(dev)
+    ref = paged_extend_attention_ref(
+        q.float(), k_new.float(), v_new.float(), cache, table, plens, qsl, fmt, mm_ranges=ranges
+    )
+    for config in (None, LaunchConfig(64, 4, 2, nibble=True, lut="sym")):
+        out = torch.full_like(q, float("nan"))
+        tq_extend_attention(
+            q,
+            k_new,
+            v_new,
+            cache,
+            table,
+            plens,
+            qsl,
+            max(chunk),
+            fmt,
+            key_end=key_end,
+            config=config,
+            out=out,
+        )
+        assert rel_err(out, ref) < ATTENTION_RTOL[torch.bfloat16]
+
+
 def test_extend_custom_op_passes_opcheck():
     """tq::extend_attention is a registered custom op (schema, fake tensor and mutation checks)."""
     from tq_kernels.ops._registry import format_key

@@ -1,0 +1,194 @@
+"""A vision-language model through vLLM: bf16 against tq-vllm on the same dummy weights and images.
+
+    PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 python3 experiments/vllm/vlm.py [--tiny] [--rows ...]
+
+The model is ``vlm_model.py``'s dummy Gemma 3 (a prefix-LM: bidirectional attention inside each image's
+256 tokens, which vLLM hands the backend as media ranges).  Each request has ``--images`` images
+(40 x 256 = 10,240 media tokens) between words; every row runs the same requests in its own process:
+1. probe: request 0 alone, every attention layer's output recorded during its prefill (the prompt is cut
+   into chunks at image boundaries, so later chunks read the earlier ones from the compressed cache);
+2. the batch: all requests at once, greedy, ``--gen`` tokens each: output token ids, TPOT, KV capacity.
+The last step compares every row with bf16: attention output error per layer (relative RMS over the
+probe's rows), greedy-token agreement, KV capacity and TPOT ratios -> results/vllm_vlm_<gpu>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tq_core.eval.results import gpu_name, write_result
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+# name: (kv_cache_dtype, attention_backend (None: vLLM picks one with media-range support), full capacity)
+ROWS = {"bf16": ("auto", None, False), "ours-4bit": ("turboquant_4bit_nc", "CUSTOM", False),
+        "ours-4bit-full": ("turboquant_4bit_nc", "CUSTOM", True)}  # fmt: skip
+STRIDE = 4  # probe rows kept: every 4th token of the prompt
+
+
+def prompts(n: int, images: int, tiny: bool) -> list[dict]:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        words = [" ".join(f"w{int(w)}" for w in rng.integers(0, 2000, 6)) for _i in range(images + 1)]
+        text = "<bos> " + " <start_of_image> ".join(words)
+        imgs = [
+            Image.fromarray(rng.integers(0, 255, (64 if tiny else 224, 80, 3), dtype=np.uint8))
+            for _ in range(images)
+        ]
+        out.append({"prompt": text, "multi_modal_data": {"image": imgs}})
+    return out
+
+
+def record_attention(model, probe_dir: str) -> int:
+    """Wrap each attention layer's impl.forward to save its prefill outputs (runs in the worker)."""
+    import torch
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    for idx, layer in enumerate(layers):
+        impl, calls = layer.impl, [0]
+
+        def forward(*args, _orig=impl.forward, _idx=idx, _calls=calls, **kw):
+            out = _orig(*args, **kw)
+            meta = args[5] if len(args) > 5 else kw.get("attn_metadata")
+            on = os.path.exists(f"{probe_dir}/ON")  # the probe only, not the timed batch
+            if on and meta is not None and getattr(meta, "max_query_len", 1) > 1:
+                rows = out.view(out.shape[0], -1)[: meta.num_actual_tokens : STRIDE]
+                torch.save(rows.to(torch.float16).cpu(), f"{probe_dir}/{_idx:03d}_{_calls[0]:04d}.pt")
+                _calls[0] += 1
+            return out
+
+        impl.forward = forward
+    return len(layers)
+
+
+def run_row(name: str, a: argparse.Namespace) -> dict:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    kv, backend, full = ROWS[name]
+    if backend == "CUSTOM":
+        import tq_vllm
+
+        tq_vllm.register()
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    mdir = Path(f"/tmp/tq_vlm_{'tiny' if a.tiny else 'gemma3-4b'}")
+    if not (mdir / "config.json").exists():
+        subprocess.run([sys.executable, str(Path(__file__).with_name("vlm_model.py")), str(mdir)]
+                       + (["--shape", "tiny", "--max-len", "4096"] if a.tiny else []), check=True)  # fmt: skip
+    kw = dict(model=str(mdir), load_format="dummy", dtype="bfloat16", kv_cache_dtype=kv, seed=0,
+              max_model_len=4096 if a.tiny else 12288, max_num_seqs=a.requests, enable_prefix_caching=False,
+              limit_mm_per_prompt={"image": a.images}, max_num_batched_tokens=a.batched_tokens,
+              disable_log_stats=False, gpu_memory_utilization=0.85, compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8]})  # fmt: skip
+    if backend:
+        kw["attention_backend"] = backend
+    llm = LLM(**kw)
+    cc = llm.llm_engine.vllm_config.cache_config
+    reqs = prompts(a.requests, a.images, a.tiny)
+    probe = Path(a.out) / f"probe_{name}"
+    probe.mkdir(parents=True, exist_ok=True)
+    for f in probe.glob("*.pt"):
+        f.unlink()
+    num_layers = llm.apply_model(lambda m: record_attention(m, str(probe)))[0]
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    (probe / "ON").touch()
+    llm.generate(reqs[:1], SamplingParams(max_tokens=1, **greedy), use_tqdm=False)
+    (probe / "ON").unlink()
+    outs = llm.generate(reqs, SamplingParams(max_tokens=a.gen, **greedy), use_tqdm=False)
+    tpot = sorted((m.last_token_ts - m.first_token_ts) / (m.num_generation_tokens - 1)
+                  for o in outs if (m := o.metrics) is not None and m.num_generation_tokens > 1)  # fmt: skip
+    return {"row": name, "kv_cache_dtype": kv, "attention_backend": backend, "full_capacity": full,
+            "vllm": vllm.__version__, "gpu": gpu_name(), "num_attention_layers": num_layers,
+            "prompt_tokens": [len(o.prompt_token_ids) for o in outs],
+            "media_tokens_per_request": 256 * a.images, "kv_capacity_tokens": (cc.num_gpu_blocks or 0) * cc.block_size,
+            "tpot_p50_ms": round(1000 * tpot[len(tpot) // 2], 3) if tpot else None,
+            "tokens": [list(o.outputs[0].token_ids) for o in outs]}  # fmt: skip
+
+
+def compare(rows: dict, out: Path) -> dict:
+    import torch
+
+    ref, res = rows["bf16"], {}
+    for name, r in rows.items():
+        errs = []
+        for f in sorted((out / "probe_bf16").glob("*.pt")):
+            g = out / f"probe_{name}" / f.name
+            if g.exists():
+                x, y = torch.load(f).float(), torch.load(g).float()
+                errs.append((f.name[:3], float((y - x).norm() / x.norm().clamp_min(1e-30))))
+        per_layer: dict[str, float] = {}
+        for layer, e in errs:  # a layer's chunks: the largest error
+            per_layer[layer] = max(e, per_layer.get(layer, 0.0))
+        pairs = list(zip(ref["tokens"], r["tokens"], strict=True))
+        same = [
+            next((i for i, (p, q) in enumerate(zip(a, b, strict=True)) if p != q), len(a)) for a, b in pairs
+        ]
+        agree = sum(p == q for a, b in pairs for p, q in zip(a, b, strict=True)) / max(
+            1, sum(map(len, ref["tokens"]))
+        )
+        res[name] = {k: v for k, v in r.items() if k != "tokens"} | {
+            "attn_err_per_layer": per_layer, "attn_err_max": max(per_layer.values(), default=None),
+            "greedy_agree_prefix": same, "greedy_agree_frac": round(agree, 4),
+            "kv_capacity_vs_bf16": round(r["kv_capacity_tokens"] / ref["kv_capacity_tokens"], 3),
+            "tpot_vs_bf16": round(r["tpot_p50_ms"] / ref["tpot_p50_ms"], 3) if r["tpot_p50_ms"] and ref["tpot_p50_ms"] else None,
+        }  # fmt: skip
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--tiny", action="store_true", help="a 4-layer model, 2 images: a CPU smoke run")
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--images", type=int, default=40)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--batched-tokens", type=int, default=4096)
+    ap.add_argument("--out", default="/tmp/tq_vlm_run")
+    ap.add_argument("--timeout", type=float, default=420)
+    a = ap.parse_args()
+    if a.one:
+        print("RESULT " + json.dumps(run_row(a.one, a)), flush=True)
+        return
+    out, rows = Path(a.out), {}
+    out.mkdir(parents=True, exist_ok=True)
+    for name in a.rows:
+        env = dict(os.environ, TQ_VLLM_FULL_CAPACITY="1" if ROWS[name][2] else "0", PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, __file__, "--one", name, *sys.argv[1:]]
+        log = out / f"vlm_{name}.log"
+        with open(log, "w") as f:
+            try:
+                subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=a.timeout)
+            except subprocess.TimeoutExpired:
+                f.write(f"\ntimed out after {a.timeout} s\n")
+        line = next(
+            (ln for ln in reversed(log.read_text(errors="replace").splitlines()) if ln.startswith("RESULT ")),
+            None,
+        )
+        print(f"{name}: {'ERROR, see ' + str(log) if line is None else 'ok'}", flush=True)
+        if line:
+            rows[name] = json.loads(line[7:])
+    if "bf16" not in rows:
+        sys.exit("the bf16 row failed: nothing to compare with")
+    res = compare(rows, out)
+    for name, r in res.items():
+        print(name, {k: r[k] for k in ("kv_capacity_tokens", "kv_capacity_vs_bf16", "tpot_p50_ms", "tpot_vs_bf16",
+                                        "attn_err_max", "greedy_agree_frac")})  # fmt: skip
+    settings = {k: getattr(a, k) for k in ("tiny", "requests", "images", "gen", "batched_tokens")}
+    write_result(
+        f"vllm_vlm_{gpu_name().lower().replace(' ', '_')}",
+        {"settings": settings, "rows": res},
+        results=RESULTS,
+    )
+
+
+if __name__ == "__main__":
+    main()
