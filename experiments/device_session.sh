@@ -10,7 +10,7 @@
 #   bash experiments/device_session.sh install       # carry .device-bundle/part3.d/install-vllm-bundle.py,
 #                                                    #   .device-bundle/part3.d/SHA256, experiments/vllm/.whl-tq
 #   bash experiments/device_session.sh anchor bf16 fp8 ...   # GPU 0, names of anchor_ours.sh
-#   bash experiments/device_session.sh kernels       # GPU 0: kernel benchmarks
+#   bash experiments/device_session.sh kernels       # GPU 0: kernel benchmarks (carry experiments/kernels/.whl-bench)
 #   bash experiments/device_session.sh hf            # GPU 0: tq-hf's benchmark
 #   bash experiments/device_session.sh model         # the trained reference model's files
 #   bash experiments/device_session.sh profile "turboquant_4bit_nc CUSTOM"   # GPU 0: per-kernel decode time
@@ -33,6 +33,27 @@ pack() {  # at most 8 files come back: one tarball of logs + the small result fi
   ls -la "$RES"
 }
 
+# The kernel benchmarks (packages/tq-kernels/benchmarks, pytest-benchmark) on one GPU:
+# pytest-benchmark and py-cpuinfo come from experiments/kernels/.whl-bench (carry it: no registry here);
+# the JSON lands in $RES/kernels_bench.json and experiments/kernels/bench_report.py turns it into
+# kernels_<gpu>_<date>.json and _decode.png in $RES.  SIGINT at the timeout, so pytest still writes the
+# JSON of the cases that ran.  KERNELS_SELECT: a pytest -m expression ("not tune" leaves out the config
+# sweeps); KERNELS_K: a -k expression.
+kernel_bench() {  # GPU TIMEOUT_S
+  local src=$ROOT/packages/tq-core/src:$ROOT/packages/tq-kernels/src:/tmp/benchsite
+  if ! python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/benchsite \
+      "$ROOT"/experiments/kernels/.whl-bench/*.whl > $RES/kernels_bench_install.log 2>&1; then
+    echo "pytest-benchmark not installed: carry experiments/kernels/.whl-bench" | tee $RES/kernels_bench.log
+    return 1
+  fi
+  (cd "$ROOT" && CUDA_VISIBLE_DEVICES=$1 PYTHONPATH=$src timeout -s INT -k 30 "$2" python3 -m pytest \
+    packages/tq-kernels/benchmarks --benchmark-only --benchmark-json=$RES/kernels_bench.json -p no:cacheprovider \
+    -q -rs ${KERNELS_SELECT:+-m "$KERNELS_SELECT"} ${KERNELS_K:+-k "$KERNELS_K"}) > $RES/kernels_bench.log 2>&1
+  echo "EXIT $?" >> $RES/kernels_bench.log
+  (cd "$ROOT" && PYTHONPATH=$src OUT=$RES python3 experiments/kernels/bench_report.py $RES/kernels_bench.json) \
+    >> $RES/kernels_bench.log 2>&1
+}
+
 start_queue() {  # once per machine, on its first call
   [ -e $RES/queue.started ] && return 0
   touch $RES/queue.started
@@ -51,9 +72,8 @@ start_queue() {  # once per machine, on its first call
       -p no:cacheprovider --durations=5 > $RES/kernels_gpu_tests.log 2>&1; echo EXIT \$? >> $RES/kernels_gpu_tests.log; }; \
       QUEUE_GPU=2 QUEUE_NAME=b SKIP='train quality-vllm serve quickstarts ${SKIP:-}' \
       bash $ROOT/experiments/gpu1_queue.sh > $RES/queue_b.log 2>&1" > /dev/null 2>&1 &)
-    (CUDA_VISIBLE_DEVICES=3 PYTHONPATH=$src OUT=$RES setsid nohup timeout 540 \
-      python3 "$ROOT/experiments/kernels/bench_kernels.py" --only "${KERNELS_BG_ONLY:-decode,tune,store,extend}" \
-      > $RES/kernels_bench.log 2>&1 &)
+    (export -f kernel_bench; export ROOT RES; setsid nohup bash -c "kernel_bench 3 540; touch $RES/kernels_bench.done" \
+      > /dev/null 2>&1 &)
     echo "GPU 1 queue a, GPU 2 kernel tests then queue b, GPU 3 kernel benchmarks started"
     return 0
   fi
@@ -71,9 +91,8 @@ start_queue() {  # once per machine, on its first call
   fi
   # KERNELS_BG=1: GPU 0 runs the kernel benchmarks while the vLLM bundle is still arriving
   if [ -n "${KERNELS_BG:-}" ]; then
-    (CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$src OUT=$RES setsid nohup timeout 420 \
-      python3 "$ROOT/experiments/kernels/bench_kernels.py" --only "${KERNELS_BG_ONLY:-decode,tune,store,extend}" \
-      > $RES/kernels_bench.log 2>&1 &)
+    (export -f kernel_bench; export ROOT RES; setsid nohup bash -c "kernel_bench 0 420; touch $RES/kernels_bench.done" \
+      > /dev/null 2>&1 &)
     echo "GPU-0 kernel benchmarks started"
   fi
 }
@@ -109,13 +128,12 @@ case "${1:?phase}" in
     tail -3 $RES/queue.log
     OUT=$OUT_SAVE pack
     ;;
-  kernels)  # GPU 0, after the anchor: kernel benchmarks (eager and CUDA-graph timings), then tq-hf's
-    export CUDA_VISIBLE_DEVICES=0
-    src=$ROOT/packages/tq-core/src:$ROOT/packages/tq-kernels/src:$ROOT/packages/tq-hf/src
-    PYTHONPATH=$src OUT=$RES timeout "${KERNELS_TIMEOUT:-240}" \
-      python3 "$ROOT/experiments/kernels/bench_kernels.py" --only "${2:-decode,store,extend}" > $RES/kernels_bench.log 2>&1
-    grep -v "^{" $RES/kernels_bench.log | tail -n 40
-    tail -3 $RES/queue.log
+  kernels)  # GPU 0: the kernel benchmarks (kernel_bench above; carry experiments/kernels/.whl-bench),
+    # then their summary; KERNELS_TIMEOUT (default 420 s) bounds pytest
+    kernel_bench 0 "${KERNELS_TIMEOUT:-420}"
+    grep -v "^{" $RES/kernels_bench.log | tail -n 60
+    cp $RES/kernels_bench.json $RES/kernels_*_20??-??-??*.json $RES/kernels_*_20??-??-??*.png "${OUT:-/tmp}"/ 2>/dev/null
+    tail -3 $RES/queue.log 2>/dev/null
     pack
     ;;
   hf)  # GPU 0: tq-hf against DynamicCache + SDPA
@@ -172,7 +190,7 @@ case "${1:?phase}" in
     fi
     if [ -n "${FOUR_GPU:-}" ]; then
       export CUDA_VISIBLE_DEVICES=2,3
-      while [ ! -e $RES/queueb.done ] || pgrep -f "[b]ench_kernels.py" > /dev/null; do sleep 5; done
+      while [ ! -e $RES/queueb.done ] || pgrep -f "[p]ytest packages/tq-kernels/benchmarks" > /dev/null; do sleep 5; done
     else
       while [ ! -e $RES/queue.done ]; do sleep 5; done
     fi

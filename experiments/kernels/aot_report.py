@@ -9,7 +9,7 @@ Triton lowers the kernel to TTGIR and PTX on the CPU and its bundled ``ptxas`` a
 (BLOCK_N x num_warps, ``n`` for the NIBBLE loop, ``ny`` with the symmetric lookup) this prints: registers, spill bytes, shared memory, the resident programs per SM
 that the registers allow, and how many layout conversions and shared-memory staging buffers the TTGIR
 holds.  It runs in seconds on the development machine and needs no device time, so a kernel change
-can be screened for register blow-ups before it is timed on the GPU (experiments/kernels/bench_kernels.py).
+can be screened for register blow-ups before it is timed on the GPU (packages/tq-kernels/benchmarks/bench_tune.py).
 
 Shapes are the benchmark's: Llama-8B heads (GQA group 4 padded to 16 rows), head_dim 128, page 16,
 2 context splits.  For ``--kernel store`` a config is rows (token-heads) per program x num_warps; the

@@ -16,17 +16,21 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the kernels' own test helpers (a paged cache from known K/V, the byte-table reference)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "packages/tq-kernels/tests"))
-from _paged import make_paged, rel_err  # the kernels' own test helpers
-from bench_kernels import HKV, D, H, decode_inputs, flash_decode_ms, random_cache
-from harness import copy_bandwidth_gbps, gpu_name, graph_ms, line_plot, out_path, write_result
+from _paged import make_paged
 from test_decode import byte_grid
 
 from tq_core import named_format, paged_decode_attention_ref
+from tq_core.eval.plots import line_plot
+from tq_core.eval.results import gpu_name, out_path, write_result
+from tq_core.testing import rel_err
 from tq_kernels.ops.decode import tq_decode_attention
+from tq_kernels.testing import copy_bandwidth_gbps, filled_paged_cache, gpu_time_ms
 from tq_kernels.tuning import LaunchConfig, decode_config
 
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+H, HKV, D, PAGE = 32, 8, 128, 16  # Llama-3.1-8B attention, as packages/tq-kernels/benchmarks
 VARIANTS = {
     "sym (previous default)": LaunchConfig(32, 1, 3, lut="sym", nibble_3bit=True),
     "sym chains2": LaunchConfig(32, 1, 3, lut="sym", score_chains=2),
@@ -71,20 +75,38 @@ def numerics() -> list[dict]:
 
 def _graph_ms(q, cache, table, seq_lens, fmt, cfg, ctx, splits) -> float:
     out = torch.empty_like(q)
-    return graph_ms(
+    return gpu_time_ms(
         lambda: tq_decode_attention(
             q, cache, table, seq_lens, fmt, config=cfg, max_seq_len=ctx, out=out, num_splits=splits
         )
-    )
+    )[0]
+
+
+def decode_inputs(batch: int, ctx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block table (each sequence its own run of blocks), lengths and queries of one decode step."""
+    table = torch.arange(batch * (ctx // PAGE), device="cuda", dtype=torch.int32).view(batch, ctx // PAGE)
+    seq_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    return table, seq_lens, torch.randn(batch, H, D, device="cuda", dtype=torch.bfloat16)
+
+
+def flash_decode_graph_ms(batch: int, ctx: int) -> float:
+    """torch's flash SDPA on the same shape, the GQA group folded into the query length (CUDA graph)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(batch, HKV, H // HKV, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return gpu_time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))[0]
 
 
 def timings(shapes: list[tuple[int, int]], copy_gbps: float) -> list[dict]:
     fmt = named_format("turboquant_4bit_nc", D)
     rows = []
     for batch, ctx in shapes:
-        _, base = flash_decode_ms(batch, ctx)
+        base = flash_decode_graph_ms(batch, ctx)
         table, seq_lens, q = decode_inputs(batch, ctx)
-        cache = random_cache(fmt, table.numel())
+        cache = filled_paged_cache(fmt, table.numel(), PAGE, HKV)
         nbytes = batch * ctx * HKV * fmt.slot_bytes
         for name, cfg in VARIANTS.items():
             for splits in (None, 16) if batch > 1 else (64, 128, 256):
@@ -123,6 +145,7 @@ def main() -> None:
     write_result(
         f"kernels_decode_sweep_{tag}",
         {"gpu": gpu_name(), "copy_gbps": copy_gbps, "numerics": num, "rows": rows},
+        results=RESULTS,
     )
     best: dict[str, tuple[list[float], list[float]]] = {}
     for i, (b, c) in enumerate(shapes):
@@ -132,7 +155,7 @@ def main() -> None:
                 xs, ys = best.setdefault(name, ([], []))
                 xs.append(i)
                 ys.append(max(ms) * 100)
-    line_plot(out_path(f"kernels_decode_sweep_{tag}.png"), best, xlabel="shape index (" + args.shapes + ")",
+    line_plot(out_path(f"kernels_decode_sweep_{tag}.png", results=RESULTS), best, xlabel="shape index (" + args.shapes + ")",
               ylabel="% of copy bandwidth (best split count)", title=f"4-bit decode variants ({gpu_name()})")  # fmt: skip
 
 
