@@ -13,7 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from report import agreement, paired_bootstrap, ppl_delta_ci
+from paired_stats import agreement, paired_bootstrap, ppl_delta_ci
+from report_plots import real_models_plot
 
 from tq_core.eval.results import write_result
 
@@ -118,49 +119,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def family(scheme: str) -> str:
-    return scheme.rsplit("-", 1)[0] if scheme.count("-") > 0 and not scheme.startswith("fp") else scheme
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.2 * len(models)), squeeze=False)
-    for (ax_p, ax_a), m in zip(axes, models, strict=True):
-        groups: dict[str, list[dict]] = {}
-        for r in rows:
-            if r["model"] == m and r["ppl_delta_pct"] is not None and r["scheme"] not in BASELINES:
-                groups.setdefault(family(r["scheme"]), []).append(r)
-        for fam, rs in sorted(groups.items()):
-            rs.sort(key=lambda r: r["bytes_per_token_head"])
-            xs = [r["bytes_per_token_head"] for r in rs]
-            ys = [r["ppl_delta_pct"] for r in rs]
-            lo = [y - (r["ppl_delta_ci95"] or [y, y])[0] for y, r in zip(ys, rs, strict=True)]
-            hi = [(r["ppl_delta_ci95"] or [y, y])[1] - y for y, r in zip(ys, rs, strict=True)]
-            style = dict(marker="o", capsize=3, lw=2 if fam == "ours" else 1)
-            ax_p.errorbar(xs, ys, yerr=[lo, hi], label=fam, **style)
-            ax_a.plot(xs, [r["token_agreement"] for r in rs], marker="o", label=f"{fam}: agreement")
-            ax_a.plot(xs, [r["needle_acc"] for r in rs], marker="x", ls=":", label=f"{fam}: needle")
-        ax_p.set_ylabel("perplexity increase over baseline (%)")
-        ax_p.set_yscale("symlog", linthresh=1.0)
-        ax_a.set_ylabel("greedy agreement (prefix) / needle accuracy")
-        for ax in (ax_p, ax_a):
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("bytes per token per KV head (K+V)")
-            ax.set_title(m, fontsize=10)
-            ax.grid(alpha=0.3)
-        ax_p.legend(fontsize=7)
-        ax_a.legend(fontsize=6, ncol=2)
-    fig.suptitle("KV-cache schemes on real models (transformers, CPU): past tokens read from the cache")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("jsonl", type=Path, nargs="+")
@@ -175,7 +133,7 @@ def main() -> None:
              "run_command": args.command, "errors": [r for r in raw if "error" in r]}  # fmt: skip
     goals = targets(raw)
     (RESULTS / f"{args.name}.md").write_text(table(rows) + "\n" + targets_table(goals))
-    plot(rows, RESULTS / f"{args.name}.png")
+    real_models_plot(rows, RESULTS / f"{args.name}.png", BASELINES)
     path = write_result(args.name, {"rows": rows, "targets": goals, "notes": notes}, results=RESULTS)
     print(table(rows))
     print(targets_table(goals))

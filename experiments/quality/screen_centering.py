@@ -24,6 +24,7 @@ from pathlib import Path
 import kv_schemes
 import real_models
 import real_quality
+import real_workload
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -94,7 +95,7 @@ def main() -> None:
     model.set_attn_implementation("sdpa")
     args = type("Args", (), {"ppl_seqs": seqs, "ppl_len": LEN, "agree_prompts": 0, "agree_len": 256,
                              "needle_lengths": [], "needle_depths": [], "chunk": CHUNK})()  # fmt: skip
-    work = real_quality.build_workload(tok, args)
+    work = real_workload.build_workload(tok, args)
     scored = LEN - CHUNK - 1
     for name in names:
         make, t0, nll = cache_factory(name, 64), time.time(), []

@@ -13,7 +13,7 @@ import pytest
 import real_models
 import real_report
 import torch
-from report import ppl_delta_ci
+from paired_stats import ppl_delta_ci
 
 from tq_core import named_format
 
