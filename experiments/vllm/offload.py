@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from throughput import metrics, model_config
+from throughput_engine import metrics, model_config
 
 from tq_core.eval.results import gpu_name, out_path, run_result_process, write_result
 
