@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from train import collect_corpus, losses, make_batch, needle_accuracy, tokenize
+from training import collect_corpus, losses, make_batch, needle_accuracy, tokenize
 
 from tq_core.eval.needle import needle_suite
 
