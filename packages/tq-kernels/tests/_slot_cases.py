@@ -47,6 +47,9 @@ CPU_CASES = [
     (7, 2, 96, "turboquant_3bit_nc", 4, "fp32", 0),
     (7, 2, 64, "turboquant_k8v4", 4, "bf16", 0),
     (7, 2, 64, "bf16norm", 16, "fp16", 0),
+    # head_dim 256: the dequant kernel multiplies by the rotation in column blocks (the whole float32
+    # matrix does not fit Hopper's shared memory)
+    (5, 1, 256, "turboquant_4bit_nc", 16, "bf16", 1),
     (7, 2, 64, "turboquant_4bit_nc", 16, "fp32", 0),
     (7, 2, 64, "f32norm", 4, "fp16", 0),
     (1, 1, 128, "turboquant_4bit_nc", 16, "bf16", 0),

@@ -40,18 +40,25 @@ def _tq_dequant_component(
     gamma = _tq_load_norm(norm_ptrs, valid, 0, NORM)
     mask = valid[:, None] & d_ok[None, :]
     c = tl.where(mask, _tq_centroids(lut_ptr, idx) * gamma[:, None], 0.0)
-    rot = tl.load(
-        rot_ptr + offs_d[:, None] * HEAD_DIM + offs_d[None, :], mask=d_ok[:, None] & d_ok[None, :], other=0.0
-    )
-    x = tl.dot(c, rot, input_precision=DOT_PRECISION)
-    x = tl.where(valid[:, None], x, 0.0)
-
-    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
-    out_mask = (rows < num_rows)[:, None] & d_ok[None, :]
-    if out_ptr.dtype.element_ty == tl.bfloat16:
-        # the interpreter truncates float32 -> bfloat16 casts; round to nearest even on every backend
-        x = _tq_f32_to_bf16_bits(x).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    tl.store(out_ptrs, x.to(out_ptr.dtype.element_ty), mask=out_mask)
+    # the rotation in column blocks of at most 128: at head_dim 256 the whole float32 matrix (256 KiB)
+    # exceeds Hopper's shared memory (227 KiB); a 256 x 128 block takes half
+    COLS: tl.constexpr = BLOCK_D if BLOCK_D <= 128 else 128
+    for j in tl.static_range(0, BLOCK_D, COLS):
+        offs_o = j + tl.arange(0, COLS)
+        o_ok = offs_o < HEAD_DIM
+        rot = tl.load(
+            rot_ptr + offs_d[:, None] * HEAD_DIM + offs_o[None, :],
+            mask=d_ok[:, None] & o_ok[None, :],
+            other=0.0,
+        )
+        x = tl.dot(c, rot, input_precision=DOT_PRECISION)
+        x = tl.where(valid[:, None], x, 0.0)
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * HEAD_DIM + offs_o[None, :]
+        out_mask = (rows < num_rows)[:, None] & o_ok[None, :]
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            # the interpreter truncates float32 -> bfloat16 casts; round to nearest even on every backend
+            x = _tq_f32_to_bf16_bits(x).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        tl.store(out_ptrs, x.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit(do_not_specialize=["num_rows"])
