@@ -7,7 +7,9 @@ bidirectionally inside each image's 256 tokens), a word-level tokenizer with Gem
 and the image processor, all built locally with transformers.  vLLM then loads it with
 ``load_format="dummy"`` (random weights, the same for every engine of a run).  The text model has
 Gemma 3 4B's attention shape (8 query heads, 4 KV heads, head_dim 256, 34 layers), every layer full
-attention, so KV capacity compares cleanly; the vision tower is a one-layer SigLIP at 224 px (16 x 16
+attention, so KV capacity compares cleanly (``sliding_window`` None: vLLM 0.26 would otherwise
+apply a set ``sliding_window`` to every layer without a per-layer one, and it sizes a sliding layer's
+``turboquant_*`` page at ``2 * head_size`` bytes per token-head, 2x bf16's capacity at most); the vision tower is a one-layer SigLIP at 224 px (16 x 16
 patches = the 256 tokens an image takes), since only the decoder's KV cache is under test.
 """
 
@@ -39,7 +41,7 @@ def config(shape: str, max_len: int) -> dict:
     text = dict(
         TEXT[shape], model_type="gemma3_text", vocab_size=4096, max_position_embeddings=max_len,
         rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, query_pre_attn_scalar=TEXT[shape]["head_dim"],
-        sliding_window=max_len, layer_types=["full_attention"] * layers, rms_norm_eps=1e-6,
+        sliding_window=None, layer_types=["full_attention"] * layers, rms_norm_eps=1e-6,
         hidden_activation="gelu_pytorch_tanh", torch_dtype="bfloat16",
     )  # fmt: skip
     vision = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
