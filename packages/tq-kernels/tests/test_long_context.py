@@ -84,3 +84,28 @@ def test_extend_with_an_image_after_16k_tokens_keeps_reference_precision(key_sca
     assert rel_err(out, ref) < ATTENTION_RTOL[torch.float32]
     exact = attention_ref(q, k, v, causal=False, mask=mm_prefix_mask(ranges[0], prefix, CHUNK))
     assert rel_err(out, exact) < 0.2, "the compressed prefix dominates the answer"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt_name", ["turboquant_4bit_nc", "turboquant_3bit_nc"])
+def test_decode_at_120k_tokens_on_the_gpu(fmt_name):
+    """One 122,880-token sequence through the split-context decode (split-K partials, stored norms, the
+    softmax merge) against the float32 reference, on the device (issue 16)."""
+    n, d, kv_heads, heads = 122_880, 128, 2, 8
+    fmt = named_format(fmt_name, d)
+    g = torch.Generator().manual_seed(120)
+    direction = torch.randn(d, generator=g)
+    blocks = n // 16
+    table = torch.randperm(blocks, generator=g).view(1, blocks).to(torch.int32)
+    cache = poisoned(fmt.cache_shape(blocks, 16, kv_heads), dtype=torch.uint8).cuda()
+    k = (torch.randn(n, kv_heads, d, generator=g) + 0.5 * direction) * 20
+    v = torch.randn(n, kv_heads, d, generator=g)
+    pos = torch.arange(n)
+    fmt.store_paged(cache, k.cuda(), v.cuda(), (table[0, pos // 16].long() * 16 + pos % 16).cuda())
+    q = ((torch.randn(1, heads, d, generator=g) + direction) / 20).cuda().to(torch.bfloat16)
+    table, lens = table.cuda(), torch.tensor([n], dtype=torch.int32, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    tq_decode_attention(q, cache, table, lens, fmt, out=out)
+    ref = paged_decode_attention_ref(q.float(), cache, table, lens, fmt)
+    assert rel_err(out, ref) < ATTENTION_RTOL[torch.bfloat16]
+    assert rel_err(out.float().cpu(), attention_ref(q.float().cpu(), k, v)) < 0.3
