@@ -11,22 +11,22 @@ lookup (``sym``) or the byte tables read in pairs (``byte``), with 1, 2 or 4 til
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
-
-# the kernels' own test helpers (a paged cache from known K/V, the byte-table reference)
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "packages/tq-kernels/tests"))
-from _paged import make_paged
-from test_decode import byte_grid
 
 from tq_core import named_format, paged_decode_attention_ref
 from tq_core.eval.plots import line_plot
 from tq_core.eval.results import gpu_name, out_path, write_result
 from tq_core.testing import rel_err
 from tq_kernels.ops.decode import tq_decode_attention
-from tq_kernels.testing import copy_bandwidth_gbps, filled_paged_cache, gpu_time_ms
+from tq_kernels.testing import (
+    copy_bandwidth_gbps,
+    filled_paged_cache,
+    gpu_time_ms,
+    random_paged_cache,
+    reference_on_byte_grid,
+)
 from tq_kernels.tuning import LaunchConfig, decode_config
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -49,7 +49,7 @@ def numerics() -> list[dict]:
     rows = []
     for d, group, lens in ((128, 4, [1, 300, 1025, 4000]), (64, 7, [45, 3, 2000]), (256, 1, [700, 16])):
         fmt = named_format("turboquant_4bit_nc", d)
-        cache, table, _, _ = make_paged(fmt, lens, 2, 16, seed=d + group)
+        cache, table, _, _ = random_paged_cache(fmt, lens, 2, 16, seed=d + group)
         cache, table = cache.cuda(), table.cuda()
         q = torch.randn(len(lens), 2 * group, d, device="cuda", dtype=torch.bfloat16)
         seq = torch.tensor(lens, dtype=torch.int32, device="cuda")
@@ -59,7 +59,7 @@ def numerics() -> list[dict]:
             else ({"sliding_window": 700, "softcap": 20.0, "sinks": torch.randn(2 * group, device="cuda")},)
         ):
             ref = paged_decode_attention_ref(q.float(), cache, table, seq, fmt, **kw)
-            with byte_grid(fmt):
+            with reference_on_byte_grid(fmt):
                 ref_grid = paged_decode_attention_ref(q.float(), cache, table, seq, fmt, **kw)
             for name, cfg in VARIANTS.items():
                 out = torch.full_like(q, float("nan"))

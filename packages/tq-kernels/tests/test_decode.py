@@ -1,16 +1,12 @@
-import contextlib
-from unittest import mock
-
 import pytest
 import torch
 from _paged import make_paged
 
 from tq_core import named_format, paged_decode_attention_ref
 from tq_core.formats import ComponentFormat, KVFormat
-from tq_core.quantizers import TurboQuantMSE
 from tq_core.testing import ATTENTION_RTOL, poisoned, poisoned_like, rel_err
-from tq_kernels._format import byte_centroids
-from tq_kernels.ops.decode import nibble_format, tq_decode_attention
+from tq_kernels.ops.decode import tq_decode_attention
+from tq_kernels.testing import reference_on_byte_grid as byte_grid
 from tq_kernels.tuning import MAX_SPLITS, LaunchConfig
 
 FORMATS = {
@@ -432,19 +428,6 @@ def test_decode_custom_op_passes_opcheck():
     ref = paged_decode_attention_ref(q, cache, table, seq_lens, fmt, scale=0.125)
     torch.ops.tq.decode_attention(*args, **kwargs)
     assert rel_err(out, ref) < ATTENTION_RTOL[torch.float32]
-
-
-@contextlib.contextmanager
-def byte_grid(fmt):
-    """The reference reads the 256-level centroids of the byte-table loop (``lut="byte"``) while inside;
-    ``fmt`` None, or a format without 4-bit keys and values, leaves it as it is."""
-    if fmt is None or not nibble_format(fmt):
-        yield
-        return
-    kc, vc = byte_centroids(fmt)
-    assert torch.equal(kc, vc)  # one codebook per bit width
-    with mock.patch.object(TurboQuantMSE, "centroids", lambda self, idx: kc.to(idx.device)[idx.long()]):
-        yield
 
 
 @pytest.mark.parametrize(

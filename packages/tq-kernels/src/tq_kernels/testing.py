@@ -1,7 +1,8 @@
-"""GPU timing and benchmark inputs for the kernels: CUDA-event timings, CUDA-graph replays, copy bandwidth.
+"""GPU timing and inputs for the kernels' tests, benchmarks and experiments: CUDA-event timings, CUDA-graph
+replays, copy bandwidth, paged caches with known contents, and the byte-table reference.
 
-The kernel benchmarks (``packages/tq-kernels/benchmarks``) and the kernel experiments share these, so a
-timing means the same everywhere:
+The kernel tests, the benchmarks (``packages/tq-kernels/benchmarks``) and the kernel experiments share
+these, so a timing and a test input mean the same everywhere:
 
 * :func:`gpu_time_ms`: median, 20th and 80th percentile milliseconds of a callable on the GPU, timed with
   CUDA events by :func:`triton.testing.do_bench` (which clears the L2 cache between calls); with
@@ -11,8 +12,13 @@ timing means the same everywhere:
   of a memory-bound kernel's GB/s.
 * :func:`filled_paged_cache`: a paged cache of any size holding valid slots written by the tq_core
   reference store, so attention over it has finite, meaningful inputs.
+* :func:`random_paged_cache`: a small paged cache holding random K/V for sequences of given lengths,
+  blocks scattered at random and unused bytes poisoned, returned with the K/V it holds (CPU).
+* :func:`reference_on_byte_grid`: a context in which the tq_core reference reads the 256-level centroids
+  of the decode kernel's byte-table loop (``LaunchConfig(lut="byte")``), the reference that loop is
+  checked against.
 
-Timing needs a CUDA device; :func:`filled_paged_cache` runs on any device torch has.
+Timing needs a CUDA device; the cache builders run on any device torch has.
 
 Example:
     >>> import torch
@@ -27,13 +33,23 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from unittest import mock
 
 import torch
 
 from tq_core.formats import KVFormat
+from tq_core.quantizers import TurboQuantMSE
+from tq_core.testing import poisoned
 
-__all__ = ["copy_bandwidth_gbps", "filled_paged_cache", "gpu_time_ms"]
+__all__ = [
+    "copy_bandwidth_gbps",
+    "filled_paged_cache",
+    "gpu_time_ms",
+    "random_paged_cache",
+    "reference_on_byte_grid",
+]
 
 
 def _require_cuda(what: str) -> None:
@@ -164,3 +180,125 @@ def filled_paged_cache(
     for start in range(filled, num_blocks, filled):
         cache[start : start + filled] = cache[: min(filled, num_blocks - start)]
     return cache
+
+
+def _check_format(fmt: object) -> None:
+    if not isinstance(fmt, KVFormat):
+        raise ValueError(
+            f"fmt must be a tq_core KVFormat (see tq_core.named_format), got {type(fmt).__name__}"
+        )
+
+
+def random_paged_cache(
+    fmt: KVFormat,
+    lens: Sequence[int],
+    num_kv_heads: int,
+    page: int,
+    *,
+    seed: int = 0,
+    spare_blocks: int = 3,
+    layer: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """A CPU paged cache holding random K/V for sequences of ``lens`` tokens, and the K/V it holds.
+
+    Keys are unit normal times 2, values unit normal (float32, one generator seeded with ``seed``),
+    written through the tq_core reference store (:meth:`~tq_core.formats.KVFormat.store_paged`) with
+    ``layer``'s rotation.  Every sequence gets ``ceil(max(lens) / page)`` blocks picked at random from
+    ``len(lens) * that + spare_blocks``; bytes no token was written to keep
+    :data:`tq_core.testing.POISON_BYTE`, so a kernel that reads outside the table's blocks or past a
+    sequence's length sees poison.
+
+    Args:
+        fmt: the cache's format.
+        lens: tokens per sequence (each >= 0; at least one sequence).
+        num_kv_heads: KV heads of the cache.
+        page: tokens per block.
+        seed: seed of the block permutation and the K/V.
+        spare_blocks: blocks no sequence uses.
+        layer: the layer whose rotation the store uses.
+
+    Returns:
+        ``(cache, block_table, keys, values)``: uint8 cache
+        `[num_blocks, num_kv_heads, page, slot_bytes]`, int32 block table `[len(lens), max_blocks]`, and per
+        sequence float32 keys and values `[lens[b], num_kv_heads, head_dim]`.
+
+    Raises:
+        ValueError: ``fmt`` is not a KVFormat, ``lens`` is empty or holds a negative length, or a size is
+            not an integer in range.
+
+    Example:
+        >>> from tq_core import named_format
+        >>> fmt = named_format("turboquant_4bit_nc", 64)
+        >>> cache, table, keys, values = random_paged_cache(fmt, [5, 20], 2, 16)
+        >>> tuple(table.shape), tuple(keys[1].shape)
+        ((2, 2), (20, 2, 64))
+        >>> k, _ = fmt.gather_paged(cache, table[1], 20)
+        >>> k.shape == keys[1].shape
+        True
+    """
+    _check_format(fmt)
+    lens = list(lens)
+    if not lens or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in lens):
+        raise ValueError(f"lens must be a non-empty list of token counts (ints >= 0), got {lens!r}")
+    limits = {"num_kv_heads": (num_kv_heads, 1), "page": (page, 1), "spare_blocks": (spare_blocks, 0),
+              "layer": (layer, 0), "seed": (seed, 0)}  # fmt: skip
+    for name, (value, low) in limits.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = max(1, max((n + page - 1) // page for n in lens))
+    nblocks = len(lens) * max_blocks + spare_blocks
+    table = torch.randperm(nblocks, generator=g)[: len(lens) * max_blocks].view(len(lens), max_blocks)
+    cache = poisoned(fmt.cache_shape(nblocks, page, num_kv_heads), dtype=torch.uint8)
+    keys, values = [], []
+    for b, n in enumerate(lens):
+        k = torch.randn(n, num_kv_heads, fmt.head_dim, generator=g) * 2
+        v = torch.randn(n, num_kv_heads, fmt.head_dim, generator=g)
+        pos = torch.arange(n)
+        fmt.store_paged(cache, k, v, table[b][pos // page] * page + pos % page, layer=layer)
+        keys.append(k)
+        values.append(v)
+    return cache, table.to(torch.int32), keys, values
+
+
+@contextlib.contextmanager
+def reference_on_byte_grid(fmt: KVFormat | None) -> Iterator[None]:
+    """While inside, the tq_core reference decodes 4-bit codes to the byte-table loop's centroids.
+
+    The decode kernel's byte-table loop (``LaunchConfig(lut="byte")``) reads centroids rounded to a
+    256-level grid (``scale * (m - 127.5)``); inside this context
+    :meth:`tq_core.quantizers.TurboQuantMSE.centroids` returns those, so the reference
+    (:func:`tq_core.paged_decode_attention_ref`) computes the attention that loop must match.  ``fmt``
+    None, or a format whose keys and values are not single 4-bit planes (the loop does not read it),
+    leaves the reference as it is.  The patch is of the class, process-wide: do not run kernels of other
+    threads' tests inside.
+
+    Raises:
+        ValueError: ``fmt`` is neither None nor a KVFormat.
+
+    Example:
+        >>> import torch
+        >>> from tq_core import named_format
+        >>> fmt = named_format("turboquant_4bit_nc", 64)
+        >>> cache, table, _, _ = random_paged_cache(fmt, [40], 1, 16)
+        >>> k, _ = fmt.gather_paged(cache, table[0], 40)
+        >>> with reference_on_byte_grid(fmt):
+        ...     k_grid, _ = fmt.gather_paged(cache, table[0], 40)
+        >>> bool(torch.equal(k, k_grid)), bool(torch.allclose(k, k_grid, atol=0.05 * k.abs().max()))
+        (False, True)
+    """
+    if fmt is not None:
+        _check_format(fmt)
+    from tq_kernels._format import byte_centroids
+    from tq_kernels.ops.decode import nibble_format
+
+    if fmt is None or not nibble_format(fmt):
+        yield
+        return
+    kc, vc = byte_centroids(fmt)
+    if not torch.equal(kc, vc):  # one codebook per bit width: keys and values share the grid
+        raise AssertionError(
+            "the byte tables of keys and values differ; the byte-table reference assumes one"
+        )
+    with mock.patch.object(TurboQuantMSE, "centroids", lambda self, idx: kc.to(idx.device)[idx.long()]):
+        yield
