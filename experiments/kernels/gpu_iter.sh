@@ -10,5 +10,5 @@ python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/benchsite
 timeout -s INT -k 30 300 python3 -m pytest packages/tq-kernels/benchmarks --benchmark-only -q -rs -p no:cacheprovider \
   -k "test_decode or test_tune_decode" --benchmark-json=$OUT/kernels_bench.json > $OUT/bench.log 2>&1
 python3 experiments/kernels/bench_report.py $OUT/kernels_bench.json >> $OUT/bench.log 2>&1
-timeout 60 python3 experiments/kernels/ablate_decode.py >> $OUT/bench.log 2>&1
+timeout 60 python3 packages/tq-kernels/benchmarks/ablate_decode.py --results $OUT >> $OUT/bench.log 2>&1
 tail -90 $OUT/bench.log

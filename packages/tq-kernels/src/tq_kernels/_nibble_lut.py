@@ -3,7 +3,7 @@
 The decode kernel's 4-bit loop (``tq_kernels._kernels.decode``) reads a code plane as int32 words:
 word ``w`` of a row holds the codes of coordinates ``8w .. 8w + 7``, coordinate ``8w + p`` in bits
 ``[4p, 4p + 4)``.  Gathering ``centroids[code]`` from memory costs an address computation and a load
-per element, which made the loop issue-bound (experiments/kernels/aot_report.py).  Here the table
+per element, which made the loop issue-bound (packages/tq-kernels/benchmarks/aot_report.py).  Here the table
 lives in eight registers (the low and high bytes of its sixteen float16 values) and byte permutes
 (``prmt``) look up four codes per instruction:
 

@@ -122,7 +122,7 @@ def extend_config(head_dim: int, group: int, device: torch.device) -> LaunchConf
 def store_config(num_rows: int, device: torch.device) -> LaunchConfig:
     """Rows per program (``block_n``) and warps of the store kernel for ``num_rows`` (token, head) rows.
 
-    16 rows a program: larger tiles spill (``experiments/kernels/aot_report.py --kernel store``) and
+    16 rows a program: larger tiles spill (``benchmarks/aot_report.py --kernel store``) and
     ran slower.  H200, CUDA graphs (experiments/results/kernels_h200.json "decode_tuning", op store):
     a decode step's 32 tokens x 8 heads took 0.015 ms with 8 warps against 0.022 with 4; 65536 tokens
     took 2.41 ms with 4 warps against 2.56 with 8.  So stores of up to ``STORE_SMALL_ROWS`` rows (a

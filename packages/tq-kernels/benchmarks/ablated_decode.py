@@ -1,4 +1,4 @@
-"""The decode kernel's plane loop with stages left out, to time the rest (experiments only).
+"""The decode kernel's plane loop with stages left out, to time the rest (benchmarks only, never shipped).
 
     ABLATE 1: codes are loaded but not looked up (the code value itself is the centroid)
     ABLATE 2: no code loads (codes made up from the token and coordinate), centroids looked up
@@ -7,7 +7,9 @@
 The kernel below is the production plane loop (``tq_kernels._kernels.decode``) spelled with the same
 pieces, with made-up stages where ``ABLATE`` says; the launch is the production launcher's
 (``tq_kernels.ops.decode._run_decode``), so queries, splits, reduce and output rotation are identical.
-Outputs of ABLATE > 0 are meaningless; ABLATE 0 equals the production kernel's plane loop.
+Outputs of ABLATE > 0 are meaningless; ABLATE 0 equals the production kernel's plane loop.  It lives
+beside the benchmarks, outside the package's source, because it reuses the kernel's private pieces; the
+production op carries no ablation knob.  ``ablate_decode.py`` times it, ``aot_report.py --ablate`` compiles it.
 
     from ablated_decode import ablated_decode_attention
     ablated_decode_attention(q, cache, block_table, seq_lens, fmt, ablate=2, config=LaunchConfig(64, 4, 2, nibble=False))

@@ -1,15 +1,18 @@
 """Compile the decode, store or extend kernel for a GPU target without a GPU and report what limits it
 on paper.
 
-    python experiments/kernels/aot_report.py [--kernel decode|store|extend] [--formats turboquant_4bit_nc,...]
-                                              [--configs 128x4,64x4] [--arch 90] [--ablate 0] [--dump DIR]
+    python packages/tq-kernels/benchmarks/aot_report.py [--kernel decode|store|extend]
+        [--formats turboquant_4bit_nc,...] [--configs 128x4,64x4] [--arch 90] [--ablate 0] [--dump DIR]
 
 Triton lowers the kernel to TTGIR and PTX on the CPU and its bundled ``ptxas`` assembles it for
 ``sm_<arch>``; ``ptxas -v`` then prints registers per thread and spills.  Per format and launch config
 (BLOCK_N x num_warps, ``n`` for the NIBBLE loop, ``ny`` with the symmetric lookup) this prints: registers, spill bytes, shared memory, the resident programs per SM
 that the registers allow, and how many layout conversions and shared-memory staging buffers the TTGIR
 holds.  It runs in seconds on the development machine and needs no device time, so a kernel change
-can be screened for register blow-ups before it is timed on the GPU (packages/tq-kernels/benchmarks/bench_tune.py).
+can be screened for register blow-ups before it is timed on the GPU (``bench_tune.py`` beside it).
+It lives with the benchmarks because it compiles the private ``@triton.jit`` bodies (``tq_kernels._kernels``)
+with the constexprs the launchers would pass; run it with the packages installed (or on ``PYTHONPATH``) and
+without ``TRITON_INTERPRET`` (the interpreter replaces the kernels by Python functions).
 
 Shapes are the benchmark's: Llama-8B heads (GQA group 4 padded to 16 rows), head_dim 128, page 16,
 2 context splits.  For ``--kernel store`` a config is rows (token-heads) per program x num_warps; the
@@ -23,24 +26,20 @@ import inspect
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "packages/tq-core/src"), str(ROOT / "packages/tq-kernels/src")]
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from tq_core import named_format  # noqa: E402
-from tq_core.quantizers import GAIN_GRID  # noqa: E402
-from tq_kernels._format import kernel_format  # noqa: E402
-from tq_kernels._kernels.decode import _tq_decode_attention_kernel  # noqa: E402
-from tq_kernels._kernels.extend import _tq_extend_attention_kernel  # noqa: E402
-from tq_kernels._kernels.store import _tq_store_kernel  # noqa: E402
-from tq_kernels.ops._slot_checks import field_constexprs  # noqa: E402
+from tq_core import named_format
+from tq_core.quantizers import GAIN_GRID
+from tq_kernels._format import kernel_format
+from tq_kernels._kernels.decode import _tq_decode_attention_kernel
+from tq_kernels._kernels.extend import _tq_extend_attention_kernel
+from tq_kernels._kernels.store import _tq_store_kernel
+from tq_kernels.ops._slot_checks import field_constexprs
 
 ARGS = [("q_ptr", "*fp32"), ("cache_ptr", "*u8"), ("block_table_ptr", "*i32"), ("seq_lens_ptr", "*i32"),
         ("k_lut_ptr", "*fp16"), ("v_lut_ptr", "*fp16"), ("part_o_ptr", "*fp32"), ("part_ml_ptr", "*fp32"),
