@@ -5,7 +5,8 @@
 Uses the committed tokenizer (``model/tokenizer.json``) and the interpreter's own text files (the same
 collection as ``train.py``, capped at ``--corpus-mb``), so a run takes minutes on 2 cores.  Prints the
 training losses and the exact greedy needle accuracy (2 distractors) at the trained length and at 2x/4x it.
-The recipe notes in README.md come from runs of this script.
+The recipe notes in README.md come from runs of this script.  The model, the corpus and the sampled loss
+are in needle_lab_model.py.
 """
 
 from __future__ import annotations
@@ -18,30 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from training import collect_corpus, losses, make_batch, needle_accuracy, tokenize
+from needle_lab_model import lab_corpus, sampled_losses, shorten_values, tiny_llama
+from training import make_batch, needle_accuracy
 
 from tq_core.eval.needle import needle_suite
 
 HERE = Path(__file__).resolve().parent
-
-
-def sampled_losses(model, ids, answer_mask, keep: float, rng):
-    """``train.losses`` with the LM loss on a random ``keep`` share of positions (the vocab projection
-    dominates a tiny model's CPU step); the answer positions are always scored."""
-    if keep >= 1.0:
-        return losses(model, ids, answer_mask)
-    h = model.model(input_ids=ids).last_hidden_state[:, :-1]
-    targets, m = ids[:, 1:], answer_mask[:, 1:]
-    sel = torch.from_numpy(rng.random(targets.shape) < keep) | m
-    ce = F.cross_entropy(model.lm_head(h[sel]).float(), targets[sel], reduction="none")
-    lm = ce[~m[sel]].mean()
-    ans = ce[m[sel]].sum() / m.sum().clamp(min=1)
-    # the first id of each answer needs the key lookup; the rest only copying (induction)
-    first = (m & ~answer_mask[:, :-1])[sel]
-    sampled_losses.first = ce[first].mean().item() if first.any() else float("nan")
-    sampled_losses.rest = ce[m[sel] & ~first].mean().item() if (m[sel] & ~first).any() else float("nan")
-    return lm, ans, m.any().item()
 
 
 def main() -> None:
@@ -69,56 +52,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.value_digits != 6:
-        from tq_core.eval import needle
-
-        lo, hi = 10 ** (args.value_digits - 1), 10**args.value_digits
-        adj, nouns = needle.ADJECTIVES, needle.NOUNS
-
-        def short_fact(rng):
-            key = f"{adj[rng.integers(len(adj))]}-{nouns[rng.integers(len(nouns))]}"
-            return key, str(int(rng.integers(lo, hi)))
-
-        needle.random_fact = short_fact
+        shorten_values(args.value_digits)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
     from tokenizers import Tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = Tokenizer.from_file(str(HERE / "model" / "tokenizer.json"))
-    cache = Path(f"/tmp/needle_lab_corpus_{args.corpus_mb}.npz")
-    if cache.exists():
-        z = np.load(cache)
-        corpus, heldout = z["corpus"], z["heldout"]
-    else:
-        train_texts, heldout_texts, _, _ = collect_corpus(int(args.corpus_mb * 1e6), 2_000_000, 20)
-        corpus, heldout = tokenize(tok, train_texts), tokenize(tok, heldout_texts)
-        np.savez(cache, corpus=corpus, heldout=heldout)
-    eos = tok.token_to_id("<|endoftext|>")
-    config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=args.hidden,
-        intermediate_size=2 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        head_dim=args.head_dim,
-        max_position_embeddings=32768,
-        rope_parameters={"rope_type": "default", "rope_theta": 500_000.0},
-        tie_word_embeddings=True,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-        attn_implementation="sdpa",
-    )
-    model = LlamaForCausalLM(config)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.95),
-    )
+    corpus, heldout = lab_corpus(tok, args.corpus_mb)
+    model, opt = tiny_llama(args, tok.get_vocab_size(), tok.token_to_id("<|endoftext|>"))
     src = heldout if len(heldout) > 8 * args.len else corpus
     evals = needle_suite(tok, src, [args.len, 2 * args.len, 4 * args.len], [0.1, 0.3, 0.5, 0.7, 0.9], 4)
     print(json.dumps(vars(args)), flush=True)
