@@ -49,7 +49,7 @@ from tq_vllm.metadata import TurboQuantMetadata
 from tq_vllm.prefix import gather_prefix_kv, prefix_flash_budget
 from tq_vllm.presets import SUPPORTED_HEAD_DIMS, describe_support, kv_format, layer_index
 
-__all__ = ["TurboQuantImpl", "compressed_cache_view"]
+__all__ = ["TurboQuantImpl", "compressed_cache_view", "flash_varlen", "prefill_flash_version"]
 
 
 def compressed_cache_view(kv_cache: torch.Tensor, slot_bytes: int) -> torch.Tensor:
@@ -170,6 +170,74 @@ def _prefill_fa_version(head_size: int, configured: int | None) -> int | None:
     if capability is not None and capability.major == 9 and is_fa_version_supported(3):
         return 3
     return configured
+
+
+def _check_head_size(head_size: object) -> None:
+    if isinstance(head_size, bool) or not isinstance(head_size, int) or head_size < 1:
+        raise ValueError(
+            f"head_size must be a positive int (the model's attention head dim), got {head_size!r}"
+        )
+
+
+def flash_varlen(head_size: int, *, contiguous_kv: bool = False) -> Callable[..., Any] | None:
+    """vLLM's FlashAttention varlen function as the impl calls it, or None where the impl does not.
+
+    The function takes ``flash_attn_varlen_func``'s keyword arguments and runs the FlashAttention
+    version the impl would pick: vLLM's configured one, or with ``contiguous_kv=True`` (the prefill
+    paths, over contiguous K/V outside CUDA graphs) :func:`prefill_flash_version`'s.  None where vLLM's
+    platform is not CUDA, its FlashAttention is not built, or ``TQ_VLLM_PREFILL_FLASH=0``.  Assigning
+    the result to a :class:`TurboQuantImpl`'s ``flash`` attribute switches its prefill path, as
+    ``experiments/vllm/prefix_flash_check.py`` does to time FA2 against FA3.
+
+    Args:
+        head_size: the attention head dim.
+        contiguous_kv: pick the prefill paths' version instead of vLLM's configured one.
+
+    Raises:
+        ValueError: ``head_size`` is not a positive int, or ``TQ_VLLM_PREFILL_FLASH`` /
+            ``TQ_VLLM_FLASH_VERSION`` hold a value other than the documented ones.
+
+    Example:
+        >>> import os
+        >>> os.environ["TQ_VLLM_PREFILL_FLASH"] = "0"
+        >>> flash_varlen(128, contiguous_kv=True) is None
+        True
+        >>> del os.environ["TQ_VLLM_PREFILL_FLASH"]
+    """
+    _check_head_size(head_size)
+    return _flash_varlen(head_size, contiguous_kv)
+
+
+def prefill_flash_version(head_size: int, configured: int | None) -> int | None:
+    """The FlashAttention version the impl's prefill paths run, given vLLM's ``configured`` one.
+
+    FA3 on Hopper when vLLM's build has it, ``configured`` is 2 (what vLLM pins for ``turboquant_*``
+    kv-cache dtypes) and ``head_size`` fits FA3 (up to 256); else ``configured``.
+    ``TQ_VLLM_FLASH_VERSION`` (2, 3 or 4) overrides both.
+
+    Args:
+        head_size: the attention head dim.
+        configured: the version vLLM configured (``get_flash_attn_version``), or None where it has none.
+
+    Raises:
+        ValueError: ``head_size`` is not a positive int, ``configured`` is neither None nor an int, or
+            ``TQ_VLLM_FLASH_VERSION`` is set to something other than 2, 3 or 4.
+
+    Example:
+        >>> import os
+        >>> os.environ["TQ_VLLM_FLASH_VERSION"] = "2"
+        >>> prefill_flash_version(128, 3)
+        2
+        >>> del os.environ["TQ_VLLM_FLASH_VERSION"]
+        >>> prefill_flash_version(512, 2)  # FA3 runs head sizes up to 256
+        2
+    """
+    _check_head_size(head_size)
+    if configured is not None and (isinstance(configured, bool) or not isinstance(configured, int)):
+        raise ValueError(
+            f"configured must be vLLM's FlashAttention version (an int) or None, got {configured!r}"
+        )
+    return _prefill_fa_version(head_size, configured)
 
 
 class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
