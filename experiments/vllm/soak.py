@@ -63,7 +63,7 @@ def run_row(name: str, a: argparse.Namespace, log: Path) -> dict:
                 else f"no /health in {a.start_timeout} s"
             )
             return row | {"error": f"server {why}; see {log.name}"}
-        row["start_s"] = srv.start_s
+        row["start_s"], row["vllm"] = srv.start_s, sl.get(srv.base + "/version")[1].strip()
         t0 = time.perf_counter()
         answers = sl.send_all(srv.base, burst, timeout=a.request_timeout)
         wall = time.perf_counter() - t0
@@ -121,7 +121,7 @@ def main() -> None:
     gpu = gpu_name().lower().replace(" ", "_")
     rows = {}
     for name in a.rows:
-        log = out_path(f"vllm_soak_{gpu}_{name}.log", results=RESULTS)
+        log = out_path(f"vllm_soak_{gpu}_{name}{'_tokenizer' if a.tokenizer else ''}.log", results=RESULTS)
         rows[name] = run_row(name, a, log)
         r = rows[name]
         keep = ("passed", "error", "start_s", "good_full", "good_sent", "bad_4xx", "bad_sent", "health_after",
