@@ -165,10 +165,12 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff lint and format check over the whole repository."""
+    """ruff lint and format check over the whole repository, then the packages' layering rules
+    (.ci/check_architecture.py: imports only downwards, no import cycle, no source file over 600 lines)."""
     session.install(RUFF, "-c", str(CI_PINS))
     session.run("ruff", "check", ".", *session.posargs)
     session.run("ruff", "format", "--check", ".")
+    session.run("python", str(ROOT / ".ci" / "check_architecture.py"))
 
 
 @nox.session(python=PYTHON)

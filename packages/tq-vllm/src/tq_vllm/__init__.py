@@ -23,13 +23,9 @@ Example:
 from __future__ import annotations
 
 import logging
-from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 
-try:
-    __version__ = version("tq-vllm")
-except PackageNotFoundError:  # imported from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+from tq_vllm._version import __version__
 
 __all__ = ["BACKEND_PATH", "__version__", "register"]
 

@@ -99,8 +99,8 @@ def _select(backend: Any, attn_selector_config: Any, *args: Any, **kwargs: Any) 
 
 def hint_for(kv_cache_dtype: str, backend_name_: str) -> str:
     """The line logged when a ``turboquant_*`` layer runs on vLLM's ``backend_name_`` backend."""
-    from tq_vllm import __version__
     from tq_vllm._compat import has_kv_cache_dtype_registry
+    from tq_vllm._version import __version__
 
     own = [name for name, layout in OWN_CACHE_DTYPES.items() if layout == kv_cache_dtype]
     alternative = (
