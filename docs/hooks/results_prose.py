@@ -174,7 +174,43 @@ def renderers(r: Any) -> dict[str, Callable[[str], str]]:
         "fa3-baseline-bullet": bullet("A stronger baseline.", fa3_sentence),
         "vllm-caveat": lambda uri: vllm_caveat(r, uri),
         "quality-real": lambda uri: quality_real(r, uri),
+        "vllm-vlm": lambda uri: vllm_vlm(r, uri),
     }
+
+
+VLLM_VLM = "vllm_vlm_h200.json"
+
+
+def vllm_vlm(r: Any, uri: str) -> str:
+    """The table of ``experiments/vllm/vlm.py``: each row against bf16 on the same dummy VLM."""
+    data = r._load(VLLM_VLM)
+    if data is None:
+        return f'!!! warning "Not measured yet"\n    `experiments/results/{VLLM_VLM}` is not in this build.\n'
+
+    def num(x: float | None, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    lines = [
+        "| row | kv-cache dtype | full capacity | KV tokens | vs bf16 | decode step p50 (ms) | vs bf16 "
+        "| max attention error | greedy agreement |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in data["rows"].items():
+        lines.append(
+            f"| {name} | `{row['kv_cache_dtype']}` | {'yes' if row['full_capacity'] else 'no'} | "
+            f"{row['kv_capacity_tokens']:,} | {row['kv_capacity_vs_bf16']:.2f}x | {num(row['tpot_p50_ms'], '.1f')} | "
+            f"{num(row['tpot_vs_bf16'], '.2f')}x | {num(row['attn_err_max'], '.4f')} | "
+            f"{row['greedy_agree_frac']:.3f} |"
+        )
+    s, first = data["settings"], next(iter(data["rows"].values()))
+    lines += [
+        "",
+        f"{s['requests']} requests of {first['prompt_tokens'][0]:,} prompt tokens "
+        f"({first['media_tokens_per_request']:,} of them image tokens, {s['images']} images), {s['gen']} greedy "
+        f"tokens each, {first['num_attention_layers']} attention layers, vLLM {first['vllm']} on {first['gpu']}. "
+        f"Source: `experiments/results/{VLLM_VLM}`, written by `{data.get('command', '?')}`.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 QUALITY_REAL = "quality_real.json"
