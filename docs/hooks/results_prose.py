@@ -178,14 +178,17 @@ def renderers(r: Any) -> dict[str, Callable[[str], str]]:
     }
 
 
-VLLM_VLM = "vllm_vlm_h200.json"
+VLLM_VLM = ("vllm_vlm_h200.json", "vllm_vlm_h100.json")  # the first that exists is shown
 
 
 def vllm_vlm(r: Any, uri: str) -> str:
     """The table of ``experiments/vllm/vlm.py``: each row against bf16 on the same dummy VLM."""
-    data = r._load(VLLM_VLM)
-    if data is None:
-        return f'!!! warning "Not measured yet"\n    `experiments/results/{VLLM_VLM}` is not in this build.\n'
+    name = next((n for n in VLLM_VLM if r._load(n) is not None), None)
+    if name is None:
+        return (
+            f'!!! warning "Not measured yet"\n    `experiments/results/{VLLM_VLM[0]}` is not in this build.\n'
+        )
+    data = r._load(name)
 
     def num(x: float | None, fmt: str) -> str:
         return "-" if x is None else format(x, fmt)
@@ -195,9 +198,9 @@ def vllm_vlm(r: Any, uri: str) -> str:
         "| max attention error | greedy agreement |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, row in data["rows"].items():
+    for label, row in data["rows"].items():
         lines.append(
-            f"| {name} | `{row['kv_cache_dtype']}` | {'yes' if row['full_capacity'] else 'no'} | "
+            f"| {label} | `{row['kv_cache_dtype']}` | {'yes' if row['full_capacity'] else 'no'} | "
             f"{row['kv_capacity_tokens']:,} | {row['kv_capacity_vs_bf16']:.2f}x | {num(row['tpot_p50_ms'], '.1f')} | "
             f"{num(row['tpot_vs_bf16'], '.2f')}x | {num(row['attn_err_max'], '.4f')} | "
             f"{row['greedy_agree_frac']:.3f} |"
@@ -208,7 +211,7 @@ def vllm_vlm(r: Any, uri: str) -> str:
         f"{s['requests']} requests of {first['prompt_tokens'][0]:,} prompt tokens "
         f"({first['media_tokens_per_request']:,} of them image tokens, {s['images']} images), {s['gen']} greedy "
         f"tokens each, {first['num_attention_layers']} attention layers, vLLM {first['vllm']} on {first['gpu']}. "
-        f"Source: `experiments/results/{VLLM_VLM}`, written by `{data.get('command', '?')}`.",
+        f"Source: `experiments/results/{name}`, written by `{data.get('command', '?')}`.",
     ]
     return "\n".join(lines) + "\n"
 

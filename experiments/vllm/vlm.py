@@ -23,7 +23,7 @@ from pathlib import Path
 
 from vlm_engine import ROWS, run_row
 
-from tq_core.eval.results import gpu_name, write_result
+from tq_core.eval.results import gpu_tag, write_result
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -99,7 +99,7 @@ def main() -> None:
                                         "attn_err_max", "greedy_agree_frac")})  # fmt: skip
     settings = {k: getattr(a, k) for k in ("tiny", "requests", "images", "gen", "batched_tokens")}
     write_result(
-        f"vllm_vlm_{gpu_name().lower().replace(' ', '_')}",
+        f"vllm_vlm_{gpu_tag()}",
         {"settings": settings, "rows": res},
         results=RESULTS,
     )

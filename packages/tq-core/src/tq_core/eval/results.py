@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -52,6 +53,21 @@ def gpu_name() -> str:
     import torch
 
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def gpu_tag(name: str | None = None) -> str:
+    """The short device name used in result file names: ``"h100"`` for ``"NVIDIA H100 80GB HBM3"``.
+
+    The first word made of letters then digits (the product code), lower case; failing that the whole
+    name with spaces as underscores.  ``name`` defaults to :func:`gpu_name`.
+
+    Example:
+        >>> gpu_tag("NVIDIA H200"), gpu_tag("NVIDIA H100 80GB HBM3"), gpu_tag("cpu")
+        ('h200', 'h100', 'cpu')
+    """
+    name = gpu_name() if name is None else name
+    code = re.search(r"\b[A-Za-z]+\d+[A-Za-z]*\b", name)
+    return (code.group(0) if code else name.replace(" ", "_")).lower()
 
 
 def _check_folder(results: object) -> Path:
