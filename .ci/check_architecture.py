@@ -110,8 +110,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def violations() -> list[str]:
-    known = modules()
+def violations(known: dict[str, Path]) -> list[str]:
     graph = {name: imports(name, path, known) for name, path in known.items()}
     bad = []
     for name, deps in sorted(graph.items()):
@@ -129,10 +128,11 @@ def violations() -> list[str]:
 
 
 def main() -> int:
-    bad = violations()
+    known = modules()
+    bad = violations(known)
     for line in bad:
         print(line)
-    print(f"check_architecture: {len(modules())} modules, {len(bad)} violation(s)")
+    print(f"check_architecture: {len(known)} modules, {len(bad)} violation(s)")
     return 1 if bad else 0
 
 

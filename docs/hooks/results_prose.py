@@ -183,12 +183,11 @@ VLLM_VLM = ("vllm_vlm_h200.json", "vllm_vlm_h100.json")  # the first that exists
 
 def vllm_vlm(r: Any, uri: str) -> str:
     """The table of ``experiments/vllm/vlm.py``: each row against bf16 on the same dummy VLM."""
-    name = next((n for n in VLLM_VLM if r._load(n) is not None), None)
-    if name is None:
+    name, data = next(((n, d) for n in VLLM_VLM if (d := r._load(n)) is not None), (None, None))
+    if data is None:
         return (
             f'!!! warning "Not measured yet"\n    `experiments/results/{VLLM_VLM[0]}` is not in this build.\n'
         )
-    data = r._load(name)
 
     def num(x: float | None, fmt: str) -> str:
         return "-" if x is None else format(x, fmt)

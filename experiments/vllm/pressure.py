@@ -124,9 +124,9 @@ def main() -> None:
     a.kv_tokens = a.kv_tokens or 2 * a.max_model_len
     if a.kv_tokens < a.max_model_len:
         ap.error(f"--kv-tokens {a.kv_tokens} must hold one max-length request ({a.max_model_len})")
-    from tq_core.eval.results import gpu_name, write_result
+    from tq_core.eval.results import gpu_tag, write_result
 
-    a.gpu = gpu_name().lower().replace(" ", "_")
+    a.gpu = gpu_tag()
     rows = {}
     for name in a.rows:
         rows[name] = r = run_row(name, a)

@@ -116,9 +116,9 @@ def main() -> None:
         a.max_new = min(a.max_new, 64)
     if a.requests < 2 or a.max_model_len <= a.max_new + 16:
         ap.error("need --requests >= 2 and --max-model-len > --max-new + 16")
-    from tq_core.eval.results import gpu_name, out_path, write_result
+    from tq_core.eval.results import gpu_tag, out_path, write_result
 
-    gpu = gpu_name().lower().replace(" ", "_")
+    gpu = gpu_tag()
     rows = {}
     for name in a.rows:
         log = out_path(f"vllm_soak_{gpu}_{name}{'_tokenizer' if a.tokenizer else ''}.log", results=RESULTS)
